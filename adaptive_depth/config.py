@@ -1,0 +1,215 @@
+"""The one source of truth for an adaptive-depth model: a dataclass that round-trips through JSON.
+
+``AdaptiveDepthConfig`` records what the base model is (so it can be rebuilt without its original weights),
+the stages and blocks discovery found (so loading needs no new probe), the depth policy, the trained
+scaling factors and measured metadata. It is saved as ``config.json`` beside ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .policy import POLICIES, check_scaling_factor
+
+__all__ = ["LIBRARY_NAME", "AdaptiveDepthConfig", "BaseModelRef", "BlockSpec", "StageSpec"]
+
+logger = logging.getLogger(__name__)
+
+LIBRARY_NAME = "adaptive-depth"
+FORMAT_VERSION = 1
+DEFAULT_SCALING_FACTORS = (0.25, 0.5, 0.75, 1.0)
+BASE_SOURCES = ("timm", "transformers", "module")
+
+
+@dataclass
+class BlockSpec:
+    """One block of a stage.
+
+    Args:
+        name: qualified module name inside the base model (``model.get_submodule(name)``).
+        gateable: True for a residual block whose output has its input's shape; False for a fixed
+            (shape-changing) block, which always runs.
+        input_kwarg: keyword that carries the block's main input when the parent passes it by keyword
+            (``None``: the first positional argument).
+        output: what the block returns, ``"tensor"`` or ``"tuple"``; a skipped block returns its input
+            in the same structure.
+        output_len: length of the tuple a ``"tuple"`` block returns.
+    """
+
+    name: str
+    gateable: bool = True
+    input_kwarg: str | None = None
+    output: str = "tensor"
+    output_len: int = 1
+
+    def __post_init__(self) -> None:
+        if self.output not in ("tensor", "tuple"):
+            raise ConfigError(f"block {self.name!r}: output must be 'tensor' or 'tuple', got {self.output!r}")
+
+
+@dataclass
+class StageSpec:
+    """A maximal run of consecutive blocks at one resolution and width."""
+
+    name: str
+    blocks: list[BlockSpec]
+
+    def __post_init__(self) -> None:
+        self.blocks = [b if isinstance(b, BlockSpec) else BlockSpec(**b) for b in self.blocks]
+        if not any(b.gateable for b in self.blocks):
+            raise ConfigError(f"stage {self.name!r} has no gateable block; drop it from the stage list")
+
+    @property
+    def num_blocks(self) -> int:
+        """All blocks of the stage, fixed ones included."""
+        return len(self.blocks)
+
+    @property
+    def num_fixed(self) -> int:
+        """Blocks that always run."""
+        return sum(not b.gateable for b in self.blocks)
+
+    @property
+    def gateable(self) -> list[bool]:
+        """One flag per block: can it be skipped?"""
+        return [b.gateable for b in self.blocks]
+
+
+@dataclass
+class BaseModelRef:
+    """How to rebuild the wrapped model's architecture without downloading its original weights.
+
+    Args:
+        source: ``"timm"``, ``"transformers"`` or ``"module"`` (a module the user built; pass it again with
+            ``AdaptiveDepth.from_pretrained(path, model=...)``).
+        name: timm architecture (with pretrained tag) or Hub id the weights came from, for the model card.
+        architecture: timm architecture name, or transformers class name.
+        model_args: keyword arguments for ``timm.create_model`` (``num_classes``, ``in_chans``...).
+        hf_config: the transformers config as a dict.
+        pretrained: whether the weights started from ``name``'s pretrained weights (False: random init).
+    """
+
+    source: str
+    name: str | None = None
+    architecture: str | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
+    hf_config: dict[str, Any] | None = None
+    pretrained: bool = True
+
+    def __post_init__(self) -> None:
+        if self.source not in BASE_SOURCES:
+            raise ConfigError(f"base_model.source must be one of {BASE_SOURCES}, got {self.source!r}")
+
+
+@dataclass
+class AdaptiveDepthConfig:
+    """Configuration of an :class:`~adaptive_depth.AdaptiveDepth` model.
+
+    Args:
+        base_model: how to rebuild the wrapped architecture.
+        stages: stages and blocks found by discovery, in execution order.
+        policy: which gateable blocks a stage switches off first: ``"last"`` or ``"spread"``.
+        scaling_factors: the depths the model is trained / reported at (each in (0, 1]).
+        input_size: ``[C, H, W]`` of the example input used for probing and FLOP counts.
+        default_scaling_factor: depth the model runs at after loading.
+        discovery: how the blocks were found: ``"metadata"``, ``"probe"`` or ``"override"``.
+        flops: FLOPs of one forward pass (batch 1, ``input_size``) at each scaling factor, keyed by ``str(s)``.
+        extra: free-form metadata (training report, latency profile...).
+    """
+
+    base_model: BaseModelRef
+    stages: list[StageSpec]
+    policy: str = "last"
+    scaling_factors: list[float] = field(default_factory=lambda: list(DEFAULT_SCALING_FACTORS))
+    input_size: list[int] = field(default_factory=lambda: [3, 224, 224])
+    default_scaling_factor: float = 1.0
+    discovery: str = "metadata"
+    flops: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    library_name: str = LIBRARY_NAME
+    format_version: int = FORMAT_VERSION
+    library_version: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.base_model, dict):
+            self.base_model = BaseModelRef(**self.base_model)
+        self.stages = [s if isinstance(s, StageSpec) else StageSpec(**s) for s in self.stages]
+        if not self.stages:
+            raise ConfigError("a config needs at least one stage with a gateable block")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if not self.scaling_factors:
+            raise ConfigError("scaling_factors must hold at least one value in (0, 1], e.g. [0.5, 1.0]")
+        self.scaling_factors = sorted({check_scaling_factor(s) for s in self.scaling_factors})
+        self.default_scaling_factor = check_scaling_factor(self.default_scaling_factor)
+        if len(self.input_size) != 3 or any(int(v) <= 0 for v in self.input_size):
+            raise ConfigError(f"input_size must be [channels, height, width], got {self.input_size!r}")
+        self.input_size = [int(v) for v in self.input_size]
+        if self.library_name != LIBRARY_NAME:
+            raise ConfigError(f"not an {LIBRARY_NAME} config (library_name={self.library_name!r})")
+        if not self.library_version:
+            from . import __version__
+
+            self.library_version = __version__
+
+    @property
+    def num_gateable(self) -> int:
+        """Number of blocks that can be skipped."""
+        return sum(b.gateable for s in self.stages for b in s.blocks)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict."""
+        return asdict(self)
+
+    def to_json_string(self) -> str:
+        """Sorted, indented JSON (diff-friendly)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdaptiveDepthConfig:
+        """Build from a dict; keys from a newer version are dropped with a warning, not an error."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"an {LIBRARY_NAME} config must be a JSON object, got {type(data).__name__}")
+        if data.get("library_name") != LIBRARY_NAME:
+            raise ConfigError(
+                f"this config.json is not an {LIBRARY_NAME} config (library_name={data.get('library_name')!r})"
+            )
+        version = data.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ConfigError(
+                f"config format_version {version!r} is newer than this library understands ({FORMAT_VERSION}); "
+                f"upgrade with `pip install -U {LIBRARY_NAME}`"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning("ignoring unknown config keys %s (saved by a newer %s?)", unknown, LIBRARY_NAME)
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as e:
+            raise ConfigError(f"invalid {LIBRARY_NAME} config: {e}") from e
+
+    def save(self, path: str | Path) -> None:
+        """Write ``to_json_string()`` to ``path``."""
+        Path(path).write_text(self.to_json_string(), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> AdaptiveDepthConfig:
+        """Read a config written by :meth:`save`."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"{path} is not valid JSON ({e}); the checkpoint is corrupt, save it again"
+            ) from e
+        return cls.from_dict(data)
+
+    @staticmethod
+    def is_adaptive_depth_dict(data: object) -> bool:
+        """True if a parsed ``config.json`` was written by this library."""
+        return isinstance(data, dict) and data.get("library_name") == LIBRARY_NAME

@@ -1,0 +1,18 @@
+"""Cost of a forward pass, counted by PyTorch's own ``FlopCounterMode`` (no hand-written counter)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["count_flops"]
+
+
+def count_flops(model: nn.Module, *inputs: Any, **kwargs: Any) -> int:
+    """FLOPs of ``model(*inputs, **kwargs)`` (a multiply-add counts as two), without autograd."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*inputs, **kwargs)
+    return int(counter.get_total_flops())

@@ -1,0 +1,107 @@
+"""Depth gates: a wrapper that runs its block or skips it entirely.
+
+A gate replaces a block in its parent module (the block stays reachable as ``gate.base_layer``). When the
+gate is off the block is not called at all: the gate hands back its input in the structure the block
+returns (the tensor itself, or ``(tensor, None, ...)`` for a block that returns a tuple). This is the
+``y = x + m * (block(x) - x)`` of the paper with ``m`` in {0, 1}, as control flow instead of arithmetic, so
+a skipped block costs nothing. Switching is a Python boolean: no weights move.
+
+Gates are invisible in ``state_dict()``: keys are those of the unwrapped model (no ``base_layer.``), so a
+checkpoint loads into the plain timm / transformers model and vice versa.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import BlockSpec
+
+__all__ = ["DepthGate", "gate_model", "unwrap_gates"]
+
+_INNER = "base_layer."
+
+
+class DepthGate(nn.Module):
+    """Runs ``base_layer`` when ``active``; otherwise returns its input unchanged, in the block's structure.
+
+    Args:
+        block: the residual block to gate.
+        spec: how the block is called and what it returns.
+    """
+
+    def __init__(self, block: nn.Module, spec: BlockSpec) -> None:
+        super().__init__()
+        self.base_layer = block
+        self.active = True
+        self.input_kwarg = spec.input_kwarg
+        self.tuple_len = spec.output_len if spec.output == "tuple" else 0
+        self.register_state_dict_post_hook(_drop_inner_prefix)
+        self.register_load_state_dict_pre_hook(_add_inner_prefix)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.active:
+            return self.base_layer(*args, **kwargs)
+        x = kwargs[self.input_kwarg] if self.input_kwarg is not None and not args else args[0]
+        if self.tuple_len:
+            return (x,) + (None,) * (self.tuple_len - 1)
+        return x
+
+    def __getattr__(self, name: str) -> Any:
+        # Parent code sometimes reads attributes of its children (``layer.attention``...): forward them.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    def extra_repr(self) -> str:
+        return f"active={self.active}"
+
+
+def _drop_inner_prefix(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, _meta: Any
+) -> None:
+    inner = prefix + _INNER
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+
+
+def _add_inner_prefix(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *_args: Any, **_kwargs: Any
+) -> None:
+    inner = prefix + _INNER
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
+
+
+def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    parent._modules[child] = new
+
+
+def gate_model(model: nn.Module, blocks: list[BlockSpec]) -> dict[str, DepthGate]:
+    """Wrap every gateable block of ``model`` in place; return the gates by block name."""
+    gates: dict[str, DepthGate] = {}
+    for spec in blocks:
+        if not spec.gateable:
+            continue
+        block = model.get_submodule(spec.name)
+        if isinstance(block, DepthGate):
+            raise ValueError(f"block {spec.name!r} is already gated; wrap the unwrapped model instead")
+        gate = DepthGate(block, spec)
+        _set_child(model, spec.name, gate)
+        gates[spec.name] = gate
+    return gates
+
+
+def unwrap_gates(model: nn.Module) -> nn.Module:
+    """Put every gated block back in its parent (in place); returns ``model``."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, DepthGate):
+            _set_child(model, name, module.base_layer)
+    return model
