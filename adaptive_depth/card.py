@@ -48,9 +48,7 @@ def build_model_card(model: AdaptiveDepth, repo_id: str | None = None) -> ModelC
     )
     flops = model.flops_table()
     full = flops.get(1.0) or max(flops.values())
-    rows = "\n".join(
-        f"| {s:g} | {model.depth_for(s)} | {f / 1e9:.4f} | {f / full:.3f} |" for s, f in flops.items()
-    )
+    rows = "\n".join(f"| {s:g} | {model.depth_for(s)} | {f / 1e9:.4f} | {f / full:.3f} |" for s, f in flops.items())
     stages = "\n".join(f"| `{st.name}` | {st.num_blocks} | {st.num_fixed} |" for st in config.stages)
     load_id = repo_id or "path/to/this/folder"
     init = "" if base.pretrained else ", from random initialisation"

@@ -204,9 +204,7 @@ class AdaptiveDepthConfig:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ConfigError(
-                f"{path} is not valid JSON ({e}); the checkpoint is corrupt, save it again"
-            ) from e
+            raise ConfigError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt, save it again") from e
         return cls.from_dict(data)
 
     @staticmethod

@@ -278,16 +278,10 @@ def discover(
         units = _select_units({n for n in candidates if passes(n, residual_test=False)})
         method = "override"
     else:
-        candidates = _full_matches(_timm_patterns(model), calls) | (
-            _transformers_candidates(model) & set(calls)
-        )
+        candidates = _full_matches(_timm_patterns(model), calls) | (_transformers_candidates(model) & set(calls))
         units = _select_units({n for n in candidates if passes(n)})
         shape_keeping = {n for n in calls if n not in candidates and _keeps_shape(calls[n])}
-        free = {
-            n
-            for n in shape_keeping
-            if not any(_is_inside(n, u) or _is_inside(u, n) for u in units) and passes(n)
-        }
+        free = {n for n in shape_keeping if not any(_is_inside(n, u) or _is_inside(u, n) for u in units) and passes(n)}
         generic = _select_units(free)
         method = "metadata" if units else "probe"
         units |= generic
@@ -349,15 +343,11 @@ def _group_stages(model: nn.Module, calls: dict[str, _Call], units: set[str]) ->
         for i, run in enumerate(runs):
             blocks = [_block_spec(n, calls[n], n in units) for n in run]
             label = parent or "<root>"
-            stages.append(
-                (calls[run[0]].order, StageSpec(f"{label}#{i}" if len(runs) > 1 else label, blocks))
-            )
+            stages.append((calls[run[0]].order, StageSpec(f"{label}#{i}" if len(runs) > 1 else label, blocks)))
     return [stage for _, stage in sorted(stages, key=lambda t: t[0])]
 
 
 def _block_spec(name: str, call: _Call, gateable: bool) -> BlockSpec:
     _, input_kwarg = _main_input(call)
     _, output, output_len = _main_output(call.output)
-    return BlockSpec(
-        name=name, gateable=gateable, input_kwarg=input_kwarg, output=output, output_len=output_len
-    )
+    return BlockSpec(name=name, gateable=gateable, input_kwarg=input_kwarg, output=output, output_len=output_len)

@@ -50,9 +50,7 @@ def export_depth(model: nn.Module, stages: Sequence[StageSpec], masks: Sequence[
     return plain
 
 
-def _update_transformers_config(
-    model: nn.Module, stages: Sequence[StageSpec], masks: Sequence[Sequence[bool]]
-) -> None:
+def _update_transformers_config(model: nn.Module, stages: Sequence[StageSpec], masks: Sequence[Sequence[bool]]) -> None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return

@@ -12,7 +12,11 @@ __all__ = ["count_flops"]
 
 
 def count_flops(model: nn.Module, *inputs: Any, **kwargs: Any) -> int:
-    """FLOPs of ``model(*inputs, **kwargs)`` (a multiply-add counts as two), without autograd."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    """FLOPs of ``model(*inputs, **kwargs)`` (a multiply-add counts as two).
+
+    Autograd stays on: the counter's module tracker hooks gradients of module inputs, and fails under
+    ``no_grad`` when a module is handed a parameter directly (CaiT's class token).
+    """
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
         model(*inputs, **kwargs)
     return int(counter.get_total_flops())

@@ -62,9 +62,7 @@ class DepthGate(nn.Module):
         return f"active={self.active}"
 
 
-def _drop_inner_prefix(
-    module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, _meta: Any
-) -> None:
+def _drop_inner_prefix(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, _meta: Any) -> None:
     inner = prefix + _INNER
     for key in [k for k in state_dict if k.startswith(inner)]:
         state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)

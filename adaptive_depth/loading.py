@@ -119,9 +119,7 @@ def resolve(name_or_path: str | os.PathLike[str], hub: HubOptions) -> Resolved:
         return Resolved("timm", name, local=True)
     if "/" in name or os.sep in name:
         if name.startswith((".", os.sep, "~")) or name.count("/") != 1:
-            raise UnknownModelError(
-                f"folder {name!r} does not exist (and it is not a Hub repo id 'org/name')"
-            )
+            raise UnknownModelError(f"folder {name!r} does not exist (and it is not a Hub repo id 'org/name')")
         try:
             config_path = hf_hub_download(
                 name,
@@ -163,9 +161,7 @@ def _timm_kwargs(num_classes: int | None, kwargs: dict[str, Any]) -> dict[str, A
     return {**kwargs, **({"num_classes": num_classes} if num_classes is not None else {})}
 
 
-def _load_timm(
-    resolved: Resolved, pretrained: bool, num_classes: int | None, kwargs: dict[str, Any], hub: HubOptions
-):
+def _load_timm(resolved: Resolved, pretrained: bool, num_classes: int | None, kwargs: dict[str, Any], hub: HubOptions):
     name = resolved.location
     if resolved.local and not name.startswith("local-dir:"):
         name = f"local-dir:{name}"
@@ -187,9 +183,7 @@ def _load_timm(
     tag = model.pretrained_cfg.get("tag")
     ref = BaseModelRef(
         source="timm",
-        name=resolved.location
-        if ":" in resolved.location
-        else (f"{arch}.{tag}" if tag and pretrained else arch),
+        name=resolved.location if ":" in resolved.location else (f"{arch}.{tag}" if tag and pretrained else arch),
         architecture=arch,
         model_args=_timm_rebuild_args(model, model_args),
         pretrained=pretrained,
@@ -199,9 +193,7 @@ def _load_timm(
 
 def _timm_rebuild_args(model: nn.Module, model_args: dict[str, Any]) -> dict[str, Any]:
     """``create_model`` kwargs that rebuild the same architecture (JSON-safe values only)."""
-    args = {
-        k: v for k, v in model_args.items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))
-    }
+    args = {k: v for k, v in model_args.items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
     if hasattr(model, "num_classes"):
         args["num_classes"] = int(model.num_classes)
     return args

@@ -86,9 +86,7 @@ class AdaptiveDepth(
             )
         gates = gate_model(model, [b for s in config.stages for b in s.blocks])
         # Plain lists (not a ModuleList): the gates are already registered inside ``model``.
-        self._stage_gates: list[list[DepthGate | None]] = [
-            [gates.get(b.name) for b in s.blocks] for s in config.stages
-        ]
+        self._stage_gates: list[list[DepthGate | None]] = [[gates.get(b.name) for b in s.blocks] for s in config.stages]
         self._masks: dict[tuple[int, ...], list[list[bool]]] = {}
         self._scaling_factor: float | None = 1.0
         self.set_scaling_factor(config.default_scaling_factor)
@@ -191,9 +189,7 @@ class AdaptiveDepth(
                 )
             return cls._load_saved(resolved, hub, model)
         if model is not None:
-            raise ConfigError(
-                "model= is only for loading a saved adaptive-depth model that wraps a custom module"
-            )
+            raise ConfigError("model= is only for loading a saved adaptive-depth model that wraps a custom module")
         if "img_size" in model_kwargs and input_size is None:
             size = model_kwargs["img_size"]
             h, w = (size, size) if isinstance(size, int) else size
@@ -227,9 +223,7 @@ class AdaptiveDepth(
         hub = HubOptions(revision, cache_dir, token, local_files_only, force_download)
         resolved = resolve(model_id, hub)
         if resolved.kind != "adaptive":
-            raise CheckpointError(
-                f"{model_id!r} is a {resolved.kind} model, not a saved adaptive-depth model"
-            )
+            raise CheckpointError(f"{model_id!r} is a {resolved.kind} model, not a saved adaptive-depth model")
         return cls._load_saved(resolved, hub, model)
 
     @classmethod
@@ -240,9 +234,7 @@ class AdaptiveDepth(
         try:
             load_model(instance.model, weights, strict=True, device="cpu")
         except SafetensorError as e:
-            raise CheckpointError(
-                f"{weights} is not a valid safetensors file ({e}); save or download it again"
-            ) from e
+            raise CheckpointError(f"{weights} is not a valid safetensors file ({e}); save or download it again") from e
         except RuntimeError as e:
             raise CheckpointError(
                 f"the weights in {weights} do not match the {config.base_model.architecture} architecture of "
@@ -367,9 +359,7 @@ class AdaptiveDepth(
         ]
         lines.append(f"{'stage':<40} {'blocks':>6} {'fixed':>5} {'gateable':>8}")
         for st in self.stages:
-            lines.append(
-                f"{st.name:<40} {st.num_blocks:>6} {st.num_fixed:>5} {st.num_blocks - st.num_fixed:>8}"
-            )
+            lines.append(f"{st.name:<40} {st.num_blocks:>6} {st.num_fixed:>5} {st.num_blocks - st.num_fixed:>8}")
         lines.append("")
         full = self.flops_table().get(1.0) or self.flops(1.0)
         lines.append(f"{'s':>6} {'blocks per stage':<30} {'GFLOPs':>9} {'vs s=1':>7}")
@@ -415,9 +405,7 @@ def _fetch(resolved: Resolved, filename: str, hub: HubOptions) -> str:
     if resolved.local:
         path = Path(resolved.location) / filename
         if not path.is_file():
-            raise CheckpointError(
-                f"{resolved.location} has no {filename}; the checkpoint is incomplete, save it again"
-            )
+            raise CheckpointError(f"{resolved.location} has no {filename}; the checkpoint is incomplete, save it again")
         return str(path)
     try:
         return hf_hub_download(
@@ -434,6 +422,4 @@ def _fetch(resolved: Resolved, filename: str, hub: HubOptions) -> str:
             f"{filename} of {resolved.location!r} is not in the local cache and the Hub cannot be reached"
         ) from e
     except EntryNotFoundError as e:
-        raise CheckpointError(
-            f"Hub repo {resolved.location!r} has no {filename}; the upload is incomplete"
-        ) from e
+        raise CheckpointError(f"Hub repo {resolved.location!r} has no {filename}; the upload is incomplete") from e

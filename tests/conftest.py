@@ -1,0 +1,45 @@
+"""Shared fixtures. The whole suite runs offline against a Hub cache it lays out itself."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+# Before huggingface_hub is imported anywhere: an empty private cache, and no network, exactly as for a
+# user with HF_HUB_OFFLINE=1. Every Hub test fills this cache with models it builds and saves itself.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="adaptive-depth-hf-home-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("HF_HUB_CACHE", None)
+os.environ.pop("HUGGINGFACE_HUB_CACHE", None)
+
+import pytest
+import torch
+from huggingface_hub import constants
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def hub_repo() -> Callable[[str, Path], Path]:
+    """Lay out files as a cached Hub repo: ``HF_HOME/hub/models--ORG--NAME/{refs/main,snapshots/<sha>/}``."""
+    made: list[Path] = []
+
+    def add(repo_id: str, folder: Path) -> Path:
+        repo_dir = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+        commit = os.urandom(20).hex()
+        snapshot = repo_dir / "snapshots" / commit
+        shutil.copytree(folder, snapshot)
+        (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+        (repo_dir / "refs" / "main").write_text(commit)
+        made.append(repo_dir)
+        return snapshot
+
+    yield add
+    for repo_dir in made:
+        shutil.rmtree(repo_dir, ignore_errors=True)
