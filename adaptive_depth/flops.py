@@ -12,11 +12,17 @@ __all__ = ["count_flops"]
 
 
 def count_flops(model: nn.Module, *inputs: Any, **kwargs: Any) -> int:
-    """FLOPs of ``model(*inputs, **kwargs)`` (a multiply-add counts as two).
+    """FLOPs of ``model(*inputs, **kwargs)`` in eval mode (a multiply-add counts as two).
 
+    The model runs in eval mode, so counting never updates BatchNorm statistics; its mode is restored.
     Autograd stays on: the counter's module tracker hooks gradients of module inputs, and fails under
     ``no_grad`` when a module is handed a parameter directly (CaiT's class token).
     """
-    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
-        model(*inputs, **kwargs)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+            model(*inputs, **kwargs)
+    finally:
+        model.train(was_training)
     return int(counter.get_total_flops())

@@ -145,7 +145,8 @@ def resolve(name_or_path: str | os.PathLike[str], hub: HubOptions) -> Resolved:
                 f"Hub repo {name!r} has no {CONFIG_NAME}; it is not a model this library reads"
             ) from e
         config = _read_json(config_path)
-        return Resolved(_kind_of(config, f"Hub repo {name!r}"), name, config)
+        kind = _kind_of(config, f"Hub repo {name!r}")
+        return Resolved(kind, f"hf-hub:{name}" if kind == "timm" else name, config)
     arch, _tag = timm.models.split_model_name_tag(name)
     if timm.is_model(arch):
         return Resolved("timm", name)
