@@ -1,0 +1,39 @@
+"""Exported depths are plain modules: they run, save and load without this library, and torch.export them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+from adaptive_depth import AdaptiveDepth
+
+
+def test_exported_transformers_model_round_trips_through_transformers(tmp_path: Path) -> None:
+    config = tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[2, 2, 3, 2], num_labels=3)
+    model = AdaptiveDepth.wrap(tf.ResNetForImageClassification(config), input_size=(3, 64, 64)).eval()
+    plain = model.export(0.5)
+    assert plain.config.depths == [1, 1, 2, 1]
+    plain.save_pretrained(tmp_path)
+    reloaded = tf.ResNetForImageClassification.from_pretrained(tmp_path).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x).logits, model.set_scaling_factor(0.5)(x).logits, atol=1e-6)
+
+
+def test_exported_vit_updates_num_hidden_layers() -> None:
+    config = tf.ViTConfig(
+        hidden_size=32, num_hidden_layers=6, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
+    plain = AdaptiveDepth.wrap(tf.ViTForImageClassification(config)).export(0.5)
+    assert plain.config.num_hidden_layers == 3 and len(plain.vit.layers) == 3
+
+
+def test_exported_depth_works_with_torch_export() -> None:
+    model = AdaptiveDepth.from_pretrained("resnet18", pretrained=False, num_classes=5, input_size=(3, 32, 32)).eval()
+    plain = model.export(0.5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    program = torch.export.export(plain, (x,))
+    with torch.no_grad():
+        assert torch.allclose(program.module()(x), model.set_scaling_factor(0.5)(x), atol=1e-5)
