@@ -59,6 +59,18 @@ class HubOptions:
     local_files_only: bool = False
     force_download: bool = False
 
+    def download(self, repo_id: str, filename: str) -> str:
+        """``hf_hub_download`` of one file with these options; returns its path in the cache."""
+        return hf_hub_download(
+            repo_id,
+            filename,
+            revision=self.revision,
+            cache_dir=self.cache_dir,
+            token=self.token,
+            local_files_only=self.local_files_only,
+            force_download=self.force_download,
+        )
+
 
 @dataclass
 class Resolved:
@@ -121,15 +133,7 @@ def resolve(name_or_path: str | os.PathLike[str], hub: HubOptions) -> Resolved:
         if name.startswith((".", os.sep, "~")) or name.count("/") != 1:
             raise UnknownModelError(f"folder {name!r} does not exist (and it is not a Hub repo id 'org/name')")
         try:
-            config_path = hf_hub_download(
-                name,
-                CONFIG_NAME,
-                revision=hub.revision,
-                cache_dir=hub.cache_dir,
-                token=hub.token,
-                local_files_only=hub.local_files_only,
-                force_download=hub.force_download,
-            )
+            config_path = hub.download(name, CONFIG_NAME)
         except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as e:
             raise UnknownModelError(
                 f"{name!r} is not a Hub repo you can read ({type(e).__name__}); check the spelling, the revision, "

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import ModelCard, ModelHubMixin, hf_hub_download
+from huggingface_hub import ModelCard, ModelHubMixin
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
@@ -408,15 +408,7 @@ def _fetch(resolved: Resolved, filename: str, hub: HubOptions) -> str:
             raise CheckpointError(f"{resolved.location} has no {filename}; the checkpoint is incomplete, save it again")
         return str(path)
     try:
-        return hf_hub_download(
-            resolved.location,
-            filename,
-            revision=hub.revision,
-            cache_dir=hub.cache_dir,
-            token=hub.token,
-            local_files_only=hub.local_files_only,
-            force_download=hub.force_download,
-        )
+        return hub.download(resolved.location, filename)
     except LocalEntryNotFoundError as e:
         raise WeightsUnavailableError(
             f"{filename} of {resolved.location!r} is not in the local cache and the Hub cannot be reached"

@@ -64,7 +64,7 @@ def _hf(name: str, config: tf.PretrainedConfig, cls: type[tf.PreTrainedModel], s
 
 
 _VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2}
-_HF_VIT = {
+HF_VIT_CONFIG = {
     "hidden_size": 32,
     "num_hidden_layers": 4,
     "num_attention_heads": 2,
@@ -120,12 +120,12 @@ HF_CASES = [
         tf.MobileNetV2ForImageClassification,
         64,
     ),
-    _hf("vit", tf.ViTConfig(**_HF_VIT), tf.ViTForImageClassification, 32),
-    _hf("deit", tf.DeiTConfig(**_HF_VIT), tf.DeiTForImageClassification, 32),
-    _hf("beit", tf.BeitConfig(use_relative_position_bias=True, **_HF_VIT), tf.BeitForImageClassification, 32),
+    _hf("vit", tf.ViTConfig(**HF_VIT_CONFIG), tf.ViTForImageClassification, 32),
+    _hf("deit", tf.DeiTConfig(**HF_VIT_CONFIG), tf.DeiTForImageClassification, 32),
+    _hf("beit", tf.BeitConfig(use_relative_position_bias=True, **HF_VIT_CONFIG), tf.BeitForImageClassification, 32),
     _hf(
         "dinov2",
-        tf.Dinov2Config(**{k: v for k, v in _HF_VIT.items() if k != "intermediate_size"}),
+        tf.Dinov2Config(**{k: v for k, v in HF_VIT_CONFIG.items() if k != "intermediate_size"}),
         tf.Dinov2ForImageClassification,
         32,
     ),

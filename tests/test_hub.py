@@ -9,21 +9,12 @@ import pytest
 import timm
 import torch
 import transformers as tf
+from cases import HF_VIT_CONFIG
 from huggingface_hub import HfApi
 from safetensors.torch import save_file
 from timm.models import save_for_hf
 
 from adaptive_depth import AdaptiveDepth, UnknownModelError, WeightsUnavailableError
-
-VIT_CONFIG = {
-    "hidden_size": 32,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "image_size": 32,
-    "patch_size": 8,
-    "num_labels": 5,
-}
 
 
 def _same_weights(model: torch.nn.Module, expected: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> bool:
@@ -67,7 +58,7 @@ def test_timm_hub_repo(hub_repo, tmp_path: Path, prefix: str) -> None:
 
 
 def test_transformers_hub_repo(hub_repo, tmp_path: Path) -> None:
-    source = tf.ViTForImageClassification(tf.ViTConfig(**VIT_CONFIG)).eval()
+    source = tf.ViTForImageClassification(tf.ViTConfig(**HF_VIT_CONFIG)).eval()
     source.save_pretrained(tmp_path)
     hub_repo("google/vit-test-tiny", tmp_path)
 
@@ -83,7 +74,7 @@ def test_local_folders_of_timm_and_transformers(tmp_path: Path) -> None:
     timm_dir, hf_dir = tmp_path / "timm", tmp_path / "hf"
     timm_source = timm.create_model("test_convnext")
     save_for_hf(timm_source, str(timm_dir), safe_serialization=True)
-    hf_source = tf.ViTForImageClassification(tf.ViTConfig(**VIT_CONFIG))
+    hf_source = tf.ViTForImageClassification(tf.ViTConfig(**HF_VIT_CONFIG))
     hf_source.save_pretrained(hf_dir)
 
     assert _same_weights(AdaptiveDepth.from_pretrained(str(timm_dir)).model, timm_source.state_dict())
