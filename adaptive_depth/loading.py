@@ -141,8 +141,8 @@ def resolve(name_or_path: str | os.PathLike[str], hub: HubOptions) -> Resolved:
             ) from e
         except LocalEntryNotFoundError as e:
             raise WeightsUnavailableError(
-                f"cannot fetch {name!r}: the Hub is unreachable (offline, or HF_HUB_OFFLINE=1) and the repo is not "
-                f"in the local cache. {_OFFLINE_HINT}"
+                f"cannot fetch {name!r}: there is no local folder of that name, the Hub is unreachable (offline, or "
+                f"HF_HUB_OFFLINE=1) and the repo is not in the local cache. {_OFFLINE_HINT}"
             ) from e
         except EntryNotFoundError as e:
             raise UnknownModelError(
