@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -11,6 +12,7 @@ from pathlib import Path
 # Before huggingface_hub is imported anywhere: an empty private cache, and no network, exactly as for a
 # user with HF_HUB_OFFLINE=1. Every Hub test fills this cache with models it builds and saves itself.
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="adaptive-depth-hf-home-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.pop("HF_HUB_CACHE", None)
 os.environ.pop("HUGGINGFACE_HUB_CACHE", None)
