@@ -266,14 +266,14 @@ class AdaptiveDepth(
     def set_scaling_factor(self, scaling_factor: float) -> AdaptiveDepth:
         """Run about ``scaling_factor`` of each stage's blocks (``1.0``: the full network). Returns ``self``."""
         counts = self.depth_for(scaling_factor)
-        self._apply(counts)
+        self._activate(counts)
         self._scaling_factor = float(scaling_factor)
         return self
 
     def set_depth(self, blocks_per_stage: Sequence[int]) -> AdaptiveDepth:
         """Run exactly ``blocks_per_stage[i]`` blocks (fixed ones included) in stage ``i``. Returns ``self``."""
         counts = self._check_depth(blocks_per_stage)
-        self._apply(counts)
+        self._activate(counts)
         self._scaling_factor = 1.0 if counts == [st.num_blocks for st in self.stages] else None
         return self
 
@@ -298,7 +298,7 @@ class AdaptiveDepth(
             counts.append(int(value))
         return counts
 
-    def _apply(self, counts: list[int]) -> None:
+    def _activate(self, counts: list[int]) -> None:
         key = tuple(counts)
         masks = self._masks.get(key)
         if masks is None:
@@ -319,7 +319,7 @@ class AdaptiveDepth(
         try:
             yield self
         finally:
-            self._apply(previous_counts)
+            self._activate(previous_counts)
             self._scaling_factor = previous_s
 
     # ------------------------------------------------------------------ running

@@ -227,3 +227,13 @@ def test_counting_flops_in_train_mode_leaves_batchnorm_statistics_alone(resnet: 
     assert resnet.training
     assert all(torch.equal(resnet.state_dict()[k], v) for k, v in before.items())
     resnet.eval()
+
+
+def test_device_and_dtype_moves_keep_the_gates(resnet: AdaptiveDepth) -> None:
+    model = AdaptiveDepth.from_pretrained("resnet18", pretrained=False, num_classes=3, input_size=(3, 32, 32)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.set_scaling_factor(0.5)(x).double()
+        model.to(torch.float64)
+        assert model.active_depth == [1, 1, 1, 1]
+        assert torch.allclose(model(x.double()), expected, atol=1e-4)
