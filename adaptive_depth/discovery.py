@@ -103,8 +103,6 @@ def _probe(model: nn.Module, example_input: torch.Tensor) -> dict[str, _Call]:
         if name:
             handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
             handles.append(module.register_forward_hook(post_hook(name), with_kwargs=True))
-    was_training = model.training
-    model.eval()
     try:
         with torch.no_grad():
             model(example_input)
@@ -116,7 +114,6 @@ def _probe(model: nn.Module, example_input: torch.Tensor) -> dict[str, _Call]:
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return calls
 
 
@@ -259,6 +256,16 @@ def discover(
     Raises:
         NoGateableBlocksError: nothing in the model can be skipped.
     """
+    # Eval mode throughout, restored after: the probes must not touch BatchNorm statistics or depend on dropout.
+    was_training = model.training
+    model.eval()
+    try:
+        return _discover(model, example_input, block_patterns)
+    finally:
+        model.train(was_training)
+
+
+def _discover(model: nn.Module, example_input: torch.Tensor, block_patterns: Sequence[str] | None) -> Discovery:
     calls = _probe(model, example_input)
     modules = dict(model.named_modules())
 

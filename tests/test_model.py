@@ -237,3 +237,12 @@ def test_device_and_dtype_moves_keep_the_gates(resnet: AdaptiveDepth) -> None:
         model.to(torch.float64)
         assert model.active_depth == [1, 1, 1, 1]
         assert torch.allclose(model(x.double()), expected, atol=1e-4)
+
+
+def test_wrapping_a_training_model_changes_none_of_its_state() -> None:
+    base = timm.create_model("resnet18", num_classes=3).train()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = AdaptiveDepth.wrap(base, input_size=(3, 32, 32))
+    assert model.training and base.training
+    assert len(model.stages) == 4  # layer4 runs at 1x1: probing in train mode would make BatchNorm fail there
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in before.items())
