@@ -9,7 +9,8 @@ Order (STYLE.md, "discovery order"):
 2. **A generic probe** verifies every candidate and covers what metadata does not name. One forward pass
    on an example input records each module's call. A module is a *gateable block* when it has parameters,
    is called once, returns a tensor of its input's shape, and becomes the identity when all its
-   parameters are zero: a residual block ``x + f(x)`` does, a plain ``conv`` or a norm layer does not
+   parameters are zero, up to a trailing activation: a residual block ``act(x + f(x))`` does, a plain
+   ``conv`` or a norm layer does not
    (so VGG has nothing to gate). Among nested passing modules the innermost candidate wins (a block,
    not the stage that holds it); outside candidates, the innermost passing module.
 3. **A user override** (``block_patterns``): regexes on module names that replace steps 1-2.
@@ -22,11 +23,12 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -123,17 +125,34 @@ def _keeps_shape(call: _Call) -> bool:
     return x is not None and y is not None and y.shape == x.shape and y.dtype == x.dtype
 
 
+# A residual block may end in an activation: ``act(x + f(x))``. With zero weights it gives ``act(x)``.
+_TRAILING_ACTIVATIONS: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = (
+    lambda t: t,
+    F.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.silu,
+    F.gelu,
+    lambda t: F.gelu(t, approximate="tanh"),
+    F.hardswish,
+    F.elu,
+    F.mish,
+)
+
+
 def _is_residual(module: nn.Module, call: _Call) -> bool:
     """True if the module passes its input through when all its parameters are zero.
 
-    A residual block ``act(x + f(x))`` becomes ``act(x)``: the positive part of ``x`` comes out unchanged and
-    nothing grows (identity, ReLU and LeakyReLU all qualify). A plain conv or norm layer gives zeros, and a
-    gating module such as squeeze-excitation gives ``x / 2``; neither passes.
+    A residual block ``act(x + f(x))`` becomes ``act(x)`` for the identity or a standard activation (ReLU,
+    LeakyReLU, SiLU, GELU...). A plain conv or norm layer gives zeros, and a gating module such as
+    squeeze-excitation gives ``x / 2``; neither passes.
     """
     x, _ = _main_input(call)
     params = dict(module.named_parameters())
     if not params or x is None or not x.is_floating_point() or float(x.float().std()) == 0.0:
         return False  # nothing to zero, or an input too degenerate to tell (e.g. after a zero-init layer)
+    if not bool((x > 0).any()):
+        return False  # ReLU(x) would be all zeros, like the output of a zeroed conv
     zeros = {name: torch.zeros_like(p) for name, p in params.items()}
     try:
         with torch.no_grad():
@@ -143,13 +162,8 @@ def _is_residual(module: nn.Module, call: _Call) -> bool:
     if y is None or y.shape != x.shape or not torch.isfinite(y).all():
         return False
     x, y = x.float(), y.float()
-    tol = 1e-4 * float(x.abs().max())  # relative: freshly initialised models can carry tiny activations
-    positive = x > tol
-    if not positive.any():
-        return False
-    passes_positive = torch.allclose(y[positive], x[positive], rtol=1e-4, atol=tol)
-    no_growth = bool((y[~positive].abs() <= x[~positive].abs() + tol).all())
-    return passes_positive and no_growth
+    atol = 1e-4 * float(x.abs().max())  # relative: freshly initialised models can carry tiny activations
+    return any(torch.allclose(y, act(x), rtol=1e-4, atol=atol) for act in _TRAILING_ACTIVATIONS)
 
 
 def _full_matches(patterns: Iterable[str], names: Iterable[str]) -> set[str]:

@@ -1,11 +1,13 @@
 """Walk timm's and transformers' model lists and record what adaptive-depth's discovery finds.
 
-    python scripts/supported_models.py                       # everything up to --max-params-m, writes docs/
-    python scripts/supported_models.py --only timm --filter 'resnet*' --limit 10
+    python scripts/supported_models.py --only all --workers 1           # the full walk, writes docs/
+    python scripts/supported_models.py --only timm --filter 'resnet*' --limit 10 --out /tmp/x.md
 
-Every architecture is built with random weights (no download) and probed once at its declared input size.
-Results go to a JSON-lines file as they come (so a long walk can be resumed with --resume) and are rendered to
-docs/supported-models.md. Nothing in the page is written by hand.
+Every architecture is built with random weights (nothing is downloaded) and probed once by ``discover`` at its
+declared input size, batch 1, on CPU. Parameters are first counted on the meta device; models above
+``--max-params-m`` are skipped. Transformers configs are narrowed (widths divided by 4, depths kept) when that
+builds and runs; otherwise the default config is used. Each model runs in a worker process that is killed after
+``--timeout`` seconds and recycled every few models, so one hanging or huge model cannot stop the walk.
 """
 
 from __future__ import annotations
@@ -16,170 +18,259 @@ import datetime
 import fnmatch
 import gc
 import json
-import signal
+import multiprocessing as mp
+import re
+import shlex
 import sys
 import time
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 import transformers
-from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as HF_NAMES
 
 from adaptive_depth.discovery import discover
-from adaptive_depth.errors import NoGateableBlocksError
+from adaptive_depth.errors import ConfigError, NoGateableBlocksError
 from adaptive_depth.policy import keep_count
 
-
-class _Timeout(Exception):
-    pass
-
-
-def _alarm(_signum: int, _frame: Any) -> None:
-    raise _Timeout
+RECYCLE_EVERY = 25  # models per worker process before it is replaced (bounds leaked memory)
+STATUSES = ("wraps", "refused", "error", "skipped", "timeout")
+WIDTH_FIELDS = ("hidden_size", "intermediate_size", "embed_dim", "hidden_sizes", "embed_dims")
 
 
-def _timm_model(name: str) -> tuple[torch.nn.Module, list[int]]:
+def _timm_build(name: str) -> tuple[torch.nn.Module, tuple[int, ...], str]:
+    """A timm architecture with random weights, its input size (C, H, W) and a config note."""
     model = timm.create_model(name, pretrained=False)
-    return model, list(timm.data.resolve_model_data_config(model)["input_size"])
+    return model, tuple(timm.data.resolve_model_data_config(model)["input_size"]), "default"
 
 
-def _hf_model(model_type: str) -> tuple[torch.nn.Module, list[int]]:
+def _hf_build(model_type: str, narrow: bool) -> tuple[torch.nn.Module, tuple[int, ...], str]:
+    """A transformers image classifier with random weights, optionally with widths divided by 4 (depth kept)."""
     config = transformers.AutoConfig.for_model(model_type)
-    cls = getattr(transformers, MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[model_type])
-    model = cls(config)
-    size = getattr(config, "image_size", 224)
+    note = "default"
+    if narrow:
+        for field in WIDTH_FIELDS:
+            value = getattr(config, field, None)
+            if isinstance(value, int) and value % 4 == 0:
+                setattr(config, field, value // 4)
+                note = "widths / 4"
+            elif isinstance(value, list | tuple) and value and all(isinstance(v, int) and v % 4 == 0 for v in value):
+                setattr(config, field, type(value)(v // 4 for v in value))
+                note = "widths / 4"
+    model = getattr(transformers, HF_NAMES[model_type])(config)
+    size = getattr(config, "image_size", None) or 224
     h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
-    return model, [int(getattr(config, "num_channels", 3)), int(h), int(w)]
+    return model, (int(getattr(config, "num_channels", None) or 3), int(h), int(w)), note
 
 
-def _params_m(source: str, name: str) -> float:
-    with torch.device("meta"):
-        model = _timm_model(name)[0] if source == "timm" else _hf_model(name)[0]
-    return sum(p.numel() for p in model.parameters()) / 1e6
+def _short(e: BaseException) -> str:
+    """A one-line description of an exception (the probe's own cause when discovery wraps one)."""
+    if isinstance(e, ConfigError) and e.__cause__ is not None:
+        return "probe forward failed: " + _short(e.__cause__)
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:200]}"
 
 
-def check(source: str, name: str, max_params_m: float, timeout: int) -> dict[str, Any]:
-    """Build one model with random weights, run discovery, and describe the outcome."""
-    row: dict[str, Any] = {"source": source, "name": name}
-    start = time.perf_counter()
-    signal.alarm(timeout)
-    try:
-        row["params_m"] = round(_params_m(source, name), 1)
-        if row["params_m"] > max_params_m:
-            row["status"] = "skipped"
-            row["reason"] = f"over {max_params_m:g}M parameters"
-            return row
-        model, size = _timm_model(name) if source == "timm" else _hf_model(name)
+def _discover_row(model: torch.nn.Module, size: tuple[int, ...]) -> dict[str, Any]:
+    """Run discovery on a built model; the fields of a 'wraps' row (raises what discover raises)."""
+    with torch.no_grad():
         found = discover(model, torch.randn(1, *size))
-        row.update(
-            status="wraps",
-            method=found.method,
-            stages=len(found.stages),
-            blocks=sum(s.num_blocks for s in found.stages),
-            gateable=sum(s.num_blocks - s.num_fixed for s in found.stages),
-            kept_at_half=sum(keep_count(0.5, s.num_blocks, s.num_fixed) for s in found.stages),
-        )
-    except NoGateableBlocksError as e:
-        row.update(status="refused", reason=str(e).split(":", 1)[1].split(".")[0].strip())
-    except _Timeout:
-        row.update(status="timeout", reason=f"over {timeout}s")
-    except Exception as e:  # a model this walk cannot build or run: record it, do not stop
-        row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
-    finally:
-        signal.alarm(0)
-        row["seconds"] = round(time.perf_counter() - start, 1)
-        gc.collect()
-    return row
+    return {
+        "status": "wraps",
+        "method": found.method,
+        "stages": len(found.stages),
+        "blocks": sum(s.num_blocks for s in found.stages),
+        "gateable": sum(s.num_blocks - s.num_fixed for s in found.stages),
+        "kept_at_half": sum(keep_count(0.5, s.num_blocks, s.num_fixed) for s in found.stages),
+    }
 
 
-def render(rows: list[dict[str, Any]], command: str) -> str:
-    """The markdown page."""
+def check(source: str, name: str, max_params_m: float) -> dict[str, Any]:
+    """Build one model with random weights, run discovery on it and describe the outcome.
+
+    Args:
+        source: ``"timm"`` or ``"transformers"``.
+        name: a timm architecture name or a transformers ``model_type``.
+        max_params_m: models with more parameters (millions) are skipped, not built.
+
+    Returns:
+        A row: ``source``, ``name``, ``status`` (one of ``STATUSES``), ``params_m``, ``config``, ``input``,
+        and either the discovery counts or a ``reason``.
+    """
+    row: dict[str, Any] = {"source": source, "name": name}
+    attempts = (
+        [lambda: _timm_build(name)] if source == "timm" else [lambda n=n: _hf_build(name, n) for n in (True, False)]
+    )
+    for i, build in enumerate(attempts):
+        last = i == len(attempts) - 1
+        model = None
+        try:
+            try:
+                with torch.device("meta"):
+                    model, size, row["config"] = build()
+                params = sum(p.numel() for p in model.parameters())
+                model = None
+            except Exception:  # some models cannot be built on meta: build for real and count after
+                params = None
+            if params is None or params / 1e6 <= max_params_m:
+                model, size, row["config"] = build()
+                params = sum(p.numel() for p in model.parameters())
+            row["params_m"], row["input"] = round(params / 1e6, 1), "x".join(map(str, size))
+            if params / 1e6 > max_params_m:
+                row.update(status="skipped", reason=f"not checked: too large, {params / 1e6:.1f} M params")
+            else:
+                row.update(_discover_row(model, size))
+            return row
+        except NoGateableBlocksError as e:
+            reason = re.split(r" \(|\. ", str(e).split("nothing to gate: ", 1)[-1])[0]
+            return {**row, "status": "refused", "reason": f"nothing to gate: {reason}"}
+        except Exception as e:  # a model this walk cannot build or run: record it (or retry wider), never stop
+            if last:
+                return {**row, "status": "error", "reason": _short(e)}
+        finally:
+            del model
+            gc.collect()
+    raise AssertionError("unreachable")
+
+
+def _worker(conn: Connection, max_params_m: float) -> None:
+    """Worker process: answer ``(source, name)`` jobs with rows until told to stop (``None``)."""
+    torch.set_num_threads(1)
+    conn.send("ready")
+    while (job := conn.recv()) is not None:
+        t0 = time.monotonic()
+        conn.send({**check(*job, max_params_m), "seconds": round(time.monotonic() - t0, 1)})
+
+
+def walk(jobs: list[tuple[str, str]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Check every job in worker processes, killing one that runs past ``args.timeout``; rows in job order."""
+    ctx, pending, rows = mp.get_context("spawn"), collections.deque(jobs), {}
+    idle: list[dict[str, Any]] = []
+    busy: dict[Connection, dict[str, Any]] = {}
+
+    def start() -> dict[str, Any]:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(child, args.max_params_m), daemon=True)
+        proc.start()
+        parent.recv()  # "ready": imports do not count against the first model's timeout
+        return {"proc": proc, "conn": parent, "done": 0}
+
+    def finish(w: dict[str, Any], row: dict[str, Any], alive: bool = True) -> None:
+        rows[w["job"]] = row
+        print(f"[{len(rows)}/{len(jobs)}] {row['source']} {row['name']}: {row['status']} {row.get('reason', '')}")
+        sys.stdout.flush()
+        if alive and w["done"] < RECYCLE_EVERY:
+            idle.append(w)
+        else:
+            w["conn"].send(None) if alive else w["proc"].kill()
+            w["proc"].join()
+        if args.json and len(rows) % 25 == 0:  # partial results survive an interrupted walk
+            args.json.write_text(json.dumps(list(rows.values()), indent=1))
+
+    def failed(w: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
+        return {"source": w["job"][0], "name": w["job"][1], "status": status, "reason": reason}
+
+    while pending or busy:
+        while pending and len(busy) < args.workers:
+            w = idle.pop() if idle else start()
+            w.update(job=pending.popleft(), t0=time.monotonic(), done=w["done"] + 1)
+            w["conn"].send(w["job"])
+            busy[w["conn"]] = w
+        for conn in wait(list(busy), timeout=1.0):
+            w = busy.pop(conn)
+            try:
+                finish(w, conn.recv())
+            except EOFError:  # the worker died: out of memory, or a crash in native code
+                w["proc"].join()
+                finish(w, failed(w, "error", f"worker process died (exit code {w['proc'].exitcode})"), alive=False)
+        for conn, w in list(busy.items()):
+            if time.monotonic() - w["t0"] > args.timeout:
+                del busy[conn]
+                finish(w, failed(w, "timeout", f"over {args.timeout:g} s"), alive=False)
+    for w in idle:
+        w["conn"].send(None)
+        w["proc"].join()
+    return [rows[job] for job in jobs]
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    """The per-model markdown table of one source, sorted by name."""
+    out = [
+        "| model | params (M) | config | input | status | discovery | stages | blocks | gateable | kept at s=0.5 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: r["name"]):
+        status = r["status"] if r["status"] == "wraps" else f"{r['status']}: {r.get('reason', '')}".replace("|", "\\|")
+        counts = [r.get(k, "") for k in ("method", "stages", "blocks", "gateable", "kept_at_half")]
+        cells = [f"`{r['name']}`", r.get("params_m", ""), r.get("config", ""), r.get("input", ""), status, *counts]
+        out.append("| " + " | ".join(map(str, cells)) + " |")
+    return out
+
+
+def render(rows: list[dict[str, Any]], command: str, seconds: float) -> str:
+    """The markdown page: how it was made, counts per source, reasons for refusals and errors, per-model tables."""
+    sources = [s for s in ("timm", "transformers") if any(r["source"] == s for r in rows)]
     out = [
         "# Supported models",
         "",
-        "Generated by `scripts/supported_models.py`; do not edit by hand. Every architecture is built with random",
-        "weights and probed once at its declared input size (batch 1, CPU). *wraps*: discovery found stages with",
-        "skippable blocks; *refused*: nothing to gate (no residual block that keeps its input's shape, or single-block",
-        "stages only); *error*: the model could not be built or run by this walk; *skipped*: above the size limit.",
+        "Generated by `scripts/supported_models.py`; do not edit by hand, run the script again. Each architecture is",
+        "built with random weights and probed once by `adaptive_depth.discovery.discover` at its declared input size",
+        "(batch 1, CPU). *wraps*: discovery found stages with skippable blocks; *refused*: nothing to gate;",
+        "*error*: the model could not be built, or its probe forward pass failed; *skipped*: above the size limit",
+        "(parameters counted on the meta device); *timeout*: the check ran past the time limit. transformers models",
+        "use their default config with widths divided by 4 (depths kept) where that works (*config* column).",
         "",
         f"- command: `{command}`",
-        f"- date: {datetime.date.today().isoformat()}; timm {timm.__version__}, "
-        f"transformers {transformers.__version__}, torch {torch.__version__}",
+        f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}, wall time {seconds / 60:.0f} min",
+        f"- versions: timm {timm.__version__}, transformers {transformers.__version__}, torch {torch.__version__}",
         "",
-        "| source | checked | wraps | refused | error | timeout | skipped |",
-        "|---|---|---|---|---|---|---|",
+        "| source | checked | " + " | ".join(STATUSES) + " |",
+        "|---" * (len(STATUSES) + 2) + "|",
     ]
-    for source in ("timm", "transformers"):
+    for source in sources:
         counts = collections.Counter(r["status"] for r in rows if r["source"] == source)
-        total = sum(counts.values())
-        out.append(
-            f"| {source} | {total} | {counts['wraps']} | {counts['refused']} | {counts['error']} | "
-            f"{counts['timeout']} | {counts['skipped']} |"
-        )
-    out += ["", "## Refused, and why", ""]
-    reasons = collections.defaultdict(list)
+        out.append(f"| {source} | {sum(counts.values())} | " + " | ".join(str(counts[s]) for s in STATUSES) + " |")
+    out += ["", "## Refused and why", "", "Grouped by reason (digits shown as N); errors and timeouts included.", ""]
+    groups: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
     for r in rows:
         if r["status"] in ("refused", "error", "timeout"):
-            reasons[(r["status"], r["reason"])].append(r["name"])
-    for (status, reason), names in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
-        out.append(f"- **{status}** ({len(names)}): {reason}: {', '.join(f'`{n}`' for n in sorted(names))}")
-    for source in ("timm", "transformers"):
-        out += [
-            "",
-            f"## {source}",
-            "",
-            "| model | params (M) | status | discovery | stages | blocks | gateable | blocks at s=0.5 |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in sorted((r for r in rows if r["source"] == source), key=lambda r: r["name"]):
-            detail = (
-                f"{r['method']} | {r['stages']} | {r['blocks']} | {r['gateable']} | {r['kept_at_half']}"
-                if r["status"] == "wraps"
-                else f"{r.get('reason', '')} | | | |"
-            )
-            out.append(f"| `{r['name']}` | {r.get('params_m', '')} | {r['status']} | {detail} |")
+            groups[(r["status"], re.sub(r"\d+", "N", r["reason"]))].append(f"{r['source']}:{r['name']}")
+    for (status, reason), names in sorted(groups.items(), key=lambda kv: (STATUSES.index(kv[0][0]), -len(kv[1]))):
+        out.append(f"- **{status}** ({len(names)}) {reason}: " + ", ".join(f"`{n}`" for n in sorted(names)))
+    for source in sources:
+        out += ["", f"## {source}", "", *_table([r for r in rows if r["source"] == source])]
     return "\n".join(out) + "\n"
 
 
 def main() -> None:
+    """Parse the command line, walk the selected model lists and write the page (and optionally the JSON)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["timm", "transformers", "all"], default="all")
-    parser.add_argument("--filter", default="*", help="fnmatch pattern on model names")
+    parser.add_argument("--filter", default="*", help="fnmatch pattern on model names (timm name or model_type)")
     parser.add_argument("--limit", type=int, default=0, help="at most this many models per source (0: all)")
-    parser.add_argument("--max-params-m", type=float, default=60.0, help="skip larger models (millions)")
-    parser.add_argument("--timeout", type=int, default=120, help="seconds per model")
-    parser.add_argument("--shard", default="0/1", help="K/N: check every N-th model starting at K (parallel runs)")
-    parser.add_argument("--results", type=Path, default=Path("supported-models.jsonl"))
-    parser.add_argument("--resume", action="store_true", help="skip models already in --results")
-    parser.add_argument("--render-only", action="store_true", help="only render --results to --out")
+    parser.add_argument("--max-params-m", type=float, default=60.0, help="skip models above this many M params")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per model")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
     parser.add_argument("--out", type=Path, default=Path("docs/supported-models.md"))
+    parser.add_argument("--json", type=Path, default=None, help="also dump the raw rows here")
     args = parser.parse_args()
-    signal.signal(signal.SIGALRM, _alarm)
-    torch.set_num_threads(1)
 
-    if not args.render_only:
-        done = set()
-        if args.resume and args.results.exists():
-            done = {(r["source"], r["name"]) for r in map(json.loads, args.results.read_text().splitlines())}
-        jobs = []
-        if args.only in ("timm", "all"):
-            jobs += [("timm", n) for n in timm.list_models(args.filter)][: args.limit or None]
-        if args.only in ("transformers", "all"):
-            names = sorted(n for n in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES if fnmatch.fnmatch(n, args.filter))
-            jobs += [("transformers", n) for n in names][: args.limit or None]
-        k, n = map(int, args.shard.split("/"))
-        jobs = [job for i, job in enumerate(jobs) if i % n == k and job not in done]
-        with args.results.open("a") as sink:
-            for i, (source, name) in enumerate(jobs):
-                row = check(source, name, args.max_params_m, args.timeout)
-                sink.write(json.dumps(row) + "\n")
-                sink.flush()
-                print(f"[{i + 1}/{len(jobs)}] {source} {name}: {row['status']} {row.get('reason', '')}", flush=True)
-    rows = [json.loads(line) for line in args.results.read_text().splitlines()]
-    args.out.write_text(render(rows, "python " + " ".join(sys.argv)))
-    print(f"wrote {args.out} ({len(rows)} models)")
+    jobs: list[tuple[str, str]] = []
+    if args.only in ("timm", "all"):
+        jobs += [("timm", n) for n in sorted(timm.list_models(args.filter))][: args.limit or None]
+    if args.only in ("transformers", "all"):
+        jobs += [("transformers", n) for n in sorted(HF_NAMES) if fnmatch.fnmatch(n, args.filter)][: args.limit or None]
+    start = time.monotonic()
+    rows = walk(jobs, args)
+    seconds = time.monotonic() - start
+    command = shlex.join(["python", "scripts/supported_models.py", *sys.argv[1:]])
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    args.out.write_text(render(rows, command, seconds))
+    print(f"wrote {args.out} ({len(rows)} models, {seconds / 60:.1f} min)")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ _HF_CNN = {"hidden_sizes": [8, 16, 24, 32], "depths": [2, 2, 3, 2], "num_labels"
 TIMM_CASES = [
     _timm("resnet18", 64),
     _timm("resnet50d", 64),
+    _timm("resnet32ts", 64),  # ByobNet: blocks end in SiLU(x + f(x))
     _timm("seresnext26d_32x4d", 64),
     _timm("resnetv2_50", 64),
     _timm("cspresnet50", 64),
