@@ -119,6 +119,7 @@ class AdaptiveDepthConfig:
         default_scaling_factor: depth the model runs at after loading.
         discovery: how the blocks were found: ``"metadata"``, ``"probe"`` or ``"override"``.
         flops: FLOPs of one forward pass (batch 1, ``input_size``) at each scaling factor, keyed by ``str(s)``.
+        norm_stats: scaling factors with their own BatchNorm statistics (saved in ``depth_norms.safetensors``).
         extra: free-form metadata (training report, latency profile...).
     """
 
@@ -130,6 +131,7 @@ class AdaptiveDepthConfig:
     default_scaling_factor: float = 1.0
     discovery: str = "metadata"
     flops: dict[str, float] = field(default_factory=dict)
+    norm_stats: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     library_name: str = LIBRARY_NAME
     format_version: int = FORMAT_VERSION
@@ -147,6 +149,7 @@ class AdaptiveDepthConfig:
             raise ConfigError("scaling_factors must hold at least one value in (0, 1], e.g. [0.5, 1.0]")
         self.scaling_factors = sorted({check_scaling_factor(s) for s in self.scaling_factors})
         self.default_scaling_factor = check_scaling_factor(self.default_scaling_factor)
+        self.norm_stats = sorted({check_scaling_factor(s) for s in self.norm_stats})
         if len(self.input_size) != 3 or any(int(v) <= 0 for v in self.input_size):
             raise ConfigError(f"input_size must be [channels, height, width], got {self.input_size!r}")
         self.input_size = [int(v) for v in self.input_size]

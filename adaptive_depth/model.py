@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 from huggingface_hub import ModelCard, ModelHubMixin
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from .card import CARD_MARKER, build_model_card
@@ -32,13 +33,16 @@ from .loading import (
     rebuild_base_model,
     resolve,
 )
+from .norms import DepthNorms, batchnorm_layers, recalibrate_batchnorm
 from .policy import active_mask, check_scaling_factor, keep_count
+from .report import PLOT_NAME, pareto_plot
 
 __all__ = ["AdaptiveDepth"]
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
+NORMS_NAME = "depth_norms.safetensors"
 
 
 def _default_input_size(model: nn.Module) -> list[int]:
@@ -87,8 +91,10 @@ class AdaptiveDepth(
         gates = gate_model(model, [b for s in config.stages for b in s.blocks])
         # Plain lists (not a ModuleList): the gates are already registered inside ``model``.
         self._stage_gates: list[list[DepthGate | None]] = [[gates.get(b.name) for b in s.blocks] for s in config.stages]
-        self._masks: dict[tuple[int, ...], list[list[bool]]] = {}
+        self._switches: dict[tuple[int, ...], list[tuple[DepthGate, bool]]] = {}  # gate states per depth
+        self._depths: dict[float, list[int]] = {}  # blocks per stage per scaling factor
         self._scaling_factor: float | None = 1.0
+        self.depth_norms: DepthNorms | None = None  # per-depth BatchNorm statistics, after recalibration
         self.set_scaling_factor(config.default_scaling_factor)
 
     # ------------------------------------------------------------------ building
@@ -240,6 +246,15 @@ class AdaptiveDepth(
                 f"the weights in {weights} do not match the {config.base_model.architecture} architecture of "
                 f"its config.json: {str(e)[:1500]}"
             ) from e
+        if config.norm_stats:
+            path = _fetch(resolved, NORMS_NAME, hub)
+            try:
+                tensors = load_file(path, device="cpu")
+            except SafetensorError as e:
+                raise CheckpointError(f"{path} is not a valid safetensors file ({e}); save it again") from e
+            instance.depth_norms = DepthNorms(batchnorm_layers(instance.model))
+            instance.depth_norms.load_tensors(tensors, config.norm_stats, path)
+            instance.set_scaling_factor(config.default_scaling_factor)
         return instance.eval()
 
     # ------------------------------------------------------------------ depth
@@ -260,21 +275,22 @@ class AdaptiveDepth(
 
     def depth_for(self, scaling_factor: float) -> list[int]:
         """Blocks per stage that run at ``scaling_factor``."""
-        s = check_scaling_factor(scaling_factor)
-        return [keep_count(s, st.num_blocks, st.num_fixed) for st in self.stages]
+        counts = self._depths.get(scaling_factor)  # type: ignore[call-overload]
+        if counts is None:
+            s = check_scaling_factor(scaling_factor)
+            counts = self._depths[s] = [keep_count(s, st.num_blocks, st.num_fixed) for st in self.stages]
+        return list(counts)
 
     def set_scaling_factor(self, scaling_factor: float) -> AdaptiveDepth:
         """Run about ``scaling_factor`` of each stage's blocks (``1.0``: the full network). Returns ``self``."""
         counts = self.depth_for(scaling_factor)
-        self._activate(counts)
-        self._scaling_factor = float(scaling_factor)
+        self._activate(counts, float(scaling_factor))
         return self
 
     def set_depth(self, blocks_per_stage: Sequence[int]) -> AdaptiveDepth:
         """Run exactly ``blocks_per_stage[i]`` blocks (fixed ones included) in stage ``i``. Returns ``self``."""
         counts = self._check_depth(blocks_per_stage)
-        self._activate(counts)
-        self._scaling_factor = 1.0 if counts == [st.num_blocks for st in self.stages] else None
+        self._activate(counts, 1.0 if counts == [st.num_blocks for st in self.stages] else None)
         return self
 
     def _check_depth(self, blocks_per_stage: Sequence[int]) -> list[int]:
@@ -298,15 +314,24 @@ class AdaptiveDepth(
             counts.append(int(value))
         return counts
 
-    def _activate(self, counts: list[int]) -> None:
+    def _activate(self, counts: list[int], scaling_factor: float | None) -> None:
+        """Switch the gates to ``counts`` blocks per stage, and the BatchNorm statistics to that depth's."""
+        self._scaling_factor = scaling_factor
+        if self.depth_norms is not None:
+            self.depth_norms.use(scaling_factor)
         key = tuple(counts)
-        masks = self._masks.get(key)
-        if masks is None:
-            masks = self._masks[key] = self._masks_for(counts)
-        for gates, mask in zip(self._stage_gates, masks):
-            for gate, on in zip(gates, mask):
-                if gate is not None:
-                    gate.active = on
+        switches = self._switches.get(key)
+        if switches is None:
+            masks = self._masks_for(counts)
+            switches = self._switches[key] = [
+                (gate, on)
+                for gates, mask in zip(self._stage_gates, masks)
+                for gate, on in zip(gates, mask)
+                if gate is not None
+            ]
+        for gate, on in switches:
+            # A plain bool attribute: skip nn.Module.__setattr__'s parameter / buffer / module checks.
+            object.__setattr__(gate, "active", on)
 
     def _masks_for(self, counts: list[int]) -> list[list[bool]]:
         return [active_mask(st.gateable, k, self.config.policy) for st, k in zip(self.stages, counts)]
@@ -319,8 +344,55 @@ class AdaptiveDepth(
         try:
             yield self
         finally:
-            self._activate(previous_counts)
-            self._scaling_factor = previous_s
+            self._activate(previous_counts, previous_s)
+
+    # ------------------------------------------------------------------ per-depth normalisation
+    def recalibrate_norms(
+        self,
+        batches: Iterable[Any],
+        scaling_factors: Sequence[float] | None = None,
+        *,
+        max_batches: int | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> dict[float, int]:
+        """Re-estimate BatchNorm running statistics at every trained depth and keep one set per depth.
+
+        Skipping blocks changes what later BatchNorm layers see; after this, :meth:`set_scaling_factor` swaps
+        in the statistics of the chosen depth (by reference, no copy) and :meth:`save_pretrained` saves them.
+        A depth without its own set (a custom :meth:`set_depth`) uses the statistics the model was trained with.
+
+        Args:
+            batches: a re-iterable of image batches, or of ``(images, labels)`` (a ``DataLoader`` of training
+                data), read once per depth, without augmentation ideally.
+            scaling_factors: the depths to recalibrate (default: ``config.scaling_factors``).
+            max_batches: read at most this many batches per depth.
+            reduce: applied to every statistic at the end (e.g. a mean over processes).
+
+        Returns:
+            The number of images read at each depth. A model without BatchNorm is left unchanged (``{}``).
+        """
+        layers = batchnorm_layers(self.model)
+        if not layers:
+            logger.info("%s has no BatchNorm layer: nothing to recalibrate", type(self.model).__name__)
+            return {}
+        factors = [check_scaling_factor(s) for s in (scaling_factors or self.config.scaling_factors)]
+        if self.depth_norms is None:
+            self.depth_norms = DepthNorms(layers)
+        current = self._scaling_factor
+        seen = {}
+        for s in factors:
+            self.set_scaling_factor(s)
+            self.depth_norms.release()
+            images = (b[0] if isinstance(b, (tuple, list)) else b for b in itertools.islice(batches, max_batches))
+            seen[s] = recalibrate_batchnorm(self.model, layers, images, reduce)
+            self.depth_norms.capture(s)
+        self.config.norm_stats = sorted(set(self.config.norm_stats) | set(factors))
+        if current is None:
+            self.depth_norms.use(None)
+            self._scaling_factor = None
+        else:
+            self.set_scaling_factor(current)
+        return seen
 
     # ------------------------------------------------------------------ running
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -378,19 +450,38 @@ class AdaptiveDepth(
             depth: explicit blocks per stage instead of a scaling factor.
         """
         if depth is not None:
-            counts = self._check_depth(depth)
+            counts, s = self._check_depth(depth), None
         elif scaling_factor is not None:
-            counts = self.depth_for(scaling_factor)
+            counts, s = self.depth_for(scaling_factor), check_scaling_factor(scaling_factor)
         else:
-            counts = self.active_depth
-        return export_depth(self.model, self.stages, self._masks_for(counts))
+            counts, s = self.active_depth, self._scaling_factor
+        previous_counts, previous_s = self.active_depth, self._scaling_factor
+        self._activate(counts, s)  # the BatchNorm statistics of that depth go into the copy
+        try:
+            return export_depth(self.model, self.stages, self._masks_for(counts))
+        finally:
+            self._activate(previous_counts, previous_s)
 
     # ------------------------------------------------------------------ saving
     def _save_pretrained(self, save_directory: Path) -> None:
         self.flops_table()
         self.config.default_scaling_factor = self._scaling_factor or 1.0
         self.config.save(save_directory / CONFIG_NAME)
-        save_model(self.model, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        norms = self.depth_norms
+        if norms is not None:
+            norms.use(None)  # model.safetensors holds the statistics the model was trained with
+        try:
+            save_model(self.model, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        finally:
+            if norms is not None:
+                norms.use(self._scaling_factor)
+        if norms is not None and self.config.norm_stats:
+            save_file(norms.to_tensors(), str(save_directory / NORMS_NAME), metadata={"format": "pt"})
+        elif (save_directory / NORMS_NAME).exists():
+            (save_directory / NORMS_NAME).unlink()  # a stale file from an earlier save of another model
+        training = self.config.extra.get("training")
+        if training and any(r.get("gflops") is not None for r in training.get("results", [])):
+            pareto_plot(training["results"], save_directory / PLOT_NAME, title=self.config.base_model.name or "")
         readme = save_directory / "README.md"
         if not readme.exists() or CARD_MARKER in readme.read_text(encoding="utf-8"):
             self.generate_model_card().save(readme)
