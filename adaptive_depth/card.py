@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from huggingface_hub import ModelCard, ModelCardData
 
 from .config import BaseModelRef
+from .report import PLOT_NAME, results_markdown
 
 if TYPE_CHECKING:
     from .model import AdaptiveDepth
@@ -52,7 +54,7 @@ def build_model_card(model: AdaptiveDepth, repo_id: str | None = None) -> ModelC
     stages = "\n".join(f"| `{st.name}` | {st.num_blocks} | {st.num_fixed} |" for st in config.stages)
     load_id = repo_id or "path/to/this/folder"
     init = "" if base.pretrained else ", from random initialisation"
-    extra = "\n".join(f"- **{key}**: {value}" for key, value in sorted(config.extra.items()) if key != "card")
+    extra = "\n".join(f"- **{key}**: {value}" for key, value in sorted(config.extra.items()) if key != "training")
     content = f"""---
 {data.to_yaml()}
 ---
@@ -88,6 +90,36 @@ Discovery: `{config.discovery}`, depth policy: `{config.policy}`.
 |---|---|---|
 {stages}
 """
+    training = config.extra.get("training")
+    if training:
+        content += _training_section(training)
     if extra:
         content += f"\n## Metadata\n\n{extra}\n"
     return ModelCard(content)
+
+
+def _training_section(training: dict) -> str:
+    """Results table, Pareto plot and training configuration of a cooperative run."""
+    settings = json.dumps(training.get("config", {}), indent=2, sort_keys=True)
+    return f"""
+## Training results
+
+Cooperative training (Leader and two Teammates); the deployed model is Teammate **{training.get("deployed")}**,
+the better one by mean top-1 over the trained depths. Accuracy on the held-out split; FLOPs per image;
+latency at batch 1 on the training machine.
+
+{results_markdown(training.get("results", []), training.get("deployed"))}
+
+![accuracy vs FLOPs]({PLOT_NAME})
+
+Trained for {training.get("steps")} optimizer steps on {training.get("processes", 1)} process(es).
+
+<details>
+<summary>Training configuration</summary>
+
+```json
+{settings}
+```
+
+</details>
+"""

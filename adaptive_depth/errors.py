@@ -11,6 +11,7 @@ __all__ = [
     "AdaptiveDepthError",
     "CheckpointError",
     "ConfigError",
+    "DataError",
     "DepthSpecError",
     "NoGateableBlocksError",
     "ScalingFactorError",
@@ -49,3 +50,7 @@ class WeightsUnavailableError(AdaptiveDepthError, OSError):
 
 class CheckpointError(AdaptiveDepthError, ValueError):
     """A saved checkpoint is corrupt or does not match the model it is loaded into."""
+
+
+class DataError(AdaptiveDepthError, ValueError):
+    """A dataset cannot be loaded or does not look like image classification (columns, splits, classes)."""

@@ -1,0 +1,38 @@
+"""Cooperative training of adaptive-depth models (DESIGN.md section 4): objective, data, Accelerate trainer."""
+
+from .config import TrainingConfig
+from .data import (
+    DIGITS,
+    EpochSampler,
+    ImageClassificationData,
+    TransformedDataset,
+    build_transform,
+    digits_dataset,
+    load_image_classification_data,
+)
+from .evaluate import DepthResult, evaluate_accuracy
+from .losses import CooperativeLogits, CooperativeLoss, cooperative_loss, kd_loss, sfsl_weights
+from .players import CooperativeModel, logits_of
+from .trainer import CooperativeTrainer, TrainingResult
+
+__all__ = [
+    "DIGITS",
+    "CooperativeLogits",
+    "CooperativeLoss",
+    "CooperativeModel",
+    "CooperativeTrainer",
+    "DepthResult",
+    "EpochSampler",
+    "ImageClassificationData",
+    "TrainingConfig",
+    "TrainingResult",
+    "TransformedDataset",
+    "build_transform",
+    "cooperative_loss",
+    "digits_dataset",
+    "evaluate_accuracy",
+    "kd_loss",
+    "load_image_classification_data",
+    "logits_of",
+    "sfsl_weights",
+]

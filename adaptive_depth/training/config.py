@@ -1,0 +1,150 @@
+"""Every knob of cooperative training in one dataclass that round-trips through JSON and is saved with the model."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..config import DEFAULT_SCALING_FACTORS
+from ..errors import ConfigError
+from ..policy import check_scaling_factor
+
+__all__ = ["LEADER_MODES", "TrainingConfig"]
+
+LEADER_MODES = ("joint", "frozen", "none")
+
+
+@dataclass
+class TrainingConfig:
+    """Cooperative training of an adaptive-depth model (DESIGN.md section 4).
+
+    Objective (each network's loss is a weighted mean of its terms; the weights sum to one):
+
+    - Leader ``L`` (``leader="joint"``): ``CE(z_L, y)``, plus ``leader_share_back * KD(z_L || mean(z_A(1), z_B(1)))``.
+    - Teammate ``T`` at full depth: ``CE`` + ``lambda_guided * KD(z_T(1) || z_L)``
+      + ``lambda_interactive * KD(z_T(1) || z_O(1))``.
+    - Teammate ``T`` at each ``s < 1``: ``KD(z_T(s) || z_T(1))`` (self-distillation)
+      + ``lambda_interactive * KD(z_T(s) || z_O(1))`` + ``sub_ce_weight * CE``.
+    - A teammate's loss: ``[L_T(1) + sum_s w(s) L_T(s)] / |S|`` with SFSL weights ``w(s) = s^-gamma``, mean 1.
+    - ``KD(p || q) = tau^2 KL(softmax(q / tau) || softmax(p / tau))``, teacher ``q`` detached.
+    - Warm-up: for the first ``warmup_epochs`` the distillation terms ramp linearly from 0 to their weight,
+      and the sub-networks learn from the labels in their place (peers are random at the start).
+
+    Args:
+        scaling_factors: the depths trained together, each in (0, 1]; 1.0 is always added.
+        leader: ``"joint"`` (trained with the teammates), ``"frozen"`` (a fixed teacher, evaluation mode) or
+            ``"none"`` (no guided learning: an ablation).
+        interactive: two teammates that learn from each other; ``False`` trains one (an ablation).
+        self_distillation: sub-networks learn from their own full network; ``False``: from the labels.
+        sfsl_gamma: SFSL exponent; 0 weights every depth equally (SFSL off).
+        temperature: distillation temperature ``tau``.
+        lambda_guided, lambda_interactive: weights of the guided and interactive terms.
+        sub_ce_weight: weight of a cross-entropy term on each sub-network (0: none, as in the paper).
+        leader_share_back: weight of the teammates' full-depth mean distilled back into the Leader.
+        warmup_epochs: epochs over which the distillation terms ramp up (0: full weight from the start).
+        epochs, learning_rate, weight_decay, batch_size (per process), gradient_accumulation_steps,
+        lr_warmup_epochs, max_grad_norm: optimisation (AdamW, linear warm-up then cosine decay).
+        label_smoothing: of every cross-entropy term.
+        seed: everything random (heads, data order, augmentation) derives from it.
+        per_depth_norms: recalibrate BatchNorm statistics for every trained depth after training.
+        recalibration_batches: training batches read per depth by the recalibration.
+    """
+
+    scaling_factors: list[float] = field(default_factory=lambda: list(DEFAULT_SCALING_FACTORS))
+    leader: str = "joint"
+    interactive: bool = True
+    self_distillation: bool = True
+    sfsl_gamma: float = 1.0
+    temperature: float = 2.0
+    lambda_guided: float = 1.0
+    lambda_interactive: float = 1.0
+    sub_ce_weight: float = 0.0
+    leader_share_back: float = 0.0
+    warmup_epochs: float = 1.0
+    epochs: int = 10
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    lr_warmup_epochs: float = 1.0
+    max_grad_norm: float | None = 5.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    per_depth_norms: bool = True
+    recalibration_batches: int = 20
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.scaling_factors, list | tuple) or not self.scaling_factors:
+            raise ConfigError(f"scaling_factors must be a list of values in (0, 1], got {self.scaling_factors!r}")
+        self.scaling_factors = sorted({check_scaling_factor(s) for s in self.scaling_factors} | {1.0})
+        if self.leader not in LEADER_MODES:
+            raise ConfigError(f"leader must be one of {LEADER_MODES}, got {self.leader!r}")
+        for name in ("sfsl_gamma", "lambda_guided", "lambda_interactive", "sub_ce_weight", "leader_share_back"):
+            self._check_number(name, minimum=0.0)
+        self._check_number("temperature", minimum=0.0, inclusive=False)
+        self._check_number("warmup_epochs", minimum=0.0)
+        self._check_number("lr_warmup_epochs", minimum=0.0)
+        self._check_number("learning_rate", minimum=0.0, inclusive=False)
+        self._check_number("weight_decay", minimum=0.0)
+        self._check_number("label_smoothing", minimum=0.0)
+        if self.label_smoothing >= 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "recalibration_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_grad_norm is not None:
+            self._check_number("max_grad_norm", minimum=0.0, inclusive=False)
+        has_sub = len(self.scaling_factors) > 1
+        if has_sub and not (self.self_distillation or self.interactive or self.sub_ce_weight > 0):
+            raise ConfigError(
+                "the sub-networks would get no loss: enable self_distillation or interactive, or set sub_ce_weight > 0"
+            )
+
+    def _check_number(self, name: str, *, minimum: float, inclusive: bool = True) -> None:
+        value = getattr(self, name)
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value < minimum or (not inclusive and value == minimum):
+            bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+            raise ConfigError(f"{name} must be a number {bound}, got {value!r}")
+
+    @property
+    def sub_scaling_factors(self) -> list[float]:
+        """The trained depths below full depth."""
+        return [s for s in self.scaling_factors if s < 1.0]
+
+    @property
+    def num_teammates(self) -> int:
+        """Two with interactive learning, else one."""
+        return 2 if self.interactive else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict."""
+        return asdict(self)
+
+    def to_json_string(self) -> str:
+        """Sorted, indented JSON."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        """Build from a dict written by :meth:`to_dict`; an unknown key is an error (a typo would go unnoticed)."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown training config keys {unknown}; known: {sorted(f.name for f in fields(cls))}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        """Write the JSON to ``path``."""
+        Path(path).write_text(self.to_json_string(), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainingConfig:
+        """Read a file written by :meth:`save`."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e

@@ -1,0 +1,108 @@
+"""Accuracy, FLOPs and latency of every player at every trained depth."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..flops import count_flops
+from ..latency import measure_latency_ms
+from ..model import AdaptiveDepth
+from .players import logits_of
+
+__all__ = ["DepthResult", "evaluate_accuracy", "measure_costs"]
+
+
+@dataclass
+class DepthResult:
+    """One player at one depth.
+
+    Args:
+        player: ``"A"``, ``"B"`` or ``"leader"``.
+        scaling_factor: the depth.
+        top1, top5: accuracy in percent (``top5`` is ``None`` with 5 classes or fewer).
+        top1_trained_norms: top-1 with the BatchNorm statistics of training, before per-depth recalibration.
+        gflops: of one forward pass on one image.
+        latency_ms: median, batch 1, on the evaluation device.
+    """
+
+    player: str
+    scaling_factor: float
+    top1: float
+    top5: float | None = None
+    top1_trained_norms: float | None = None
+    gflops: float | None = None
+    latency_ms: float | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain dict for JSON."""
+        return asdict(self)
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    accelerator: Accelerator,
+    scaling_factors: Sequence[float],
+    *,
+    num_classes: int,
+    desc: str = "eval",
+) -> dict[float, tuple[float, float | None]]:
+    """Top-1 and top-5 accuracy (percent) at each depth, over every process's share of ``loader``.
+
+    ``model`` is an :class:`AdaptiveDepth` (possibly wrapped by ``accelerator.prepare``) or a plain model
+    (evaluated at full depth only). Predictions are gathered with ``gather_for_metrics``, so the duplicate
+    samples that pad the last batch across processes are not counted twice.
+    """
+    inner = accelerator.unwrap_model(model)
+    adaptive = isinstance(inner, AdaptiveDepth)
+    was_training, previous = model.training, inner.scaling_factor if adaptive else None
+    model.eval()
+    k = min(5, num_classes)
+    results = {}
+    try:
+        for s in scaling_factors if adaptive else [1.0]:
+            if adaptive:
+                inner.set_scaling_factor(s)
+            correct1 = correct5 = total = 0
+            bar = tqdm(loader, desc=f"{desc} s={s:g}", leave=False, disable=not accelerator.is_local_main_process)
+            for images, labels in bar:
+                with accelerator.autocast():
+                    top = logits_of(model(images)).topk(k, dim=-1).indices
+                top, labels = accelerator.gather_for_metrics((top, labels))
+                hits = top == labels[:, None]
+                correct1 += int(hits[:, 0].sum())
+                correct5 += int(hits.any(dim=1).sum())
+                total += len(labels)
+            if total == 0:
+                raise ValueError("the evaluation data is empty")
+            results[s] = (100.0 * correct1 / total, 100.0 * correct5 / total if num_classes > 5 else None)
+    finally:
+        model.train(was_training)
+        if adaptive:
+            inner.set_scaling_factor(previous if previous is not None else 1.0)
+    return results
+
+
+def measure_costs(model: nn.Module, example: torch.Tensor, scaling_factors: Sequence[float]) -> dict[float, tuple]:
+    """``{s: (GFLOPs, latency ms)}`` of one image at each depth (full depth only for a plain model)."""
+    was_training = model.training
+    model.eval()
+    adaptive = isinstance(model, AdaptiveDepth)
+    out = {}
+    try:
+        for s in scaling_factors if adaptive else [1.0]:
+            if adaptive:
+                with model.scaled(s):
+                    out[s] = (count_flops(model, example) / 1e9, measure_latency_ms(model, example))
+            else:
+                out[s] = (count_flops(model, example) / 1e9, measure_latency_ms(model, example))
+    finally:
+        model.train(was_training)
+    return out

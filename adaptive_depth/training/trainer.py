@@ -1,0 +1,370 @@
+"""Cooperative training with Accelerate: one ``prepare``, one backward per step, exact resume, any process count."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from ..model import AdaptiveDepth
+from .config import TrainingConfig
+from .evaluate import DepthResult, evaluate_accuracy, measure_costs
+from .losses import TEAMMATE_NAMES, CooperativeLoss, cooperative_loss
+from .players import CooperativeModel, logits_of, make_leader, make_teammates
+
+__all__ = ["CooperativeTrainer", "TrainingResult"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "step_"
+
+
+@dataclass
+class _Progress:
+    """Where training stands; saved in every checkpoint (``register_for_checkpointing`` needs the two methods)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    batches_done: int = 0  # batches of the current epoch already trained on (this process's share)
+    loss_sum: float = 0.0  # of the current epoch's batches so far
+    history: list[float] = field(default_factory=list)  # mean loss of each finished epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass
+class TrainingResult:
+    """What a cooperative run produced.
+
+    Args:
+        model: the deployed teammate (the better one by mean top-1 over the trained depths).
+        deployed: its name, ``"A"`` or ``"B"``.
+        results: every player at every depth (accuracy, FLOPs, latency).
+        history: the mean loss of every epoch.
+        steps: optimizer steps taken.
+    """
+
+    model: AdaptiveDepth
+    deployed: str
+    results: list[DepthResult]
+    history: list[float] = field(default_factory=list)
+    steps: int = 0
+
+    def table(self) -> str:
+        """The per-depth table, as printed at the end of a run."""
+        head = f"{'player':<8} {'s':>5} {'top-1':>7} {'top-5':>7} {'top-1*':>7} {'GFLOPs':>9} {'ms':>8}"
+        lines = [head, "-" * len(head)]
+        for r in self.results:
+            mark = " (deployed)" if r.player == self.deployed else ""
+
+            def fmt(v: float | None, spec: str) -> str:
+                return format(v, spec) if v is not None else "-"
+
+            lines.append(
+                f"{r.player:<8} {r.scaling_factor:>5.3g} {fmt(r.top1, '7.2f')} {fmt(r.top5, '7.2f')} "
+                f"{fmt(r.top1_trained_norms, '7.2f')} {fmt(r.gflops, '9.4f')} {fmt(r.latency_ms, '8.2f')}{mark}"
+            )
+        lines.append("top-1*: with the BatchNorm statistics of training (before per-depth recalibration)")
+        return "\n".join(lines)
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int) -> Any:
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class CooperativeTrainer:
+    """Runs the whole cooperative schedule: train, recalibrate per-depth norms, evaluate, pick the deployed model.
+
+    Args:
+        model: the :class:`AdaptiveDepth` model to train; with ``config.interactive`` a second teammate is a
+            copy with a re-initialised head, unless two models are given.
+        config: the objective and the optimisation.
+        train_loader: batches of ``(images, labels)``; its sampler / dataset may have ``set_epoch``.
+        eval_loader: held-out batches for the report (``None``: no evaluation).
+        leader: the Leader network (default: a copy of the base model when ``config.leader != "none"``); with
+            ``config.leader="frozen"`` it must already be trained on the same labels.
+        accelerator: the ``Accelerator`` to use (default: a new one with the config's gradient accumulation).
+        num_classes: classes of the task (default: read from the model's logits).
+        output_dir: where checkpoints go (``output_dir/checkpoints/step_N``).
+        checkpoint_steps: save the training state every this many optimizer steps (``None``: at each epoch end
+            when ``output_dir`` is set).
+        recalibration_loader: un-augmented training batches for per-depth BatchNorm statistics (default:
+            ``train_loader``).
+        log_every: optimizer steps between tracker logs.
+    """
+
+    def __init__(
+        self,
+        model: AdaptiveDepth | Sequence[AdaptiveDepth],
+        config: TrainingConfig,
+        train_loader: DataLoader,
+        eval_loader: DataLoader | None = None,
+        *,
+        leader: nn.Module | None = None,
+        accelerator: Accelerator | None = None,
+        num_classes: int | None = None,
+        output_dir: str | Path | None = None,
+        checkpoint_steps: int | None = None,
+        recalibration_loader: DataLoader | None = None,
+        log_every: int = 10,
+    ) -> None:
+        if not isinstance(config, TrainingConfig):
+            raise ConfigError(f"config must be a TrainingConfig, got {type(config).__name__}")
+        if checkpoint_steps is not None and checkpoint_steps < 1:
+            raise ConfigError(f"checkpoint_steps must be a positive integer, got {checkpoint_steps!r}")
+        self.config = config
+        self.accelerator = accelerator or Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
+        if self.accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
+            raise ConfigError(
+                f"the Accelerator accumulates {self.accelerator.gradient_accumulation_steps} steps but the config "
+                f"says {config.gradient_accumulation_steps}; create it with "
+                f"Accelerator(gradient_accumulation_steps={config.gradient_accumulation_steps})"
+            )
+        self.teammates = make_teammates(model, config.num_teammates, config.seed + 1)
+        for t in self.teammates:
+            t.config.scaling_factors = list(config.scaling_factors)
+        if config.leader != "none" and leader is None:
+            if config.leader == "frozen":
+                raise ConfigError("leader='frozen' needs a trained Leader: pass leader=<your trained model>")
+            leader = make_leader(self.teammates[0], config.seed + config.num_teammates + 1)
+        self.leader = leader if config.leader != "none" else None
+        if self.leader is not None and config.leader == "frozen":
+            self.leader.requires_grad_(False)
+        joint = self.leader if config.leader == "joint" else None
+        self.module = CooperativeModel(self.teammates, config.scaling_factors, joint)
+        self.num_classes = num_classes
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.checkpoint_steps = checkpoint_steps
+        self.log_every = log_every
+        self.progress = _Progress()
+
+        acc = self.accelerator
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.module, self.optimizer, self.train_loader = acc.prepare(self.module, optimizer, train_loader)
+        self.eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
+        self.recalibration_loader = acc.prepare(recalibration_loader) if recalibration_loader is not None else None
+        if self.leader is not None and config.leader == "frozen":
+            self.frozen_leader = acc.prepare_model(self.leader, evaluation_mode=True)
+            self.frozen_leader.eval()
+        else:
+            self.frozen_leader = None
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / config.gradient_accumulation_steps)
+        total = self.steps_per_epoch * config.epochs
+        warmup = round(self.steps_per_epoch * config.lr_warmup_epochs)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(total, warmup))
+        acc.register_for_checkpointing(self.scheduler, self.progress)
+
+    # ------------------------------------------------------------------ training
+    def _set_epoch(self, loader: Any, epoch: int) -> None:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        dataset = getattr(loader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+
+    def _ramp(self, epoch: int, batch: int) -> float:
+        if self.config.warmup_epochs <= 0:
+            return 1.0
+        return min(1.0, (epoch + batch / max(1, len(self.train_loader))) / self.config.warmup_epochs)
+
+    def training_step(self, images: torch.Tensor, labels: torch.Tensor, ramp: float) -> CooperativeLoss:
+        """Forward every player at every depth, compute the cooperative loss and back-propagate it once."""
+        acc = self.accelerator
+        with acc.autocast():
+            logits = self.module(images)
+            if self.frozen_leader is not None:
+                with torch.no_grad():
+                    logits.leader = logits_of(self.frozen_leader(images))
+        loss = cooperative_loss(logits, labels, self.config, ramp)
+        acc.backward(loss.total)
+        if acc.sync_gradients and self.config.max_grad_norm is not None:
+            acc.clip_grad_norm_(self.module.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        if acc.sync_gradients and not acc.optimizer_step_was_skipped:
+            self.scheduler.step()
+        self.optimizer.zero_grad()
+        return loss
+
+    def checkpoint_dirs(self) -> list[Path]:
+        """Saved training states, oldest first."""
+        root = self.output_dir / "checkpoints" if self.output_dir is not None else None
+        if root is None or not root.is_dir():
+            return []
+        found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and p.name[5:].isdigit()]
+        return sorted(found, key=lambda p: int(p.name[5:]))
+
+    def save_checkpoint(self) -> Path | None:
+        """Save the full training state (models, optimizer, scheduler, RNG, progress) on the way."""
+        if self.output_dir is None:
+            return None
+        path = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.progress.step}"
+        self.accelerator.save_state(str(path))
+        return path
+
+    def _resolve_checkpoint(self, checkpoint: str | Path) -> Path:
+        if str(checkpoint) == "latest":
+            dirs = self.checkpoint_dirs()
+            if not dirs:
+                raise ConfigError(f"no checkpoint to resume from in {self.output_dir}/checkpoints")
+            return dirs[-1]
+        path = Path(checkpoint)
+        if not path.is_dir():
+            raise ConfigError(f"checkpoint {str(checkpoint)!r} is not a folder written by save_state")
+        return path
+
+    def train(self, resume_from_checkpoint: str | Path | None = None) -> None:
+        """Run the cooperative schedule for ``config.epochs`` epochs (continuing a saved state if given)."""
+        acc, config = self.accelerator, self.config
+        if resume_from_checkpoint is not None:
+            path = self._resolve_checkpoint(resume_from_checkpoint)
+            acc.load_state(str(path))
+            acc.print(f"resumed from {path}: epoch {self.progress.epoch}, step {self.progress.step}")
+        self.module.train()
+        if self.frozen_leader is not None:
+            self.frozen_leader.eval()
+        total = self.steps_per_epoch * config.epochs
+        bar = tqdm(total=total, initial=self.progress.step, desc="train", disable=not acc.is_local_main_process)
+        while self.progress.epoch < config.epochs:
+            epoch = self.progress.epoch
+            self._set_epoch(self.train_loader, epoch)
+            skip = self.progress.batches_done
+            loader = acc.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+            for batch_index, (images, labels) in enumerate(loader, start=skip):
+                with acc.accumulate(self.module):
+                    loss = self.training_step(images, labels, self._ramp(epoch, batch_index))
+                self.progress.loss_sum += loss.total.item()
+                self.progress.batches_done = batch_index + 1
+                if not acc.sync_gradients:
+                    continue
+                self.progress.step += 1
+                bar.update(1)
+                if self.progress.step % self.log_every == 0:
+                    mean = acc.reduce(loss.total.detach(), "mean").item()
+                    bar.set_postfix(loss=f"{mean:.4f}")
+                    acc.log(
+                        {"loss": mean, "lr": self.scheduler.get_last_lr()[0]}
+                        | {f"loss/{k}": v.item() for k, v in loss.terms.items()},
+                        step=self.progress.step,
+                    )
+                done = self.progress.batches_done == len(self.train_loader)
+                if self.checkpoint_steps and self.progress.step % self.checkpoint_steps == 0 and not done:
+                    self.save_checkpoint()
+            local = torch.tensor(self.progress.loss_sum / max(1, self.progress.batches_done), device=acc.device)
+            mean = acc.reduce(local, "mean").item()
+            self.progress.history.append(mean)
+            acc.print(f"epoch {epoch + 1}/{config.epochs}: mean loss {mean:.4f}")
+            self.progress.epoch, self.progress.batches_done, self.progress.loss_sum = epoch + 1, 0, 0.0
+            if self.output_dir is not None and (
+                not self.checkpoint_steps or self.progress.step % self.checkpoint_steps == 0
+            ):
+                self.save_checkpoint()
+        bar.close()
+
+    # ------------------------------------------------------------------ after training
+    def recalibrate(self) -> None:
+        """Per-depth BatchNorm statistics for every teammate (averaged over processes)."""
+        loader = self.recalibration_loader or self.train_loader
+        self._set_epoch(loader, 0)
+        for teammate in self.teammates:
+            teammate.recalibrate_norms(
+                loader,
+                self.config.scaling_factors,
+                max_batches=self.config.recalibration_batches,
+                reduce=lambda t: self.accelerator.reduce(t, "mean"),
+            )
+
+    def evaluate(self, *, costs: bool = True) -> TrainingResult:
+        """Accuracy (and FLOPs / latency) of every player at every depth; picks the deployed teammate."""
+        if self.eval_loader is None:
+            raise ConfigError("evaluate() needs an eval_loader")
+        acc, config = self.accelerator, self.config
+        num_classes = self.num_classes or self._infer_num_classes()
+        before: dict[str, dict[float, tuple[float, float | None]]] = {}
+        names = list(TEAMMATE_NAMES[: len(self.teammates)])
+        if config.per_depth_norms:
+            for name, t in zip(names, self.teammates):
+                before[name] = evaluate_accuracy(
+                    t, self.eval_loader, acc, config.scaling_factors, num_classes=num_classes
+                )
+            self.recalibrate()
+        results: list[DepthResult] = []
+        example = next(iter(self.eval_loader))[0][:1]
+        players: list[tuple[str, nn.Module]] = list(zip(names, self.teammates))
+        if self.leader is not None:
+            players.append(("leader", acc.unwrap_model(self.leader)))
+        for name, player in players:
+            scores = evaluate_accuracy(
+                player, self.eval_loader, acc, config.scaling_factors, num_classes=num_classes, desc=name
+            )
+            cost = measure_costs(player, example, list(scores)) if costs else {}
+            for s, (top1, top5) in scores.items():
+                gflops, ms = cost.get(s, (None, None))
+                trained = before.get(name, {}).get(s, (None,))[0]
+                results.append(DepthResult(name, s, top1, top5, trained, gflops, ms))
+        means = {n: sum(r.top1 for r in results if r.player == n) / len(config.scaling_factors) for n in names}
+        deployed = max(names, key=lambda n: means[n])
+        model = self.teammates[names.index(deployed)]
+        model.config.extra["training"] = {
+            "config": config.to_dict(),
+            "deployed": deployed,
+            "results": [r.to_dict() for r in results],
+            "loss_per_epoch": self.progress.history,
+            "steps": self.progress.step,
+            "processes": acc.num_processes,
+        }
+        return TrainingResult(model, deployed, results, list(self.progress.history), self.progress.step)
+
+    def _infer_num_classes(self) -> int:
+        images, _ = next(iter(self.eval_loader))
+        teammate = self.teammates[0]
+        was_training = teammate.training
+        try:
+            with torch.no_grad():
+                return int(logits_of(teammate.eval()(images[:1])).shape[-1])
+        finally:
+            teammate.train(was_training)
+
+    def save(self, result: TrainingResult, output_dir: str | Path, *, push_to_hub: str | None = None) -> None:
+        """Save the deployed model (main process only) and optionally push it; everyone waits for the save."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            out = Path(output_dir)
+            result.model.save_pretrained(out)
+            self.config.save(out / "training_config.json")
+            (out / "results.json").write_text(
+                json.dumps([r.to_dict() for r in result.results], indent=2) + "\n", encoding="utf-8"
+            )
+            if push_to_hub:
+                result.model.push_to_hub(push_to_hub)
+        acc.wait_for_everyone()
+
+    def remove_checkpoints(self) -> None:
+        """Delete the training states (after a finished run), on the main process."""
+        if self.accelerator.is_main_process:
+            for path in self.checkpoint_dirs():
+                shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,162 @@
+"""The cooperative objective, term by term, against values computed by hand; the training config."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from adaptive_depth.errors import ConfigError, ScalingFactorError
+from adaptive_depth.training.config import TrainingConfig
+from adaptive_depth.training.losses import CooperativeLogits, cooperative_loss, kd_loss, sfsl_weights
+
+
+def _softmax(z: list[float], t: float = 1.0) -> list[float]:
+    e = [math.exp(v / t) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def _kd(student: list[float], teacher: list[float], t: float) -> float:
+    p, q = _softmax(student, t), _softmax(teacher, t)
+    return t * t * sum(qi * math.log(qi / pi) for pi, qi in zip(p, q))
+
+
+def _ce(z: list[float], label: int) -> float:
+    return -math.log(_softmax(z)[label])
+
+
+def test_kd_loss_matches_hand_computed_value() -> None:
+    # softmax([ln 3, 0]) = [.75, .25] against uniform: KL = .75 ln 1.5 + .25 ln .5
+    student, teacher = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])
+    assert kd_loss(student, teacher, 1.0).item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), rel=1e-5)
+    # tau = 2 softens the teacher to [sqrt3, 1] / (sqrt3 + 1) and multiplies by tau^2 = 4
+    q = math.sqrt(3) / (math.sqrt(3) + 1)
+    expected = 4 * (q * math.log(2 * q) + (1 - q) * math.log(2 * (1 - q)))
+    assert kd_loss(student, teacher, 2.0).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_kd_loss_is_zero_for_equal_logits_and_detaches_the_teacher() -> None:
+    z = torch.tensor([[1.0, -2.0, 0.5]], requires_grad=True)
+    teacher = torch.tensor([[0.3, 0.1, -1.0]], requires_grad=True)
+    assert kd_loss(z, z.detach().clone(), 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    kd_loss(z, teacher, 2.0).backward()
+    assert teacher.grad is None and z.grad is not None
+
+
+def test_sfsl_weights() -> None:
+    w = sfsl_weights([0.25, 0.5, 0.75, 1.0], gamma=1.0)
+    mean = (4 + 2 + 4 / 3) / 3
+    assert w == pytest.approx({0.25: 4 / mean, 0.5: 2 / mean, 0.75: (4 / 3) / mean})
+    assert sum(w.values()) / len(w) == pytest.approx(1.0)
+    assert sfsl_weights([0.25, 0.5, 1.0], gamma=0.0) == {0.25: 1.0, 0.5: 1.0}
+    assert sfsl_weights([1.0], gamma=1.0) == {}
+
+
+# One image, two classes, label 0, depths {0.5, 1}.
+A = {1.0: [2.0, 0.0], 0.5: [0.5, 0.2]}
+B = {1.0: [1.0, 1.0], 0.5: [-0.5, 0.0]}
+L = [3.0, -1.0]
+
+
+def _logits(leader: bool = True, teammates: int = 2) -> CooperativeLogits:
+    players = [A, B][:teammates]
+    return CooperativeLogits(
+        teammates=[{s: torch.tensor([z]) for s, z in p.items()} for p in players],
+        leader=torch.tensor([L]) if leader else None,
+    )
+
+
+def _config(**kw: object) -> TrainingConfig:
+    return TrainingConfig(scaling_factors=[0.5, 1.0], temperature=2.0, **kw)  # type: ignore[arg-type]
+
+
+def test_full_objective_matches_hand_computed_total() -> None:
+    t = 2.0
+    out = cooperative_loss(_logits(), torch.tensor([0]), _config(), ramp=1.0)
+    expected_terms = {
+        "leader/ce": _ce(L, 0),
+        "A/s=1/ce": _ce(A[1.0], 0),
+        "A/s=1/guided": _kd(A[1.0], L, t),
+        "A/s=1/interactive": _kd(A[1.0], B[1.0], t),
+        "A/s=0.5/self": _kd(A[0.5], A[1.0], t),
+        "A/s=0.5/interactive": _kd(A[0.5], B[1.0], t),
+        "B/s=1/ce": _ce(B[1.0], 0),
+        "B/s=1/guided": _kd(B[1.0], L, t),
+        "B/s=1/interactive": _kd(B[1.0], A[1.0], t),
+        "B/s=0.5/self": _kd(B[0.5], B[1.0], t),
+        "B/s=0.5/interactive": _kd(B[0.5], A[1.0], t),
+    }
+    assert set(out.terms) == set(expected_terms)
+    for key, value in expected_terms.items():
+        assert out.terms[key].item() == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    # Full depth: three terms, a mean (1/3 each), and half of the teammate's two depths.
+    # Sub-network: two terms (1/2 each), one sub depth (SFSL weight 1), the other half.
+    expected_weights = {"leader/ce": 1.0}
+    for p in "AB":
+        expected_weights |= {f"{p}/s=1/{n}": 1 / 6 for n in ("ce", "guided", "interactive")}
+        expected_weights |= {f"{p}/s=0.5/{n}": 1 / 4 for n in ("self", "interactive")}
+    assert out.weights == pytest.approx(expected_weights)
+    total = sum(expected_weights[k] * v for k, v in expected_terms.items())
+    assert out.total.item() == pytest.approx(total, rel=1e-5)
+
+
+def test_warmup_start_trains_every_depth_on_labels_only() -> None:
+    out = cooperative_loss(_logits(), torch.tensor([0]), _config(), ramp=0.0)
+    assert set(out.terms) == {"leader/ce", "A/s=1/ce", "A/s=0.5/ce", "B/s=1/ce", "B/s=0.5/ce"}
+    assert out.weights["A/s=0.5/ce"] == pytest.approx(0.5)
+    half = cooperative_loss(_logits(), torch.tensor([0]), _config(), ramp=0.5)
+    # distillation weights r = .5 each, labels 1 - r = .5: three terms of equal weight on the sub-network
+    assert half.weights["A/s=0.5/ce"] == pytest.approx(half.weights["A/s=0.5/self"]) == pytest.approx(0.5 / 3)
+
+
+@pytest.mark.parametrize(
+    ("switch", "gone"),
+    [
+        ({"leader": "none"}, {"leader/ce", "A/s=1/guided", "B/s=1/guided"}),
+        ({"interactive": False}, {"A/s=1/interactive", "A/s=0.5/interactive"} | {"B/"}),
+        ({"self_distillation": False}, {"A/s=0.5/self", "B/s=0.5/self"}),
+    ],
+)
+def test_switching_a_component_off_removes_exactly_its_terms(switch: dict, gone: set[str]) -> None:
+    full = cooperative_loss(_logits(), torch.tensor([0]), _config(), ramp=1.0)
+    config = _config(**switch)
+    logits = _logits(leader=config.leader != "none", teammates=config.num_teammates)
+    out = cooperative_loss(logits, torch.tensor([0]), config, ramp=1.0)
+    removed = set(full.terms) - set(out.terms)
+    expected = {k for k in full.terms if any(k == g or (g.endswith("/") and k.startswith(g)) for g in gone)}
+    assert removed == expected
+    assert set(out.terms) <= set(full.terms)
+    for key in out.terms:  # the remaining terms keep their values
+        assert out.terms[key].item() == pytest.approx(full.terms[key].item(), rel=1e-6)
+
+
+def test_sfsl_off_weights_every_depth_equally() -> None:
+    config = TrainingConfig(scaling_factors=[0.25, 0.5, 1.0], sfsl_gamma=0.0)
+    by_depth = {s: torch.tensor([[0.1 * s, 0.2]]) for s in (0.25, 0.5, 1.0)}
+    out = cooperative_loss(CooperativeLogits([by_depth]), torch.tensor([1]), config, ramp=1.0)
+    assert out.weights["A/s=0.25/self"] == pytest.approx(out.weights["A/s=0.5/self"])
+    on = cooperative_loss(CooperativeLogits([by_depth]), torch.tensor([1]), TrainingConfig([0.25, 0.5, 1.0]))
+    assert on.weights["A/s=0.25/self"] == pytest.approx(2 * on.weights["A/s=0.5/self"])
+
+
+def test_training_config_round_trips_and_validates(tmp_path) -> None:
+    config = TrainingConfig(scaling_factors=[0.5, 0.25], temperature=3.0, leader="frozen", interactive=False)
+    assert config.scaling_factors == [0.25, 0.5, 1.0]  # sorted, full depth added
+    config.save(tmp_path / "c.json")
+    assert TrainingConfig.load(tmp_path / "c.json") == config
+    for bad in (
+        {"scaling_factors": [0.0]},
+        {"scaling_factors": [1.5]},
+        {"scaling_factors": []},
+        {"temperature": 0},
+        {"leader": "boss"},
+        {"epochs": 0},
+        {"sfsl_gamma": -1},
+        {"lambda_guided": float("nan")},
+        {"self_distillation": False, "interactive": False},
+    ):
+        with pytest.raises((ConfigError, ScalingFactorError)):
+            TrainingConfig(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="unknown training config keys"):
+        TrainingConfig.from_dict({"epoch": 3})
