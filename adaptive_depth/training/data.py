@@ -160,7 +160,13 @@ def load_image_classification_data(
         if not 0 < eval_fraction < 1:
             raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction!r}")
         stratify = label if isinstance(feature, datasets.ClassLabel) else None
-        parts = train.train_test_split(test_size=eval_fraction, seed=seed, stratify_by_column=stratify)
+        try:
+            parts = train.train_test_split(test_size=eval_fraction, seed=seed, stratify_by_column=stratify)
+        except ValueError as e:  # too few images to hold out a share of every class
+            raise DataError(
+                f"{spec}: cannot hold out {eval_fraction:.0%} of {len(train)} images for evaluation ({e}); "
+                "pass an evaluation split (--eval-split) or more data"
+            ) from e
         train, evaluation = parts["train"], parts["test"]
     else:
         evaluation = loaded[eval_name]
