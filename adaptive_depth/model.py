@@ -275,7 +275,8 @@ class AdaptiveDepth(
 
     def depth_for(self, scaling_factor: float) -> list[int]:
         """Blocks per stage that run at ``scaling_factor``."""
-        counts = self._depths.get(scaling_factor)  # type: ignore[call-overload]
+        # Only exact floats hit the cache: True == 1.0 and unhashable values must reach the validation.
+        counts = self._depths.get(scaling_factor) if type(scaling_factor) is float else None
         if counts is None:
             s = check_scaling_factor(scaling_factor)
             counts = self._depths[s] = [keep_count(s, st.num_blocks, st.num_fixed) for st in self.stages]

@@ -48,22 +48,32 @@ def _timm_build(name: str) -> tuple[torch.nn.Module, tuple[int, ...], str]:
 
 
 def _hf_build(model_type: str, narrow: bool) -> tuple[torch.nn.Module, tuple[int, ...], str]:
-    """A transformers image classifier with random weights, optionally with widths divided by 4 (depth kept)."""
+    """A transformers image classifier with random weights, optionally with widths divided by 4 (depth kept).
+
+    Composite configs (CLIP, SigLIP) are narrowed, and give the input size, through their ``vision_config``.
+    The mapping names several classes for some model types (DeiT, LeViT, Perceiver); the first is used.
+    """
     config = transformers.AutoConfig.for_model(model_type)
+    vision = getattr(config, "vision_config", None) or config
     note = "default"
-    if narrow:
-        for field in WIDTH_FIELDS:
-            value = getattr(config, field, None)
-            if isinstance(value, int) and value % 4 == 0:
-                setattr(config, field, value // 4)
-                note = "widths / 4"
-            elif isinstance(value, list | tuple) and value and all(isinstance(v, int) and v % 4 == 0 for v in value):
-                setattr(config, field, type(value)(v // 4 for v in value))
-                note = "widths / 4"
-    model = getattr(transformers, HF_NAMES[model_type])(config)
-    size = getattr(config, "image_size", None) or 224
+    for cfg, field in ((c, f) for c in {id(config): config, id(vision): vision}.values() for f in WIDTH_FIELDS):
+        value = getattr(cfg, field, None)
+        if narrow and isinstance(value, int) and value % 4 == 0:
+            setattr(cfg, field, value // 4)
+            note = "widths / 4"
+        elif (
+            narrow
+            and isinstance(value, list | tuple)
+            and value
+            and all(isinstance(v, int) and not v % 4 for v in value)
+        ):
+            setattr(cfg, field, type(value)(v // 4 for v in value))
+            note = "widths / 4"
+    class_name = HF_NAMES[model_type]
+    model = getattr(transformers, class_name if isinstance(class_name, str) else class_name[0])(config)
+    size = getattr(vision, "image_size", None) or 224
     h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
-    return model, (int(getattr(config, "num_channels", None) or 3), int(h), int(w)), note
+    return model, (int(getattr(vision, "num_channels", None) or 3), int(h), int(w)), note
 
 
 def _short(e: BaseException) -> str:
@@ -104,6 +114,7 @@ def check(source: str, name: str, max_params_m: float) -> dict[str, Any]:
     attempts = (
         [lambda: _timm_build(name)] if source == "timm" else [lambda n=n: _hf_build(name, n) for n in (True, False)]
     )
+    narrow_error = None  # why the narrowed transformers config failed, reported if the default one is too large
     for i, build in enumerate(attempts):
         last = i == len(attempts) - 1
         model = None
@@ -121,6 +132,8 @@ def check(source: str, name: str, max_params_m: float) -> dict[str, Any]:
             row["params_m"], row["input"] = round(params / 1e6, 1), "x".join(map(str, size))
             if params / 1e6 > max_params_m:
                 row.update(status="skipped", reason=f"not checked: too large, {params / 1e6:.1f} M params")
+                if narrow_error:
+                    row.update(status="error", reason=f"{narrow_error} (narrowed; default config {row['reason'][13:]})")
             else:
                 row.update(_discover_row(model, size))
             return row
@@ -130,6 +143,7 @@ def check(source: str, name: str, max_params_m: float) -> dict[str, Any]:
         except Exception as e:  # a model this walk cannot build or run: record it (or retry wider), never stop
             if last:
                 return {**row, "status": "error", "reason": _short(e)}
+            narrow_error = _short(e)
         finally:
             del model
             gc.collect()

@@ -312,7 +312,7 @@ class CooperativeTrainer:
                 )
             self.recalibrate()
         results: list[DepthResult] = []
-        example = next(iter(self.eval_loader))[0][:1]
+        example = self.teammates[0].example_input(1)  # costs do not depend on the pixels
         players: list[tuple[str, nn.Module]] = list(zip(names, self.teammates))
         if self.leader is not None:
             players.append(("leader", acc.unwrap_model(self.leader)))
@@ -339,12 +339,11 @@ class CooperativeTrainer:
         return TrainingResult(model, deployed, results, list(self.progress.history), self.progress.step)
 
     def _infer_num_classes(self) -> int:
-        images, _ = next(iter(self.eval_loader))
         teammate = self.teammates[0]
         was_training = teammate.training
         try:
             with torch.no_grad():
-                return int(logits_of(teammate.eval()(images[:1])).shape[-1])
+                return int(logits_of(teammate.eval()(teammate.example_input(1))).shape[-1])
         finally:
             teammate.train(was_training)
 
@@ -368,3 +367,6 @@ class CooperativeTrainer:
         if self.accelerator.is_main_process:
             for path in self.checkpoint_dirs():
                 shutil.rmtree(path, ignore_errors=True)
+            root = self.output_dir / "checkpoints" if self.output_dir is not None else None
+            if root is not None and root.is_dir() and not any(root.iterdir()):
+                root.rmdir()

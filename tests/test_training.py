@@ -1,0 +1,208 @@
+"""Cooperative training end to end on tiny models: loss falls, exact resume, 2-process DDP, the example script."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from adaptive_depth import AdaptiveDepth, ConfigError, DataError, ScalingFactorError
+from adaptive_depth.training import (
+    CooperativeTrainer,
+    EpochSampler,
+    TrainingConfig,
+    TransformedDataset,
+    build_transform,
+    cooperative_loss,
+    digits_dataset,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "finetune.py"
+
+
+def _timm_model() -> AdaptiveDepth:
+    return AdaptiveDepth.wrap(
+        timm.create_model("regnetx_002", num_classes=10, zero_init_last=False), input_size=[3, 32, 32]
+    )
+
+
+def _hf_model() -> AdaptiveDepth:
+    config = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[4, 4], num_labels=10, image_size=32
+    )
+    return AdaptiveDepth.wrap(transformers.ResNetForImageClassification(config), input_size=[3, 32, 32])
+
+
+def _loader(model: AdaptiveDepth, n: int = 48, batch_size: int = 16, seed: int = 0) -> DataLoader:
+    data = digits_dataset()["train"].select(range(n))
+    tf = build_transform(model.model, train=True, input_size=[3, 32, 32])
+    ds = TransformedDataset(data, tf, "image", "label", seed=seed)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=EpochSampler(n, shuffle=True, seed=seed),
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def _trainer(build, tmp_path: Path | None = None, **config) -> CooperativeTrainer:
+    set_seed(0)
+    model = build()
+    cfg = TrainingConfig(**({"epochs": 2, "batch_size": 16, "learning_rate": 3e-3, "warmup_epochs": 1} | config))
+    return CooperativeTrainer(
+        model,
+        cfg,
+        _loader(model),
+        _loader(model, n=32),
+        accelerator=Accelerator(),
+        output_dir=tmp_path,
+        checkpoint_steps=2 if tmp_path else None,
+        log_every=1,
+    )
+
+
+@pytest.mark.parametrize("build", [_timm_model, _hf_model], ids=["timm", "transformers"])
+def test_cooperative_training_lowers_the_loss_and_every_term_contributes(build) -> None:
+    trainer = _trainer(build, epochs=8, warmup_epochs=0, learning_rate=1e-2)
+    module = trainer.module
+    images, labels = next(iter(trainer.train_loader))
+    loss = cooperative_loss(module(images), labels, trainer.config, ramp=1.0)
+    expected = {"leader/ce"} | {
+        f"{p}/s={s:g}/{t}"
+        for p in "AB"
+        for s, terms in [(1.0, ("ce", "guided", "interactive"))]
+        + [(s, ("self", "interactive")) for s in (0.25, 0.5, 0.75)]
+        for t in terms
+    }
+    assert set(loss.terms) == expected
+    for key, value in loss.terms.items():
+        assert torch.isfinite(value) and value.item() > 0, key
+        assert loss.weights[key] > 0, key
+        # each term sends a gradient into the network it trains
+        grads = torch.autograd.grad(
+            value, [p for p in module.parameters() if p.requires_grad], allow_unused=True, retain_graph=True
+        )
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), key
+    trainer.train()
+    history = trainer.progress.history
+    assert len(history) == 8 and history[-1] < 0.8 * history[0], history
+    result = trainer.evaluate(costs=False)
+    assert result.deployed in ("A", "B")
+    assert {(r.player, r.scaling_factor) for r in result.results} >= {("A", 0.25), ("B", 1.0), ("leader", 1.0)}
+    assert result.model.config.extra["training"]["deployed"] == result.deployed
+
+
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    straight = _trainer(_timm_model, tmp_path / "a")
+    straight.train()  # 3 steps per epoch: checkpoints at step 2 (mid-epoch 1), 4 (mid-epoch 2), 6 (the end)
+    saved = [p.name for p in straight.checkpoint_dirs()]
+    assert "step_2" in saved and "step_4" in saved
+    final = {k: v.clone() for k, v in straight.module.state_dict().items()}
+
+    resumed = _trainer(_timm_model, tmp_path / "b")  # a fresh process would build exactly this
+    resumed.train(resume_from_checkpoint=tmp_path / "a" / "checkpoints" / "step_4")
+    assert resumed.progress.step == straight.progress.step
+    assert resumed.progress.history == pytest.approx(straight.progress.history)
+    for key, value in resumed.module.state_dict().items():
+        assert torch.equal(value, final[key]), key
+
+
+def test_trainer_rejects_bad_setup(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="frozen"):
+        _trainer(_timm_model, leader="frozen")
+    trainer = _trainer(_timm_model, tmp_path)
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        trainer.train(resume_from_checkpoint="latest")
+
+
+# ---------------------------------------------------------------------- the example script
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("finetune", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _imagefolder(root: Path, classes: int = 3, per_class: int = 4) -> Path:
+    from PIL import Image
+
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (8, 8), (40 * c, 10 * i, 0)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        (["--scaling-factors", "0", "1"], ScalingFactorError, "scaling factor"),
+        (["--scaling-factors", "0.5", "1.5"], ScalingFactorError, "scaling factor"),
+        (["--dataset", "no-such-org/no-such-dataset"], DataError, "imagefolder:PATH"),
+        (["--dataset", "imagefolder:/no/such/folder"], DataError, "not a folder"),
+        (["--label-column", "nope"], DataError, "columns are"),
+        (["--leader", "frozen"], ConfigError, "--leader-model"),
+    ],
+)
+def test_script_rejects_bad_input_before_training(tmp_path: Path, args: list[str], error, match: str) -> None:
+    with pytest.raises(error, match=match):
+        _script().main([*args, "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_script_refuses_top5_with_few_classes_and_a_used_output_dir(tmp_path: Path) -> None:
+    folder = _imagefolder(tmp_path / "images")
+    with pytest.raises(ConfigError, match="more than 5 classes"):
+        _script().main(
+            ["--dataset", f"imagefolder:{folder}", "--metrics", "top1", "top5", "--output-dir", str(tmp_path / "o")]
+        )
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="--overwrite-output-dir"):
+        _script().main(["--output-dir", str(used)])
+    assert (used / "config.json").read_text() == "{}"
+
+
+def _launch(out: Path, processes: int, batch_size: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    launch = ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1"]
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"), "launch", *launch, str(SCRIPT),
+        "--model", "test_convnext", "--random-init", "--epochs", "1", "--max-train-samples", "64",
+        "--max-eval-samples", "32", "--batch-size", str(batch_size), "--no-latency", "--checkpointing-steps", "no",
+        "--report-to", "none", "--output-dir", str(out),
+    ]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_script_two_processes_match_one_process_on_the_same_global_batch(tmp_path: Path) -> None:
+    one = _launch(tmp_path / "one", 1, 16)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _launch(tmp_path / "two", 2, 8)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es)" in two.stdout and "1 process(es)" in one.stdout
+    model = AdaptiveDepth.from_pretrained(tmp_path / "two")
+    assert model.config.extra["training"]["processes"] == 2
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    for name in ("README.md", "config.json", "training_config.json", "results.json"):
+        assert (tmp_path / "one" / name).is_file(), name
+    assert not (tmp_path / "one" / "checkpoints").exists()
