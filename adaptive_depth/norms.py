@@ -42,7 +42,7 @@ class DepthNorms(nn.Module):
     """Running statistics of every BatchNorm layer, one set per scaling factor plus the trained default.
 
     Its tensors are non-persistent buffers, so ``.to()`` moves them with the model but they stay out of
-    ``state_dict()``; they are saved in a file of their own (:meth:`to_tensors`, :meth:`from_tensors`).
+    ``state_dict()``; they are saved in a file of their own (:meth:`to_tensors`, :meth:`load_tensors`).
 
     Args:
         layers: the BatchNorm layers by name (:func:`batchnorm_layers`).
@@ -56,11 +56,6 @@ class DepthNorms(nn.Module):
         self._sets: dict[str, int] = {}
         self._add(DEFAULT, self._layer_stats(), clone=False)
         self._current: str | None = DEFAULT  # the layers hold the default set's tensors themselves
-
-    @property
-    def scaling_factors(self) -> list[float]:
-        """Depths that have their own statistics."""
-        return sorted(float(k) for k in self._sets if k != DEFAULT)
 
     def _buffer(self, set_index: int, layer_index: int, stat: int) -> torch.Tensor:
         return self._buffers[f"s{set_index}_{layer_index}_{stat}"]

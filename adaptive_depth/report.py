@@ -33,12 +33,10 @@ def results_markdown(results: Sequence[dict[str, Any]], deployed: str | None = N
 
 def pareto_plot(results: Sequence[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
     """Top-1 accuracy against GFLOPs, one line per player, written as a PNG with matplotlib."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the user's backend and open figures stay untouched
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
+    fig = Figure(figsize=(5.5, 4), dpi=120)
+    ax = fig.subplots()
     players = sorted({r["player"] for r in results}, key=lambda p: (p == "leader", p))
     for player in players:
         rows = sorted(
@@ -64,5 +62,4 @@ def pareto_plot(results: Sequence[dict[str, Any]], path: str | Path, *, title: s
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
-    plt.close(fig)
     return path

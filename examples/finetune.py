@@ -16,11 +16,12 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 
 from adaptive_depth import AdaptiveDepth, AdaptiveDepthError, ConfigError, WeightsUnavailableError
@@ -121,29 +122,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def training_config(args: argparse.Namespace) -> TrainingConfig:
-    return TrainingConfig(
-        scaling_factors=args.scaling_factors,
-        leader=args.leader,
-        interactive=not args.no_interactive,
-        self_distillation=not args.no_self_distillation,
-        sfsl_gamma=args.sfsl_gamma,
-        temperature=args.temperature,
-        lambda_guided=args.lambda_guided,
-        lambda_interactive=args.lambda_interactive,
-        sub_ce_weight=args.sub_ce_weight,
-        leader_share_back=args.leader_share_back,
-        warmup_epochs=args.warmup_epochs,
-        epochs=args.epochs,
-        learning_rate=args.learning_rate
-        or (DIGITS_LEARNING_RATE if args.dataset == DIGITS else TrainingConfig.learning_rate),
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        lr_warmup_epochs=args.lr_warmup_epochs,
-        label_smoothing=args.label_smoothing,
-        seed=args.seed,
-        per_depth_norms=not args.no_per_depth_norms,
-    )
+    """The config from the flags: each ``--x-y`` flag sets the field ``x_y``; ``--no-x`` flags switch ``x`` off."""
+    values = {f.name: getattr(args, f.name) for f in fields(TrainingConfig) if getattr(args, f.name, None) is not None}
+    if args.learning_rate is None and args.dataset == DIGITS:
+        values["learning_rate"] = DIGITS_LEARNING_RATE
+    switches = {
+        "interactive": args.no_interactive,
+        "self_distillation": args.no_self_distillation,
+        "per_depth_norms": args.no_per_depth_norms,
+    }
+    return TrainingConfig(**values | {name: not off for name, off in switches.items()})
 
 
 def check_output_dir(args: argparse.Namespace) -> None:
@@ -204,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples,
     )
-    if args.metrics and "top5" in args.metrics and data.num_classes <= 5:
+    top5 = "top5" in args.metrics if args.metrics else None
+    if top5 and data.num_classes <= 5:
         raise ConfigError(f"top-5 accuracy needs more than 5 classes; {data.source} has {data.num_classes}")
 
     accelerator = Accelerator(
@@ -214,7 +203,6 @@ def main(argv: list[str] | None = None) -> int:
         project_config=ProjectConfiguration(
             project_dir=str(args.output_dir), logging_dir=str(args.output_dir / "logs")
         ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
     )
     set_seed(config.seed)
     image_size = args.image_size or (DIGITS_IMAGE_SIZE if data.source == DIGITS else None)
@@ -263,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         leader=leader,
         accelerator=accelerator,
         num_classes=data.num_classes,
+        top5=top5,
         output_dir=None if args.checkpointing_steps == "no" else args.output_dir,
         checkpoint_steps=checkpoint_steps,
         recalibration_loader=recal_loader,

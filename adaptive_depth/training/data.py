@@ -88,11 +88,15 @@ def _load(spec: str, cache_dir: str | None) -> datasets.DatasetDict:
     return loaded
 
 
+def _named_column(ds: datasets.Dataset, name: str, kind: str, spec: str) -> str:
+    if name not in ds.column_names:
+        raise DataError(f"{spec}: no {kind} column {name!r}; columns are {ds.column_names}")
+    return name
+
+
 def _image_column(ds: datasets.Dataset, override: str | None, spec: str) -> str:
     if override is not None:
-        if override not in ds.column_names:
-            raise DataError(f"{spec}: no image column {override!r}; columns are {ds.column_names}")
-        return override
+        return _named_column(ds, override, "image", spec)
     found = [name for name, f in ds.features.items() if isinstance(f, datasets.Image)]
     if len(found) != 1:
         what = "no image column" if not found else f"several image columns {found}"
@@ -102,9 +106,7 @@ def _image_column(ds: datasets.Dataset, override: str | None, spec: str) -> str:
 
 def _label_column(ds: datasets.Dataset, override: str | None, spec: str) -> str:
     if override is not None:
-        if override not in ds.column_names:
-            raise DataError(f"{spec}: no label column {override!r}; columns are {ds.column_names}")
-        return override
+        return _named_column(ds, override, "label", spec)
     found = [name for name, f in ds.features.items() if isinstance(f, datasets.ClassLabel)]
     found += [n for n in LABEL_NAMES if n in ds.features and n not in found]
     found = [n for n in found if isinstance(ds.features[n], datasets.ClassLabel) or "int" in str(ds.features[n])]

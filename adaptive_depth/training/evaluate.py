@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -52,19 +53,22 @@ def evaluate_accuracy(
     scaling_factors: Sequence[float],
     *,
     num_classes: int,
+    top5: bool | None = None,
     desc: str = "eval",
 ) -> dict[float, tuple[float, float | None]]:
     """Top-1 and top-5 accuracy (percent) at each depth, over every process's share of ``loader``.
 
     ``model`` is an :class:`AdaptiveDepth` (possibly wrapped by ``accelerator.prepare``) or a plain model
     (evaluated at full depth only). Predictions are gathered with ``gather_for_metrics``, so the duplicate
-    samples that pad the last batch across processes are not counted twice.
+    samples that pad the last batch across processes are not counted twice. ``top5`` defaults to
+    ``num_classes > 5``; without it the second accuracy is ``None``.
     """
+    top5 = num_classes > 5 if top5 is None else top5
     inner = accelerator.unwrap_model(model)
     adaptive = isinstance(inner, AdaptiveDepth)
     was_training, previous = model.training, inner.scaling_factor if adaptive else None
     model.eval()
-    k = min(5, num_classes)
+    k = min(5, num_classes) if top5 else 1
     results = {}
     try:
         for s in scaling_factors if adaptive else [1.0]:
@@ -82,7 +86,7 @@ def evaluate_accuracy(
                 total += len(labels)
             if total == 0:
                 raise ValueError("the evaluation data is empty")
-            results[s] = (100.0 * correct1 / total, 100.0 * correct5 / total if num_classes > 5 else None)
+            results[s] = (100.0 * correct1 / total, 100.0 * correct5 / total if top5 else None)
     finally:
         model.train(was_training)
         if adaptive:
@@ -98,10 +102,7 @@ def measure_costs(model: nn.Module, example: torch.Tensor, scaling_factors: Sequ
     out = {}
     try:
         for s in scaling_factors if adaptive else [1.0]:
-            if adaptive:
-                with model.scaled(s):
-                    out[s] = (count_flops(model, example) / 1e9, measure_latency_ms(model, example))
-            else:
+            with model.scaled(s) if adaptive else contextlib.nullcontext():
                 out[s] = (count_flops(model, example) / 1e9, measure_latency_ms(model, example))
     finally:
         model.train(was_training)

@@ -51,7 +51,7 @@ def reinit_classifier(model: nn.Module, seed: int) -> None:
         torch.manual_seed(seed)
         for module in classifier_of(model).modules():
             reset = getattr(module, "reset_parameters", None)
-            if callable(reset) and module is not None and any(True for _ in module.parameters(recurse=False)):
+            if callable(reset) and any(True for _ in module.parameters(recurse=False)):
                 reset()
 
 

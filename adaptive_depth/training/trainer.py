@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..model import AdaptiveDepth
+from ..report import results_markdown
 from .config import TrainingConfig
 from .evaluate import DepthResult, evaluate_accuracy, measure_costs
 from .losses import TEAMMATE_NAMES, CooperativeLoss, cooperative_loss
@@ -68,21 +69,8 @@ class TrainingResult:
     steps: int = 0
 
     def table(self) -> str:
-        """The per-depth table, as printed at the end of a run."""
-        head = f"{'player':<8} {'s':>5} {'top-1':>7} {'top-5':>7} {'top-1*':>7} {'GFLOPs':>9} {'ms':>8}"
-        lines = [head, "-" * len(head)]
-        for r in self.results:
-            mark = " (deployed)" if r.player == self.deployed else ""
-
-            def fmt(v: float | None, spec: str) -> str:
-                return format(v, spec) if v is not None else "-"
-
-            lines.append(
-                f"{r.player:<8} {r.scaling_factor:>5.3g} {fmt(r.top1, '7.2f')} {fmt(r.top5, '7.2f')} "
-                f"{fmt(r.top1_trained_norms, '7.2f')} {fmt(r.gflops, '9.4f')} {fmt(r.latency_ms, '8.2f')}{mark}"
-            )
-        lines.append("top-1*: with the BatchNorm statistics of training (before per-depth recalibration)")
-        return "\n".join(lines)
+        """The per-depth table as Markdown, the one the model card shows."""
+        return results_markdown([r.to_dict() for r in self.results], self.deployed)
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int) -> Any:
@@ -108,6 +96,7 @@ class CooperativeTrainer:
             ``config.leader="frozen"`` it must already be trained on the same labels.
         accelerator: the ``Accelerator`` to use (default: a new one with the config's gradient accumulation).
         num_classes: classes of the task (default: read from the model's logits).
+        top5: report top-5 accuracy (default: when there are more than 5 classes).
         output_dir: where checkpoints go (``output_dir/checkpoints/step_N``).
         checkpoint_steps: save the training state every this many optimizer steps (``None``: at each epoch end
             when ``output_dir`` is set).
@@ -126,6 +115,7 @@ class CooperativeTrainer:
         leader: nn.Module | None = None,
         accelerator: Accelerator | None = None,
         num_classes: int | None = None,
+        top5: bool | None = None,
         output_dir: str | Path | None = None,
         checkpoint_steps: int | None = None,
         recalibration_loader: DataLoader | None = None,
@@ -156,6 +146,7 @@ class CooperativeTrainer:
         joint = self.leader if config.leader == "joint" else None
         self.module = CooperativeModel(self.teammates, config.scaling_factors, joint)
         self.num_classes = num_classes
+        self.top5 = top5
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.checkpoint_steps = checkpoint_steps
         self.log_every = log_every
@@ -253,10 +244,12 @@ class CooperativeTrainer:
             self._set_epoch(self.train_loader, epoch)
             skip = self.progress.batches_done
             loader = acc.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+            # Summed on the device: reading it back every step would wait for the GPU each time.
+            loss_sum = torch.tensor(self.progress.loss_sum, device=acc.device)
             for batch_index, (images, labels) in enumerate(loader, start=skip):
                 with acc.accumulate(self.module):
                     loss = self.training_step(images, labels, self._ramp(epoch, batch_index))
-                self.progress.loss_sum += loss.total.item()
+                loss_sum += loss.total.detach()
                 self.progress.batches_done = batch_index + 1
                 if not acc.sync_gradients:
                     continue
@@ -272,9 +265,9 @@ class CooperativeTrainer:
                     )
                 done = self.progress.batches_done == len(self.train_loader)
                 if self.checkpoint_steps and self.progress.step % self.checkpoint_steps == 0 and not done:
+                    self.progress.loss_sum = loss_sum.item()
                     self.save_checkpoint()
-            local = torch.tensor(self.progress.loss_sum / max(1, self.progress.batches_done), device=acc.device)
-            mean = acc.reduce(local, "mean").item()
+            mean = acc.reduce(loss_sum / max(1, self.progress.batches_done), "mean").item()
             self.progress.history.append(mean)
             acc.print(f"epoch {epoch + 1}/{config.epochs}: mean loss {mean:.4f}")
             self.progress.epoch, self.progress.batches_done, self.progress.loss_sum = epoch + 1, 0, 0.0
@@ -307,8 +300,8 @@ class CooperativeTrainer:
         names = list(TEAMMATE_NAMES[: len(self.teammates)])
         if config.per_depth_norms:
             for name, t in zip(names, self.teammates):
-                before[name] = evaluate_accuracy(
-                    t, self.eval_loader, acc, config.scaling_factors, num_classes=num_classes
+                before[name] = evaluate_accuracy(  # only top-1 is reported for the training statistics
+                    t, self.eval_loader, acc, config.scaling_factors, num_classes=num_classes, top5=False, desc=name
                 )
             self.recalibrate()
         results: list[DepthResult] = []
@@ -318,7 +311,13 @@ class CooperativeTrainer:
             players.append(("leader", acc.unwrap_model(self.leader)))
         for name, player in players:
             scores = evaluate_accuracy(
-                player, self.eval_loader, acc, config.scaling_factors, num_classes=num_classes, desc=name
+                player,
+                self.eval_loader,
+                acc,
+                config.scaling_factors,
+                num_classes=num_classes,
+                top5=self.top5,
+                desc=name,
             )
             cost = measure_costs(player, example, list(scores)) if costs else {}
             for s, (top1, top5) in scores.items():
