@@ -45,3 +45,16 @@ def hub_repo() -> Callable[[str, Path], Path]:
     yield add
     for repo_dir in made:
         shutil.rmtree(repo_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """An ``imagefolder`` dataset on disk: class subfolders ``kind0..kind2`` of 4 small PNGs each."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for c in range(3):
+        (root / f"kind{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (6, 6), (60 * c, 20 * i, 0)).save(root / f"kind{c}" / f"{i}.png")
+    return root

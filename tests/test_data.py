@@ -33,16 +33,8 @@ def test_digits_is_a_stratified_datasets_split() -> None:
     assert (data.num_classes, data.image_column, data.label_column, len(data.train)) == (10, "image", "label", 100)
 
 
-def _folder(root: Path, classes: int = 3, per_class: int = 4) -> Path:
-    for c in range(classes):
-        (root / f"kind{c}").mkdir(parents=True)
-        for i in range(per_class):
-            Image.new("RGB", (6, 6), (60 * c, 20 * i, 0)).save(root / f"kind{c}" / f"{i}.png")
-    return root
-
-
-def test_imagefolder_detects_columns_and_classes(tmp_path: Path) -> None:
-    data = load_image_classification_data(f"imagefolder:{_folder(tmp_path)}", eval_fraction=0.25)
+def test_imagefolder_detects_columns_and_classes(image_folder: Path) -> None:
+    data = load_image_classification_data(f"imagefolder:{image_folder}", eval_fraction=0.25)
     assert data.class_names == ["kind0", "kind1", "kind2"]
     assert (data.image_column, data.label_column) == ("image", "label")
     assert len(data.train) + len(data.eval) == 12 and len(data.eval) == 3

@@ -138,16 +138,6 @@ def _script():
     return module
 
 
-def _imagefolder(root: Path, classes: int = 3, per_class: int = 4) -> Path:
-    from PIL import Image
-
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            Image.new("RGB", (8, 8), (40 * c, 10 * i, 0)).save(root / f"class{c}" / f"{i}.png")
-    return root
-
-
 @pytest.mark.parametrize(
     ("args", "error", "match"),
     [
@@ -165,11 +155,18 @@ def test_script_rejects_bad_input_before_training(tmp_path: Path, args: list[str
     assert not (tmp_path / "out").exists()
 
 
-def test_script_refuses_top5_with_few_classes_and_a_used_output_dir(tmp_path: Path) -> None:
-    folder = _imagefolder(tmp_path / "images")
+def test_script_refuses_top5_with_few_classes_and_a_used_output_dir(tmp_path: Path, image_folder: Path) -> None:
     with pytest.raises(ConfigError, match="more than 5 classes"):
         _script().main(
-            ["--dataset", f"imagefolder:{folder}", "--metrics", "top1", "top5", "--output-dir", str(tmp_path / "o")]
+            [
+                "--dataset",
+                f"imagefolder:{image_folder}",
+                "--metrics",
+                "top1",
+                "top5",
+                "--output-dir",
+                str(tmp_path / "o"),
+            ]
         )
     used = tmp_path / "used"
     used.mkdir()
@@ -203,6 +200,13 @@ def test_script_two_processes_match_one_process_on_the_same_global_batch(tmp_pat
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    # ...and the match means something: training moved the deployed teammate away from its initialisation
+    # (the script seeds teammate A with --seed and B with --seed + 1 before building it).
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        init = AdaptiveDepth.from_pretrained("test_convnext", pretrained=False, num_classes=10, input_size=[3, 32, 32])
+        moved = max((init.model.state_dict()[k] - v).abs().max().item() for k, v in a.items())
+        assert moved > 1e-3, seed
     for name in ("README.md", "config.json", "training_config.json", "results.json"):
         assert (tmp_path / "one" / name).is_file(), name
     assert not (tmp_path / "one" / "checkpoints").exists()
