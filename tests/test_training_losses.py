@@ -10,6 +10,7 @@ import torch
 from adaptive_depth.errors import ConfigError, ScalingFactorError
 from adaptive_depth.training.config import TrainingConfig
 from adaptive_depth.training.losses import CooperativeLogits, cooperative_loss, kd_loss, sfsl_weights
+from adaptive_depth.training.players import CooperativeModel
 
 
 def _softmax(z: list[float], t: float = 1.0) -> list[float]:
@@ -81,21 +82,23 @@ def test_full_objective_matches_hand_computed_total() -> None:
         "A/s=1/interactive": _kd(A[1.0], B[1.0], t),
         "A/s=0.5/self": _kd(A[0.5], A[1.0], t),
         "A/s=0.5/interactive": _kd(A[0.5], B[1.0], t),
+        "A/s=0.5/ce": _ce(A[0.5], 0),
         "B/s=1/ce": _ce(B[1.0], 0),
         "B/s=1/guided": _kd(B[1.0], L, t),
         "B/s=1/interactive": _kd(B[1.0], A[1.0], t),
         "B/s=0.5/self": _kd(B[0.5], B[1.0], t),
         "B/s=0.5/interactive": _kd(B[0.5], A[1.0], t),
+        "B/s=0.5/ce": _ce(B[0.5], 0),
     }
     assert set(out.terms) == set(expected_terms)
     for key, value in expected_terms.items():
         assert out.terms[key].item() == pytest.approx(value, rel=1e-4, abs=1e-6), key
     # Full depth: three terms, a mean (1/3 each), and half of the teammate's two depths.
-    # Sub-network: two terms (1/2 each), one sub depth (SFSL weight 1), the other half.
+    # Sub-network: three terms (self, interactive, labels: 1/3 each), one sub depth (SFSL weight 1), the other half.
     expected_weights = {"leader/ce": 1.0}
     for p in "AB":
         expected_weights |= {f"{p}/s=1/{n}": 1 / 6 for n in ("ce", "guided", "interactive")}
-        expected_weights |= {f"{p}/s=0.5/{n}": 1 / 4 for n in ("self", "interactive")}
+        expected_weights |= {f"{p}/s=0.5/{n}": 1 / 6 for n in ("self", "interactive", "ce")}
     assert out.weights == pytest.approx(expected_weights)
     total = sum(expected_weights[k] * v for k, v in expected_terms.items())
     assert out.total.item() == pytest.approx(total, rel=1e-5)
@@ -106,8 +109,9 @@ def test_warmup_start_trains_every_depth_on_labels_only() -> None:
     assert set(out.terms) == {"leader/ce", "A/s=1/ce", "A/s=0.5/ce", "B/s=1/ce", "B/s=0.5/ce"}
     assert out.weights["A/s=0.5/ce"] == pytest.approx(0.5)
     half = cooperative_loss(_logits(), torch.tensor([0]), _config(), ramp=0.5)
-    # distillation weights r = .5 each, labels 1 - r = .5: three terms of equal weight on the sub-network
-    assert half.weights["A/s=0.5/ce"] == pytest.approx(half.weights["A/s=0.5/self"]) == pytest.approx(0.5 / 3)
+    # distillation weights r = .5 each, labels sub_ce_weight + 1 - r = 1.5: a mean over raw weights 2.5
+    assert half.weights["A/s=0.5/self"] == pytest.approx(0.5 * 0.5 / 2.5)
+    assert half.weights["A/s=0.5/ce"] == pytest.approx(0.5 * 1.5 / 2.5)
 
 
 @pytest.mark.parametrize(
@@ -154,9 +158,33 @@ def test_training_config_round_trips_and_validates(tmp_path) -> None:
         {"epochs": 0},
         {"sfsl_gamma": -1},
         {"lambda_guided": float("nan")},
-        {"self_distillation": False, "interactive": False},
+        {"self_distillation": False, "interactive": False, "sub_ce_weight": 0.0},
     ):
         with pytest.raises((ConfigError, ScalingFactorError)):
             TrainingConfig(**bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="unknown training config keys"):
         TrainingConfig.from_dict({"epoch": 3})
+
+
+def test_sandwich_step_averages_over_the_depths_it_ran() -> None:
+    config = TrainingConfig(scaling_factors=[0.25, 0.5, 0.75, 1.0], sampled_depths=1, leader="none", interactive=False)
+    by_depth = {s: torch.tensor([[float(s), 0.0, 1.0]]) for s in (1.0, 0.5, 0.25)}  # 0.75 not drawn this step
+    out = cooperative_loss(CooperativeLogits([by_depth]), torch.tensor([0]), config)
+    assert {k.split("/")[1] for k in out.terms} == {"s=1", "s=0.5", "s=0.25"}
+    sfsl = sfsl_weights(config.scaling_factors, config.sfsl_gamma)  # mean 1 over all three sub-depths
+    assert out.weights["A/s=1/ce"] == pytest.approx(1 / 3)  # one term of the full depth, one of three depths run
+    assert out.weights["A/s=0.25/self"] + out.weights["A/s=0.25/ce"] == pytest.approx(sfsl[0.25] / 3)
+
+
+def test_sandwich_rule_runs_the_smallest_and_the_top_depth_and_a_random_sample() -> None:
+    model = CooperativeModel([], [0.25, 0.5, 0.75, 1.0], sampled_depths=1)
+    seen = set()
+    for _ in range(40):
+        depths = model.depths_to_run()
+        assert len(depths) == 3 and depths[0] == 1.0 and depths[-1] == 0.25
+        seen.add(depths[1])
+    assert seen == {0.5, 0.75}
+    assert model.eval().depths_to_run() == [1.0, 0.75, 0.5, 0.25]  # evaluation: every depth
+    assert CooperativeModel([], [0.5, 1.0], sampled_depths=1).depths_to_run() == [1.0, 0.5]
+    with pytest.raises(ConfigError, match="sampled_depths"):
+        TrainingConfig(sampled_depths=-1)

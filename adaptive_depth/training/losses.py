@@ -24,8 +24,9 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
 
 
 def sfsl_weights(scaling_factors: Sequence[float], gamma: float) -> dict[float, float]:
-    """Scaling-factor-sensitive weights ``w(s) = s^-gamma`` over the ``s < 1``, normalised to mean 1."""
-    subs = [float(s) for s in scaling_factors if s < 1.0]
+    """Scaling-factor-sensitive weights ``w(s) = s^-gamma`` over the depths below the top one, normalised to mean 1."""
+    top = max(scaling_factors, default=1.0)
+    subs = [float(s) for s in scaling_factors if s < top]
     if not subs:
         return {}
     raw = {s: s ** (-gamma) for s in subs}
@@ -95,7 +96,8 @@ def cooperative_loss(
             terms[key] = values[name]()  # type: ignore[operator]
             weights[key] = w * scale
 
-    fulls = [z[1.0] for z in logits.teammates]
+    top = config.top_scaling_factor  # 1.0: the full network
+    fulls = [z[top] for z in logits.teammates]
     if logits.leader is not None and config.leader == "joint":
         share = config.leader_share_back * r
         add(
@@ -112,10 +114,10 @@ def cooperative_loss(
     for t, by_depth in enumerate(logits.teammates):
         name = TEAMMATE_NAMES[t]
         other = fulls[1 - t] if len(fulls) > 1 else None
-        full = by_depth[1.0]
-        per_depth = 1.0 / len(depths)
+        full = by_depth[top]
+        per_depth = 1.0 / len(by_depth)  # the depths run this step: all of S, or a sandwich sample of it
         add(
-            f"{name}/s=1",
+            f"{name}/s={top:g}",
             {
                 "ce": 1.0,
                 "guided": config.lambda_guided * r if guided else 0.0,
@@ -129,7 +131,7 @@ def cooperative_loss(
             per_depth,
         )
         distils = config.self_distillation or other is not None
-        for s in config.sub_scaling_factors:
+        for s in sorted((s for s in by_depth if s < top), reverse=True):
             z = by_depth[s]
             add(
                 f"{name}/s={s:g}",
