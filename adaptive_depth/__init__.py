@@ -2,9 +2,11 @@
 
 __version__ = "0.1.0"
 
+from .budget import LatencyProfile
 from .config import AdaptiveDepthConfig, BaseModelRef, BlockSpec, StageSpec
 from .errors import (
     AdaptiveDepthError,
+    BudgetError,
     CheckpointError,
     ConfigError,
     DataError,
@@ -23,11 +25,13 @@ __all__ = [
     "AdaptiveDepthError",
     "BaseModelRef",
     "BlockSpec",
+    "BudgetError",
     "CheckpointError",
     "ConfigError",
     "DataError",
     "DepthGate",
     "DepthSpecError",
+    "LatencyProfile",
     "NoGateableBlocksError",
     "ScalingFactorError",
     "StageSpec",

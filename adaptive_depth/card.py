@@ -50,7 +50,24 @@ def build_model_card(model: AdaptiveDepth, repo_id: str | None = None) -> ModelC
     )
     flops = model.flops_table()
     full = flops.get(1.0) or max(flops.values())
-    rows = "\n".join(f"| {s:g} | {model.depth_for(s)} | {f / 1e9:.4f} | {f / full:.3f} |" for s, f in flops.items())
+    profile = model.latency_profile
+    latency_header, latency_note = "", ""
+    if profile is not None:
+        latency_header = f" latency (ms, batch {profile.batch_size}) |"
+        latency_note = (
+            f" Latency: median per forward pass measured by `model.profile()` on {profile.device}"
+            f" ({profile.dtype}, input {tuple(profile.input_size)}); `model.set_budget(max_latency_ms=...)` uses it."
+        )
+
+    def latency_cell(s: float) -> str:
+        if profile is None:
+            return ""
+        ms = profile.at(s)
+        return f" {ms:.3g} |" if ms is not None else " - |"
+
+    rows = "\n".join(
+        f"| {s:g} | {model.depth_for(s)} | {f / 1e9:.4f} | {f / full:.3f} |{latency_cell(s)}" for s, f in flops.items()
+    )
     stages = "\n".join(f"| `{st.name}` | {st.num_blocks} | {st.num_fixed} |" for st in config.stages)
     load_id = repo_id or "path/to/this/folder"
     init = "" if base.pretrained else ", from random initialisation"
@@ -76,10 +93,11 @@ logits = model(images)
 
 ## Depths
 
-FLOPs of one forward pass on a `{tuple(config.input_size)}` input, counted by `torch.utils.flop_counter`.
+FLOPs of one forward pass on a `{tuple(config.input_size)}` input, counted by `torch.utils.flop_counter`.{latency_note}
+`model.set_budget(max_flops=..., max_latency_ms=...)` picks the largest depth that fits.
 
-| scaling factor | blocks per stage | GFLOPs | vs full |
-|---|---|---|---|
+| scaling factor | blocks per stage | GFLOPs | vs full |{latency_header}
+|---|---|---|---|{"---|" if profile is not None else ""}
 {rows}
 
 ## Stages

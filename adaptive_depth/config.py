@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .budget import LatencyProfile
 from .errors import ConfigError
 from .policy import POLICIES, check_scaling_factor
 
@@ -120,6 +121,8 @@ class AdaptiveDepthConfig:
         discovery: how the blocks were found: ``"metadata"``, ``"probe"`` or ``"override"``.
         flops: FLOPs of one forward pass (batch 1, ``input_size``) at each scaling factor, keyed by ``str(s)``.
         norm_stats: scaling factors with their own BatchNorm statistics (saved in ``depth_norms.safetensors``).
+        latency_profile: latency per trained depth measured by ``AdaptiveDepth.profile`` on a device
+            (a :class:`~adaptive_depth.budget.LatencyProfile` as a dict), used by ``set_budget``.
         extra: free-form metadata (training report, latency profile...).
     """
 
@@ -132,6 +135,7 @@ class AdaptiveDepthConfig:
     discovery: str = "metadata"
     flops: dict[str, float] = field(default_factory=dict)
     norm_stats: list[float] = field(default_factory=list)
+    latency_profile: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     library_name: str = LIBRARY_NAME
     format_version: int = FORMAT_VERSION
@@ -150,6 +154,8 @@ class AdaptiveDepthConfig:
         self.scaling_factors = sorted({check_scaling_factor(s) for s in self.scaling_factors})
         self.default_scaling_factor = check_scaling_factor(self.default_scaling_factor)
         self.norm_stats = sorted({check_scaling_factor(s) for s in self.norm_stats})
+        if self.latency_profile is not None:  # validated here, kept as plain JSON
+            self.latency_profile = LatencyProfile.from_dict(self.latency_profile).to_dict()
         if len(self.input_size) != 3 or any(int(v) <= 0 for v in self.input_size):
             raise ConfigError(f"input_size must be [channels, height, width], got {self.input_size!r}")
         self.input_size = [int(v) for v in self.input_size]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "AdaptiveDepthError",
+    "BudgetError",
     "CheckpointError",
     "ConfigError",
     "DataError",
@@ -54,3 +55,7 @@ class CheckpointError(AdaptiveDepthError, ValueError):
 
 class DataError(AdaptiveDepthError, ValueError):
     """A dataset cannot be loaded or does not look like image classification (columns, splits, classes)."""
+
+
+class BudgetError(AdaptiveDepthError, ValueError):
+    """No trained depth fits a compute budget, or the budget cannot be checked (no latency profile)."""

@@ -15,24 +15,8 @@ import tempfile
 
 import torch
 
-from adaptive_depth import AdaptiveDepth, WeightsUnavailableError
-from adaptive_depth.latency import measure_latency_ms
-
-logger = logging.getLogger("demo")
-
-
-def load(name: str, require_pretrained: bool) -> AdaptiveDepth:
-    """Pretrained weights when the Hub or the cache has them; otherwise say loudly that weights are random."""
-    try:
-        return AdaptiveDepth.from_pretrained(name)
-    except WeightsUnavailableError as e:
-        if require_pretrained:
-            raise
-        logger.warning("!" * 100)
-        logger.warning("NO PRETRAINED WEIGHTS for %s (%s)", name, e)
-        logger.warning("Continuing with RANDOM weights: costs below are real, predictions are not.")
-        logger.warning("!" * 100)
-        return AdaptiveDepth.from_pretrained(name, pretrained=False)
+from adaptive_depth import AdaptiveDepth
+from adaptive_depth.model import pretrained_or_random
 
 
 def main() -> None:
@@ -47,7 +31,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = load(args.model, args.pretrained).eval()
+    model = pretrained_or_random(args.model, weights="pretrained" if args.pretrained else "auto").eval()
     print(model.depth_summary())
 
     x = model.example_input(args.batch_size)
@@ -57,10 +41,8 @@ def main() -> None:
     )
     print(f"{'s':>6} {'blocks per stage':<22} {'GFLOPs':>8} {'FLOPs ratio':>11} {'ms':>8} {'latency ratio':>13}")
     flops = model.flops_table()
-    rows = []
-    for s in sorted(flops, reverse=True):
-        model.set_scaling_factor(s)
-        rows.append((s, measure_latency_ms(model, x, repeats=args.repeats)))
+    measured = model.profile(x, repeats=args.repeats)  # interleaved rounds, median per depth
+    rows = sorted(measured.items(), reverse=True)
     full_ms = rows[0][1]
     for s, ms in rows:
         print(
