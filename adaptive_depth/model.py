@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from .budget import LatencyProfile, choose_scaling_factor, describe_device
 from .card import CARD_MARKER, build_model_card
 from .config import AdaptiveDepthConfig, BaseModelRef, StageSpec
 from .discovery import discover
@@ -24,6 +25,7 @@ from .errors import CheckpointError, ConfigError, DepthSpecError, WeightsUnavail
 from .export import export_depth
 from .flops import count_flops
 from .gates import DepthGate, gate_model
+from .latency import measure_latencies_ms
 from .loading import (
     CONFIG_NAME,
     HubOptions,
@@ -294,6 +296,27 @@ class AdaptiveDepth(
         self._activate(counts, 1.0 if counts == [st.num_blocks for st in self.stages] else None)
         return self
 
+    def drop_blocks(self, probability: float, generator: torch.Generator | None = None) -> AdaptiveDepth:
+        """LayerDrop-style random depth: skip each gateable block with ``probability``. Returns ``self``.
+
+        For training (the random-depth baseline); at least one block of every stage runs. Draws from torch's
+        random number generator (or ``generator``), so seeding and checkpointed RNG states reproduce it. The model
+        runs with the BatchNorm statistics of training, like after a custom :meth:`set_depth`.
+        """
+        if isinstance(probability, bool) or not isinstance(probability, int | float) or not 0 <= probability < 1:
+            raise ConfigError(f"drop probability must be in [0, 1), got {probability!r}")
+        self._scaling_factor = None
+        if self.depth_norms is not None:
+            self.depth_norms.use(None)
+        for stage, gates in zip(self.stages, self._stage_gates):
+            keep = (torch.rand(len(gates), generator=generator) >= probability).tolist()
+            if stage.num_fixed == 0 and not any(keep):
+                keep[0] = True  # a stage of gateable blocks only keeps its first one
+            for gate, on in zip(gates, keep):
+                if gate is not None:
+                    object.__setattr__(gate, "active", on)
+        return self
+
     def _check_depth(self, blocks_per_stage: Sequence[int]) -> list[int]:
         limits = [(max(1, st.num_fixed), st.num_blocks) for st in self.stages]
         if isinstance(blocks_per_stage, (str, bytes)) or not isinstance(blocks_per_stage, Sequence):
@@ -443,6 +466,86 @@ class AdaptiveDepth(
         lines.append(f"\ncurrent: s = {current}, blocks per stage {self.active_depth}")
         return "\n".join(lines)
 
+    # ------------------------------------------------------------------ budgets
+    def profile(
+        self,
+        example_input: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+        *,
+        batch_size: int = 1,
+        warmup: int = 5,
+        repeats: int = 20,
+    ) -> dict[float, float]:
+        """Measure the latency of every trained depth on ``device`` and keep it (saved in ``config.json``).
+
+        Run it on the device you deploy to; :meth:`set_budget` then picks depths by measured milliseconds.
+
+        Args:
+            example_input: a batch like the ones you serve (default: random, ``batch_size`` x ``input_size``).
+            device: where to measure; the model is moved there and stays (default: where it is).
+            batch_size: images per batch when no ``example_input`` is given.
+            warmup, repeats: runs discarded, then runs whose median is kept, per depth.
+
+        Returns:
+            Milliseconds per forward pass at each trained scaling factor.
+        """
+        if device is not None:
+            self.to(device)
+        param = next(self.model.parameters())
+        x = self.example_input(batch_size) if example_input is None else example_input
+        x = x.to(device=param.device, dtype=param.dtype if x.is_floating_point() else x.dtype)
+        was_training = self.training
+        previous_counts, previous_s = self.active_depth, self._scaling_factor
+        self.eval()
+
+        def run_at(s: float) -> Callable[[], Any]:
+            return lambda: self.set_scaling_factor(s)(x)  # a switch costs microseconds: part of serving
+
+        try:  # depths timed in interleaved rounds, so machine noise touches them alike
+            timed = measure_latencies_ms(
+                {str(s): run_at(s) for s in self.config.scaling_factors},
+                device=param.device,
+                warmup=warmup,
+                repeats=repeats,
+            )
+        finally:
+            self._activate(previous_counts, previous_s)
+            self.train(was_training)
+        measured = {float(k): ms for k, ms in timed.items()}
+        self.config.latency_profile = LatencyProfile(
+            device=describe_device(param.device),
+            batch_size=int(x.shape[0]),
+            input_size=[int(v) for v in x.shape[1:]],
+            dtype=str(param.dtype).removeprefix("torch."),
+            latency_ms={str(s): ms for s, ms in measured.items()},
+        ).to_dict()
+        return measured
+
+    @property
+    def latency_profile(self) -> LatencyProfile | None:
+        """The latencies measured by :meth:`profile` (or loaded with the model), if any."""
+        data = self.config.latency_profile
+        return LatencyProfile.from_dict(data) if data is not None else None
+
+    def set_budget(self, *, max_flops: float | None = None, max_latency_ms: float | None = None) -> float:
+        """Run at the largest trained depth that fits the budget; returns the scaling factor picked.
+
+        Args:
+            max_flops: the most FLOPs per image (at ``config.input_size``, as in :meth:`flops_table`).
+            max_latency_ms: the most milliseconds per forward pass, as measured by :meth:`profile`.
+
+        Raises:
+            BudgetError: no trained depth fits, or a latency budget without a profile.
+        """
+        flops = self.flops_table()
+        profile = self.latency_profile
+        latency = {s: ms for s in flops if profile is not None and (ms := profile.at(s)) is not None}
+        s = choose_scaling_factor(flops, latency, max_flops=max_flops, max_latency_ms=max_latency_ms)
+        self.set_scaling_factor(s)
+        measured = f", {latency[s]:.3g} ms on {profile.device}" if s in latency and profile is not None else ""
+        logger.info("budget: running at s=%g (%.4g GFLOPs%s)", s, flops[s] / 1e9, measured)
+        return s
+
     def export(self, scaling_factor: float | None = None, *, depth: Sequence[int] | None = None) -> nn.Module:
         """A plain timm / transformers module of one depth, with the skipped blocks removed.
 
@@ -484,8 +587,20 @@ class AdaptiveDepth(
         if training and any(r.get("gflops") is not None for r in training.get("results", [])):
             pareto_plot(training["results"], save_directory / PLOT_NAME, title=self.config.base_model.name or "")
         readme = save_directory / "README.md"
-        if not readme.exists() or CARD_MARKER in readme.read_text(encoding="utf-8"):
-            self.generate_model_card().save(readme)
+        if readme.exists() and CARD_MARKER in readme.read_text(encoding="utf-8"):
+            # A card we generated earlier: remove it so that ModelHubMixin.save_pretrained writes it afresh, with
+            # this save's card arguments (the repo id of a push). A README of the user's own is never touched.
+            readme.unlink()
+
+    def push_to_hub(  # type: ignore[override]
+        self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> str:
+        """Save to a temporary folder and upload it to ``repo_id`` (see ``ModelHubMixin.push_to_hub``).
+
+        The model card's loading snippet names ``repo_id``.
+        """
+        card_kwargs = {"repo_id": repo_id} | (model_card_kwargs or {})
+        return super().push_to_hub(repo_id, model_card_kwargs=card_kwargs, **kwargs)
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
         """Model card with YAML metadata and the per-depth table."""
@@ -507,3 +622,44 @@ def _fetch(resolved: Resolved, filename: str, hub: HubOptions) -> str:
         ) from e
     except EntryNotFoundError as e:
         raise CheckpointError(f"Hub repo {resolved.location!r} has no {filename}; the upload is incomplete") from e
+
+
+WEIGHTS_CHOICES = ("auto", "pretrained", "random")
+
+
+def pretrained_or_random(
+    name: str | os.PathLike[str], *, weights: str = "auto", seed: int | None = None, **kwargs: Any
+) -> AdaptiveDepth:
+    """:meth:`AdaptiveDepth.from_pretrained` with an explicit choice of what happens when weights are missing.
+
+    Args:
+        name: timm name, Hub id or local folder.
+        weights: ``"auto"``: pretrained weights when the Hub or the cache has them, else random initialisation
+            with a loud warning; ``"pretrained"``: missing weights are an error; ``"random"``: random on purpose.
+        seed: seeds ``torch`` before the model (and its new head) is built, so initialisation is reproducible.
+        kwargs: passed to :meth:`AdaptiveDepth.from_pretrained`.
+    """
+    if weights not in WEIGHTS_CHOICES:
+        raise ConfigError(f"weights must be one of {WEIGHTS_CHOICES}, got {weights!r}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    if weights == "random":
+        return AdaptiveDepth.from_pretrained(name, pretrained=False, **kwargs)
+    try:
+        return AdaptiveDepth.from_pretrained(name, pretrained=True, **kwargs)
+    except WeightsUnavailableError as e:
+        if weights == "pretrained":
+            raise
+        banner = "!" * 100
+        logger.warning(
+            "\n%s\nNO PRETRAINED WEIGHTS for %r: %s\nCONTINUING FROM RANDOM INITIALISATION: costs are real, accuracy "
+            "is that of a model trained from scratch. Ask for pretrained weights to make this an error, or for random "
+            "weights to say it is intended.\n%s",
+            banner,
+            str(name),
+            e,
+            banner,
+        )
+        if seed is not None:
+            torch.manual_seed(seed)
+        return AdaptiveDepth.from_pretrained(name, pretrained=False, **kwargs)

@@ -46,7 +46,7 @@ def pareto_plot(results: Sequence[dict[str, Any]], path: str | Path, *, title: s
             continue
         xs, ys = [r["gflops"] for r in rows], [r["top1"] for r in rows]
         ax.plot(xs, ys, marker="o" if len(rows) > 1 else "*", markersize=6 if len(rows) > 1 else 12, label=player)
-        for r in rows:
+        for r in rows if len(players) <= 4 else ():  # beyond a few lines the labels hide the points
             ax.annotate(
                 f"s={r['scaling_factor']:g}",
                 (r["gflops"], r["top1"]),

@@ -19,21 +19,18 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from torch.utils.data import DataLoader
 
-from adaptive_depth import AdaptiveDepth, AdaptiveDepthError, ConfigError, WeightsUnavailableError
+from adaptive_depth import AdaptiveDepth, AdaptiveDepthError, ConfigError
 from adaptive_depth.loading import HubOptions, load_base_model, resolve
+from adaptive_depth.model import pretrained_or_random
 from adaptive_depth.training import (
     DIGITS,
     CooperativeTrainer,
-    EpochSampler,
     TrainingConfig,
-    TransformedDataset,
-    build_transform,
     load_image_classification_data,
+    make_loaders,
 )
 
 DIGITS_IMAGE_SIZE = 32  # digits are 8x8: upsampling them to 224 px would only cost time
@@ -86,6 +83,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--leader-share-back", type=float, default=d.leader_share_back)
     g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="distillation ramp-up")
     g.add_argument("--no-per-depth-norms", action="store_true", help="skip per-depth BatchNorm recalibration")
+    g = p.add_argument_group("cheaper training (docs/benchmarks.md, training cost)")
+    g.add_argument(
+        "--sampled-depths",
+        type=int,
+        default=None,
+        help="sandwich rule: smallest and top depth plus this many random ones per step (default: every depth)",
+    )
+    g.add_argument(
+        "--cache-leader-logits",
+        action="store_true",
+        help="with --leader frozen: compute the Leader's logits once, before training, and reuse them",
+    )
+    g.add_argument("--layer-drop", type=float, default=d.layer_drop, help="random-depth probability (a baseline)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
@@ -150,28 +160,16 @@ def check_output_dir(args: argparse.Namespace) -> None:
 
 def build_model(args: argparse.Namespace, num_classes: int, seed: int, input_size: list[int] | None) -> AdaptiveDepth:
     """One teammate: pretrained weights when they can be had (required with --pretrained), else random init."""
-    kwargs = dict(
-        num_classes=num_classes, policy=args.policy, scaling_factors=args.scaling_factors, input_size=input_size
+    weights = "pretrained" if args.pretrained else "random" if args.random_init else "auto"
+    return pretrained_or_random(
+        args.model,
+        weights=weights,
+        seed=seed,  # the new head's initialisation
+        num_classes=num_classes,
+        policy=args.policy,
+        scaling_factors=args.scaling_factors,
+        input_size=input_size,
     )
-    torch.manual_seed(seed)  # the new head's initialisation
-    if args.random_init:
-        return AdaptiveDepth.from_pretrained(args.model, pretrained=False, **kwargs)
-    try:
-        return AdaptiveDepth.from_pretrained(args.model, pretrained=True, **kwargs)
-    except WeightsUnavailableError as e:
-        if args.pretrained:
-            raise
-        banner = "!" * 100
-        logging.getLogger("finetune").warning(
-            "\n%s\nNO PRETRAINED WEIGHTS for %r: %s\nTRAINING FROM RANDOM INITIALISATION. "
-            "Pass --pretrained to make this an error, or --random-init to say it is intended.\n%s",
-            banner,
-            args.model,
-            e,
-            banner,
-        )
-        torch.manual_seed(seed)
-        return AdaptiveDepth.from_pretrained(args.model, pretrained=False, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,42 +223,35 @@ def main(argv: list[str] | None = None) -> int:
     size = teammates[0].config.input_size
     if accelerator.is_main_process:
         print(teammates[0].depth_summary())
-    train_tf = build_transform(teammates[0].model, train=True, input_size=size)
-    eval_tf = build_transform(teammates[0].model, train=False, input_size=size)
-    cols = (data.image_column, data.label_column)
-    train_ds = TransformedDataset(data.train, train_tf, *cols, seed=config.seed)
-    plain_train_ds = TransformedDataset(data.train, eval_tf, *cols, seed=config.seed)
-    eval_ds = TransformedDataset(data.eval, eval_tf, *cols, seed=config.seed)
-    loader_kw = dict(
-        batch_size=config.batch_size, num_workers=args.num_workers, generator=torch.Generator().manual_seed(config.seed)
+    loaders = make_loaders(
+        data,
+        teammates[0],
+        batch_size=config.batch_size,
+        seed=config.seed,
+        input_size=size,
+        num_workers=args.num_workers,
+        with_index=config.cache_leader_logits,
     )
-    train_loader = DataLoader(
-        train_ds, sampler=EpochSampler(len(train_ds), shuffle=True, seed=config.seed), drop_last=True, **loader_kw
-    )
-    recal_loader = DataLoader(
-        plain_train_ds, sampler=EpochSampler(len(train_ds), shuffle=True, seed=config.seed), **loader_kw
-    )
-    eval_loader = DataLoader(eval_ds, **loader_kw)
 
     checkpoint_steps = None if args.checkpointing_steps in ("epoch", "no") else int(args.checkpointing_steps)
     trainer = CooperativeTrainer(
         teammates,
         config,
-        train_loader,
-        eval_loader,
+        loaders.train,
+        loaders.eval,
         leader=leader,
         accelerator=accelerator,
         num_classes=data.num_classes,
         top5=top5,
         output_dir=None if args.checkpointing_steps == "no" else args.output_dir,
         checkpoint_steps=checkpoint_steps,
-        recalibration_loader=recal_loader,
+        recalibration_loader=loaders.recalibration,
     )
     if args.report_to != "none":
         accelerator.init_trackers("adaptive-depth-finetune", config=config.to_dict() | {"model": args.model})
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    result = trainer.evaluate(costs=not args.no_latency)
+    result = trainer.evaluate(latency=not args.no_latency)
     wall = time.perf_counter() - start
     result.model.config.extra["training"]["wall_time_s"] = round(wall, 1)
     result.model.config.extra["training"]["dataset"] = data.source

@@ -58,3 +58,33 @@ def image_folder(tmp_path: Path) -> Path:
         for i in range(4):
             Image.new("RGB", (6, 6), (60 * c, 20 * i, 0)).save(root / f"kind{c}" / f"{i}.png")
     return root
+
+
+@pytest.fixture
+def fake_hub_upload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, object], Path]:
+    """Replace only the network boundary of ``push_to_hub`` (``HfApi.create_repo`` / ``upload_folder``).
+
+    Saving, the card and the upload call stay the real ones; what would be uploaded is copied to the returned
+    folder, and ``calls`` records the repo id each network call got.
+    """
+    from huggingface_hub import HfApi
+
+    uploaded = tmp_path / "uploaded"
+    calls: dict[str, object] = {}
+
+    class _Repo:
+        def __init__(self, repo_id: str) -> None:
+            self.repo_id = repo_id
+
+    def create_repo(self: HfApi, repo_id: str, **kwargs: object) -> _Repo:
+        calls["create_repo"] = repo_id
+        return _Repo(repo_id)
+
+    def upload_folder(self: HfApi, *, repo_id: str, folder_path: str, **kwargs: object) -> str:
+        calls["upload_folder"] = repo_id
+        shutil.copytree(folder_path, uploaded)
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls, uploaded

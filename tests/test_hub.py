@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,6 @@ import timm
 import torch
 import transformers as tf
 from cases import HF_VIT_CONFIG
-from huggingface_hub import HfApi
 from safetensors.torch import save_file
 from timm.models import save_for_hf
 
@@ -100,25 +98,8 @@ def test_unknown_model_names() -> None:
         AdaptiveDepth.from_pretrained("./no/such/folder")
 
 
-def test_push_to_hub_uploads_exactly_the_saved_files_and_loads_back(hub_repo, tmp_path: Path, monkeypatch) -> None:
-    uploaded = tmp_path / "uploaded"
-    calls: dict[str, object] = {}
-
-    class _Repo:
-        repo_id = "me/resnet18-adaptive"
-
-    def create_repo(self, repo_id: str, **kwargs):
-        calls["create_repo"] = repo_id
-        return _Repo()
-
-    def upload_folder(self, *, repo_id: str, folder_path, **kwargs):
-        calls["upload_folder"] = repo_id
-        shutil.copytree(folder_path, uploaded)
-        return f"https://huggingface.co/{repo_id}/commit/0"
-
-    # Only the network boundary is replaced; saving, the card and the upload call are the real ones.
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+def test_push_to_hub_uploads_exactly_the_saved_files_and_loads_back(hub_repo, fake_hub_upload) -> None:
+    calls, uploaded = fake_hub_upload
     model = AdaptiveDepth.from_pretrained("resnet18", pretrained=False, num_classes=4, input_size=(3, 64, 64)).eval()
     model.push_to_hub("me/resnet18-adaptive")
 

@@ -40,7 +40,7 @@ def _timm_model() -> AdaptiveDepth:
 
 def _hf_model() -> AdaptiveDepth:
     config = transformers.ResNetConfig(
-        embedding_size=8, hidden_sizes=[8, 16], depths=[4, 4], num_labels=10, image_size=32
+        embedding_size=16, hidden_sizes=[16, 32], depths=[4, 4], num_labels=10, image_size=32
     )
     return AdaptiveDepth.wrap(transformers.ResNetForImageClassification(config), input_size=[3, 32, 32])
 
@@ -84,7 +84,7 @@ def test_cooperative_training_lowers_the_loss_and_every_term_contributes(build) 
         f"{p}/s={s:g}/{t}"
         for p in "AB"
         for s, terms in [(1.0, ("ce", "guided", "interactive"))]
-        + [(s, ("self", "interactive")) for s in (0.25, 0.5, 0.75)]
+        + [(s, ("self", "interactive", "ce")) for s in (0.25, 0.5, 0.75)]
         for t in terms
     }
     assert set(loss.terms) == expected
@@ -99,7 +99,7 @@ def test_cooperative_training_lowers_the_loss_and_every_term_contributes(build) 
     trainer.train()
     history = trainer.progress.history
     assert len(history) == 8 and history[-1] < 0.8 * history[0], history
-    result = trainer.evaluate(costs=False)
+    result = trainer.evaluate(latency=False)
     assert result.deployed in ("A", "B")
     assert {(r.player, r.scaling_factor) for r in result.results} >= {("A", 0.25), ("B", 1.0), ("leader", 1.0)}
     assert result.model.config.extra["training"]["deployed"] == result.deployed
@@ -210,3 +210,56 @@ def test_script_two_processes_match_one_process_on_the_same_global_batch(tmp_pat
     for name in ("README.md", "config.json", "training_config.json", "results.json"):
         assert (tmp_path / "one" / name).is_file(), name
     assert not (tmp_path / "one" / "checkpoints").exists()
+
+
+def test_script_pushes_the_deployed_model_with_its_report_to_the_hub(tmp_path: Path, hub_repo, fake_hub_upload) -> None:
+    calls, uploaded = fake_hub_upload
+    out = tmp_path / "out"
+    argv = [
+        "--model", "test_convnext", "--random-init", "--epochs", "1", "--max-train-samples", "32",
+        "--max-eval-samples", "16", "--batch-size", "16", "--no-latency", "--report-to", "none",
+        "--output-dir", str(out), "--push-to-hub", "me/digits-adaptive",
+    ]  # fmt: skip
+    assert _script().main(argv) == 0
+    assert calls == {"create_repo": "me/digits-adaptive", "upload_folder": "me/digits-adaptive"}
+    pushed = sorted(p.name for p in uploaded.iterdir())
+    assert pushed == ["README.md", "config.json", "model.safetensors", "pareto.png"]
+    card = (uploaded / "README.md").read_text()
+    assert "## Training results" in card and "me/digits-adaptive" in card
+    # What was pushed is what was saved locally, and loads back from the Hub id.
+    for name in ("config.json", "model.safetensors"):
+        assert (uploaded / name).read_bytes() == (out / name).read_bytes(), name
+    hub_repo("me/digits-adaptive", uploaded)
+    loaded = AdaptiveDepth.from_pretrained("me/digits-adaptive").eval()
+    local = AdaptiveDepth.from_pretrained(out).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for s in (0.25, 1.0):
+            assert torch.equal(loaded.set_scaling_factor(s)(x), local.set_scaling_factor(s)(x))
+
+
+def test_cached_leader_logits_are_the_frozen_leaders_and_replace_its_forward(tmp_path: Path) -> None:
+    from adaptive_depth.training import load_image_classification_data, make_loaders
+
+    with pytest.raises(ConfigError, match="leader='frozen'"):
+        TrainingConfig(cache_leader_logits=True)
+    data = load_image_classification_data("digits", max_train_samples=40, max_eval_samples=20)
+    model = AdaptiveDepth.wrap(timm.create_model("test_convnext", num_classes=10), input_size=[3, 32, 32])
+    leader = timm.create_model("test_convnext", num_classes=10).eval()
+    config = TrainingConfig(leader="frozen", cache_leader_logits=True, epochs=1, batch_size=8, interactive=False)
+    loaders = make_loaders(data, model, batch_size=8, seed=0, input_size=[3, 32, 32], with_index=True)
+    trainer = CooperativeTrainer(
+        model, config, loaders.train, loaders.eval, leader=leader, accelerator=Accelerator(),
+        recalibration_loader=loaders.recalibration,
+    )  # fmt: skip
+    calls = []
+    leader.register_forward_hook(lambda *_: calls.append(1))
+    trainer.train()
+    cache = trainer.leader_cache
+    assert cache is not None and cache.shape == (len(data.train), 10)
+    assert len(calls) == len(loaders.recalibration)  # one pass before training, none during it
+    images, _, indices = next(iter(loaders.recalibration))
+    with torch.no_grad():
+        torch.testing.assert_close(cache[indices], leader(images))
+    with pytest.raises(ConfigError, match="with_index=True"):
+        trainer.training_step(images, torch.zeros(len(images), dtype=torch.long), ramp=1.0)

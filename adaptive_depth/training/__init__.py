@@ -5,10 +5,12 @@ from .data import (
     DIGITS,
     EpochSampler,
     ImageClassificationData,
+    Loaders,
     TransformedDataset,
     build_transform,
     digits_dataset,
     load_image_classification_data,
+    make_loaders,
 )
 from .evaluate import DepthResult, evaluate_accuracy
 from .losses import CooperativeLogits, CooperativeLoss, cooperative_loss, kd_loss, sfsl_weights
@@ -24,6 +26,7 @@ __all__ = [
     "DepthResult",
     "EpochSampler",
     "ImageClassificationData",
+    "Loaders",
     "TrainingConfig",
     "TrainingResult",
     "TransformedDataset",
@@ -34,5 +37,6 @@ __all__ = [
     "kd_loss",
     "load_image_classification_data",
     "logits_of",
+    "make_loaders",
     "sfsl_weights",
 ]

@@ -34,7 +34,9 @@ class TrainingConfig:
       and the sub-networks learn from the labels in their place (peers are random at the start).
 
     Args:
-        scaling_factors: the depths trained together, each in (0, 1]; 1.0 is always added.
+        scaling_factors: the depths trained together, each in (0, 1]; 1.0 is added unless ``full_depth=False``.
+        full_depth: train the full network too. ``False`` trains exactly ``scaling_factors``, the largest of them
+            in the full network's role (the "each depth trained alone" baseline: one depth, labels only).
         leader: ``"joint"`` (trained with the teammates), ``"frozen"`` (a fixed teacher, evaluation mode) or
             ``"none"`` (no guided learning: an ablation).
         interactive: two teammates that learn from each other; ``False`` trains one (an ablation).
@@ -42,7 +44,9 @@ class TrainingConfig:
         sfsl_gamma: SFSL exponent; 0 weights every depth equally (SFSL off).
         temperature: distillation temperature ``tau``.
         lambda_guided, lambda_interactive: weights of the guided and interactive terms.
-        sub_ce_weight: weight of a cross-entropy term on each sub-network (0: none, as in the paper).
+        sub_ce_weight: weight of a cross-entropy term on each sub-network (0: none, as in the paper). Default 1:
+            without labels the sub-networks only chase their peers, and from random initialisation the
+            Teammates stalled at 64-68% top-1 on the digits data where the Leader reached 99% (docs/training.md).
         leader_share_back: weight of the teammates' full-depth mean distilled back into the Leader.
         warmup_epochs: epochs over which the distillation terms ramp up (0: full weight from the start).
         epochs, learning_rate, weight_decay, batch_size (per process), gradient_accumulation_steps,
@@ -50,10 +54,22 @@ class TrainingConfig:
         label_smoothing: of every cross-entropy term.
         seed: everything random (heads, data order, augmentation) derives from it.
         per_depth_norms: recalibrate BatchNorm statistics for every trained depth after training.
+        cache_leader_logits: with ``leader="frozen"``, run the Leader once before training over the un-augmented
+            training images and reuse its logits every epoch (no Leader forward during training; the Teammates
+            see augmented views of the image the Leader saw plain). Needs loaders that yield indices
+            (``make_loaders(..., with_index=True)``).
+        sampled_depths: the sandwich rule: at each step the teammates run at the smallest and the top depth plus
+            this many depths drawn at random from the others (``None``: every trained depth, every step). A
+            teammate's loss is then the SFSL-weighted mean over the depths run.
+        layer_drop: LayerDrop-style random depth: at every step the top-depth forward of each teammate skips each
+            gateable block with this probability (one block per stage always runs). 0: off. With
+            ``scaling_factors=[1.0]`` and no peers it is the random-depth baseline. Under DDP the skipped blocks
+            differ per step, so the trainer's own Accelerator finds unused parameters.
         recalibration_batches: training batches read per depth by the recalibration.
     """
 
     scaling_factors: list[float] = field(default_factory=lambda: list(DEFAULT_SCALING_FACTORS))
+    full_depth: bool = True
     leader: str = "joint"
     interactive: bool = True
     self_distillation: bool = True
@@ -61,7 +77,7 @@ class TrainingConfig:
     temperature: float = 2.0
     lambda_guided: float = 1.0
     lambda_interactive: float = 1.0
-    sub_ce_weight: float = 0.0
+    sub_ce_weight: float = 1.0
     leader_share_back: float = 0.0
     warmup_epochs: float = 1.0
     epochs: int = 10
@@ -75,11 +91,15 @@ class TrainingConfig:
     seed: int = 0
     per_depth_norms: bool = True
     recalibration_batches: int = 20
+    cache_leader_logits: bool = False
+    sampled_depths: int | None = None
+    layer_drop: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.scaling_factors, list | tuple) or not self.scaling_factors:
             raise ConfigError(f"scaling_factors must be a list of values in (0, 1], got {self.scaling_factors!r}")
-        self.scaling_factors = sorted({check_scaling_factor(s) for s in self.scaling_factors} | {1.0})
+        full = {1.0} if self.full_depth else set()
+        self.scaling_factors = sorted({check_scaling_factor(s) for s in self.scaling_factors} | full)
         if self.leader not in LEADER_MODES:
             raise ConfigError(f"leader must be one of {LEADER_MODES}, got {self.leader!r}")
         for name in ("sfsl_gamma", "lambda_guided", "lambda_interactive", "sub_ce_weight", "leader_share_back"):
@@ -90,6 +110,16 @@ class TrainingConfig:
         self._check_number("learning_rate", minimum=0.0, inclusive=False)
         self._check_number("weight_decay", minimum=0.0)
         self._check_number("label_smoothing", minimum=0.0)
+        self._check_number("layer_drop", minimum=0.0)
+        if self.cache_leader_logits and self.leader != "frozen":
+            raise ConfigError(
+                f"cache_leader_logits needs leader='frozen' (a fixed teacher), got leader={self.leader!r}"
+            )
+        k = self.sampled_depths
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise ConfigError(f"sampled_depths must be None (every depth) or an integer >= 0, got {k!r}")
+        if self.layer_drop >= 1:
+            raise ConfigError(f"layer_drop must be in [0, 1), got {self.layer_drop!r}")
         if self.label_smoothing >= 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "recalibration_batches"):
@@ -112,9 +142,14 @@ class TrainingConfig:
             raise ConfigError(f"{name} must be a number {bound}, got {value!r}")
 
     @property
+    def top_scaling_factor(self) -> float:
+        """The largest trained depth: the network the others distil from (1.0 unless ``full_depth=False``)."""
+        return self.scaling_factors[-1]
+
+    @property
     def sub_scaling_factors(self) -> list[float]:
-        """The trained depths below full depth."""
-        return [s for s in self.scaling_factors if s < 1.0]
+        """The trained depths below the top one."""
+        return self.scaling_factors[:-1]
 
     @property
     def num_teammates(self) -> int:

@@ -17,6 +17,7 @@ import datasets
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ..errors import DataError
 
@@ -24,10 +25,12 @@ __all__ = [
     "DIGITS",
     "EpochSampler",
     "ImageClassificationData",
+    "Loaders",
     "TransformedDataset",
     "build_transform",
     "digits_dataset",
     "load_image_classification_data",
+    "make_loaders",
 ]
 
 DIGITS = "digits"
@@ -238,7 +241,11 @@ def build_transform(
 
 
 class TransformedDataset(torch.utils.data.Dataset):
-    """A ``datasets.Dataset`` as ``(pixels, label)`` pairs, with augmentation seeded per (seed, epoch, index)."""
+    """A ``datasets.Dataset`` as ``(pixels, label)`` pairs, with augmentation seeded per (seed, epoch, index).
+
+    With ``with_index=True`` the items are ``(pixels, label, index)`` (for per-image caches such as the Leader's
+    logits).
+    """
 
     def __init__(
         self,
@@ -248,8 +255,9 @@ class TransformedDataset(torch.utils.data.Dataset):
         label_column: str,
         *,
         seed: int = 0,
+        with_index: bool = False,
     ) -> None:
-        self.data, self.transform = data, transform
+        self.data, self.transform, self.with_index = data, transform, with_index
         self.image_column, self.label_column = image_column, label_column
         self.seed, self.epoch = seed, 0
 
@@ -260,7 +268,7 @@ class TransformedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, int]:
         example = self.data[int(index)]
         seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index)
         state = random.getstate()
@@ -271,7 +279,8 @@ class TransformedDataset(torch.utils.data.Dataset):
                 pixels = self.transform(example[self.image_column])
         finally:
             random.setstate(state)
-        return pixels, int(example[self.label_column])
+        label = int(example[self.label_column])
+        return (pixels, label, int(index)) if self.with_index else (pixels, label)
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -292,3 +301,56 @@ class EpochSampler(torch.utils.data.Sampler[int]):
             return iter(range(self.num_samples))
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(torch.randperm(self.num_samples, generator=g).tolist())
+
+
+@dataclass
+class Loaders:
+    """The three loaders of a run: augmented training, un-augmented training (BatchNorm recalibration), held-out."""
+
+    train: DataLoader
+    recalibration: DataLoader
+    eval: DataLoader
+
+
+def make_loaders(
+    data: ImageClassificationData,
+    model: nn.Module,
+    *,
+    batch_size: int,
+    seed: int,
+    input_size: Sequence[int] | None = None,
+    num_workers: int = 0,
+    with_index: bool = False,
+) -> Loaders:
+    """Loaders with the model's own preprocessing (training augmentation on the first), seeded by ``seed``.
+
+    Args:
+        data: what :func:`load_image_classification_data` returned.
+        model: the model whose preprocessing config is used (an ``AdaptiveDepth`` or a plain module).
+        batch_size: per process.
+        seed: data order and augmentation.
+        input_size: ``[C, H, W]`` (default: the model's).
+        num_workers: ``DataLoader`` worker processes.
+        with_index: the two training loaders also yield each image's index (``TrainingConfig.cache_leader_logits``).
+    """
+    inner = getattr(model, "model", model)
+    train_tf = build_transform(inner, train=True, input_size=input_size)
+    eval_tf = build_transform(inner, train=False, input_size=input_size)
+    cols = (data.image_column, data.label_column)
+
+    def loader(ds: datasets.Dataset, transform: Any, *, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        sampler = EpochSampler(len(ds), shuffle=True, seed=seed) if shuffle else None
+        return DataLoader(
+            TransformedDataset(ds, transform, *cols, seed=seed, with_index=with_index and shuffle),
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    return Loaders(
+        train=loader(data.train, train_tf, shuffle=True, drop_last=True),
+        recalibration=loader(data.train, eval_tf, shuffle=True),
+        eval=loader(data.eval, eval_tf, shuffle=False),
+    )

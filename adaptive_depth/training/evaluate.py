@@ -94,16 +94,19 @@ def evaluate_accuracy(
     return results
 
 
-def measure_costs(model: nn.Module, example: torch.Tensor, scaling_factors: Sequence[float]) -> dict[float, tuple]:
-    """``{s: (GFLOPs, latency ms)}`` of one image at each depth (full depth only for a plain model)."""
+def measure_costs(
+    model: nn.Module, example: torch.Tensor, scaling_factors: Sequence[float], *, latency: bool = True
+) -> dict[float, tuple[float, float | None]]:
+    """``{s: (GFLOPs, latency ms or None)}`` of one image at each depth (full depth only for a plain model)."""
     was_training = model.training
     model.eval()
     adaptive = isinstance(model, AdaptiveDepth)
-    out = {}
+    out: dict[float, tuple[float, float | None]] = {}
     try:
         for s in scaling_factors if adaptive else [1.0]:
             with model.scaled(s) if adaptive else contextlib.nullcontext():
-                out[s] = (count_flops(model, example) / 1e9, measure_latency_ms(model, example))
+                ms = measure_latency_ms(model, example) if latency else None
+                out[s] = (count_flops(model, example) / 1e9, ms)
     finally:
         model.train(was_training)
     return out

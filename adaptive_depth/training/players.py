@@ -88,23 +88,51 @@ class CooperativeModel(nn.Module):
         teammates: the depth-gated networks.
         scaling_factors: the depths each teammate runs at every step.
         leader: a Leader trained jointly (``None``: no Leader, or a frozen one run outside this module).
+        layer_drop: in training mode, the top depth skips random blocks with this probability (LayerDrop-style).
+        sampled_depths: in training mode, run the smallest and the top depth plus this many others drawn at random
+            (the sandwich rule; ``None``: every depth).
     """
 
     def __init__(
-        self, teammates: Sequence[AdaptiveDepth], scaling_factors: Sequence[float], leader: nn.Module | None = None
+        self,
+        teammates: Sequence[AdaptiveDepth],
+        scaling_factors: Sequence[float],
+        leader: nn.Module | None = None,
+        layer_drop: float = 0.0,
+        sampled_depths: int | None = None,
     ) -> None:
         super().__init__()
         self.teammates = nn.ModuleList(teammates)
         self.leader = leader
         self.scaling_factors = sorted(scaling_factors, reverse=True)
+        self.layer_drop = layer_drop
+        self.sampled_depths = sampled_depths
+
+    def depths_to_run(self) -> list[float]:
+        """This step's depths, largest first: all of them, or (training, sandwich rule) top, smallest and a sample.
+
+        The sample comes from torch's random number generator: seeded, checkpointed, the same on every process.
+        """
+        depths = self.scaling_factors
+        k = self.sampled_depths
+        if k is None or not self.training or len(depths) <= k + 2:
+            return list(depths)
+        middle = depths[1:-1]
+        picked = [middle[i] for i in torch.randperm(len(middle))[:k].tolist()]
+        return sorted({depths[0], depths[-1], *picked}, reverse=True)
 
     def forward(self, pixel_values: torch.Tensor) -> CooperativeLogits:
         leader = logits_of(self.leader(pixel_values)) if self.leader is not None else None
+        top = self.scaling_factors[0]
+        depths = self.depths_to_run()
         outputs = []
         for teammate in self.teammates:
             by_depth = {}
-            for s in self.scaling_factors:
-                teammate.set_scaling_factor(s)
+            for s in depths:
+                if s == top and self.layer_drop > 0 and self.training:
+                    teammate.drop_blocks(self.layer_drop)
+                else:
+                    teammate.set_scaling_factor(s)
                 by_depth[s] = logits_of(teammate(pixel_values))
             teammate.set_scaling_factor(1.0)
             outputs.append(by_depth)

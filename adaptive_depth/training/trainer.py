@@ -13,12 +13,14 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..model import AdaptiveDepth
+from ..policy import check_scaling_factor
 from ..report import results_markdown
 from .config import TrainingConfig
 from .evaluate import DepthResult, evaluate_accuracy, measure_costs
@@ -126,7 +128,13 @@ class CooperativeTrainer:
         if checkpoint_steps is not None and checkpoint_steps < 1:
             raise ConfigError(f"checkpoint_steps must be a positive integer, got {checkpoint_steps!r}")
         self.config = config
-        self.accelerator = accelerator or Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
+        if accelerator is None:
+            # Random depth leaves different blocks unused at each step: DDP must be told to expect that.
+            handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if config.layer_drop > 0 else []
+            accelerator = Accelerator(
+                gradient_accumulation_steps=config.gradient_accumulation_steps, kwargs_handlers=handlers
+            )
+        self.accelerator = accelerator
         if self.accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
             raise ConfigError(
                 f"the Accelerator accumulates {self.accelerator.gradient_accumulation_steps} steps but the config "
@@ -144,13 +152,16 @@ class CooperativeTrainer:
         if self.leader is not None and config.leader == "frozen":
             self.leader.requires_grad_(False)
         joint = self.leader if config.leader == "joint" else None
-        self.module = CooperativeModel(self.teammates, config.scaling_factors, joint)
+        self.module = CooperativeModel(
+            self.teammates, config.scaling_factors, joint, config.layer_drop, config.sampled_depths
+        )
         self.num_classes = num_classes
         self.top5 = top5
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.checkpoint_steps = checkpoint_steps
         self.log_every = log_every
         self.progress = _Progress()
+        self.leader_cache: torch.Tensor | None = None  # with cache_leader_logits: the frozen Leader's logits
 
         acc = self.accelerator
         trainable = [p for p in self.module.parameters() if p.requires_grad]
@@ -182,12 +193,27 @@ class CooperativeTrainer:
             return 1.0
         return min(1.0, (epoch + batch / max(1, len(self.train_loader))) / self.config.warmup_epochs)
 
-    def training_step(self, images: torch.Tensor, labels: torch.Tensor, ramp: float) -> CooperativeLoss:
-        """Forward every player at every depth, compute the cooperative loss and back-propagate it once."""
+    def training_step(
+        self, images: torch.Tensor, labels: torch.Tensor, ramp: float, indices: torch.Tensor | None = None
+    ) -> CooperativeLoss:
+        """Forward every player at every depth, compute the cooperative loss and back-propagate it once.
+
+        Args:
+            images, labels: the batch.
+            ramp: distillation warm-up progress in [0, 1].
+            indices: the images' dataset indices (needed with ``cache_leader_logits``).
+        """
         acc = self.accelerator
         with acc.autocast():
             logits = self.module(images)
-            if self.frozen_leader is not None:
+            if self.leader_cache is not None:
+                if indices is None:
+                    raise ConfigError(
+                        "cache_leader_logits needs training batches of (images, labels, indices): build the loaders "
+                        "with make_loaders(..., with_index=True) or a dataset that returns each image's index"
+                    )
+                logits.leader = self.leader_cache[indices.to(self.leader_cache.device)]
+            elif self.frozen_leader is not None:
                 with torch.no_grad():
                     logits.leader = logits_of(self.frozen_leader(images))
         loss = cooperative_loss(logits, labels, self.config, ramp)
@@ -199,6 +225,32 @@ class CooperativeTrainer:
             self.scheduler.step()
         self.optimizer.zero_grad()
         return loss
+
+    @torch.no_grad()
+    def cache_leader_logits(self) -> torch.Tensor:
+        """The frozen Leader's logits for every training image, un-augmented, indexed by dataset index.
+
+        One pass over the recalibration loader (un-augmented training images with indices), gathered from every
+        process, so each process holds the whole table. Deterministic: a resumed run computes the same table.
+        """
+        loader = self.recalibration_loader
+        if loader is None or self.frozen_leader is None:
+            raise ConfigError("cache_leader_logits needs a frozen Leader and a recalibration_loader yielding indices")
+        found: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for batch in tqdm(loader, desc="leader logits", disable=not self.accelerator.is_local_main_process):
+            if len(batch) < 3:
+                raise ConfigError(
+                    "cache_leader_logits needs a recalibration_loader of (images, labels, indices): build the "
+                    "loaders with make_loaders(..., with_index=True)"
+                )
+            with self.accelerator.autocast():
+                logits = logits_of(self.frozen_leader(batch[0])).float()
+            found.append(self.accelerator.gather((batch[2], logits)))
+        indices = torch.cat([i for i, _ in found])
+        logits = torch.cat([z for _, z in found])
+        table = torch.zeros(len(loader.dataset), logits.shape[-1], device=logits.device)
+        table[indices] = logits
+        return table
 
     def checkpoint_dirs(self) -> list[Path]:
         """Saved training states, oldest first."""
@@ -234,6 +286,8 @@ class CooperativeTrainer:
             path = self._resolve_checkpoint(resume_from_checkpoint)
             acc.load_state(str(path))
             acc.print(f"resumed from {path}: epoch {self.progress.epoch}, step {self.progress.step}")
+        if config.cache_leader_logits and self.leader_cache is None:
+            self.leader_cache = self.cache_leader_logits()
         self.module.train()
         if self.frozen_leader is not None:
             self.frozen_leader.eval()
@@ -246,9 +300,9 @@ class CooperativeTrainer:
             loader = acc.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
             # Summed on the device: reading it back every step would wait for the GPU each time.
             loss_sum = torch.tensor(self.progress.loss_sum, device=acc.device)
-            for batch_index, (images, labels) in enumerate(loader, start=skip):
+            for batch_index, (images, labels, *index) in enumerate(loader, start=skip):
                 with acc.accumulate(self.module):
-                    loss = self.training_step(images, labels, self._ramp(epoch, batch_index))
+                    loss = self.training_step(images, labels, self._ramp(epoch, batch_index), *index)
                 loss_sum += loss.total.detach()
                 self.progress.batches_done = batch_index + 1
                 if not acc.sync_gradients:
@@ -278,32 +332,43 @@ class CooperativeTrainer:
         bar.close()
 
     # ------------------------------------------------------------------ after training
-    def recalibrate(self) -> None:
-        """Per-depth BatchNorm statistics for every teammate (averaged over processes)."""
+    def recalibrate(self, scaling_factors: Sequence[float] | None = None) -> None:
+        """Per-depth BatchNorm statistics for every teammate (averaged over processes).
+
+        Args:
+            scaling_factors: the depths to recalibrate (default: the trained ones).
+        """
         loader = self.recalibration_loader or self.train_loader
         self._set_epoch(loader, 0)
         for teammate in self.teammates:
             teammate.recalibrate_norms(
                 loader,
-                self.config.scaling_factors,
+                scaling_factors or self.config.scaling_factors,
                 max_batches=self.config.recalibration_batches,
                 reduce=lambda t: self.accelerator.reduce(t, "mean"),
             )
 
-    def evaluate(self, *, costs: bool = True) -> TrainingResult:
-        """Accuracy (and FLOPs / latency) of every player at every depth; picks the deployed teammate."""
+    def evaluate(self, *, latency: bool = True, scaling_factors: Sequence[float] | None = None) -> TrainingResult:
+        """Accuracy, FLOPs (and latency, batch 1) of every player at every depth; picks the deployed teammate.
+
+        Args:
+            latency: also measure latency at batch 1 (FLOPs are always counted).
+            scaling_factors: the depths to evaluate (default: the trained ones); baselines trained at fewer depths
+                are evaluated at all of them, each with its own recalibrated BatchNorm statistics.
+        """
         if self.eval_loader is None:
             raise ConfigError("evaluate() needs an eval_loader")
         acc, config = self.accelerator, self.config
+        depths = sorted({check_scaling_factor(s) for s in scaling_factors or config.scaling_factors})
         num_classes = self.num_classes or self._infer_num_classes()
         before: dict[str, dict[float, tuple[float, float | None]]] = {}
         names = list(TEAMMATE_NAMES[: len(self.teammates)])
         if config.per_depth_norms:
             for name, t in zip(names, self.teammates):
                 before[name] = evaluate_accuracy(  # only top-1 is reported for the training statistics
-                    t, self.eval_loader, acc, config.scaling_factors, num_classes=num_classes, top5=False, desc=name
+                    t, self.eval_loader, acc, depths, num_classes=num_classes, top5=False, desc=name
                 )
-            self.recalibrate()
+            self.recalibrate(depths)
         results: list[DepthResult] = []
         example = self.teammates[0].example_input(1)  # costs do not depend on the pixels
         players: list[tuple[str, nn.Module]] = list(zip(names, self.teammates))
@@ -314,17 +379,17 @@ class CooperativeTrainer:
                 player,
                 self.eval_loader,
                 acc,
-                config.scaling_factors,
+                depths,
                 num_classes=num_classes,
                 top5=self.top5,
                 desc=name,
             )
-            cost = measure_costs(player, example, list(scores)) if costs else {}
+            cost = measure_costs(player, example, list(scores), latency=latency)
             for s, (top1, top5) in scores.items():
                 gflops, ms = cost.get(s, (None, None))
                 trained = before.get(name, {}).get(s, (None,))[0]
                 results.append(DepthResult(name, s, top1, top5, trained, gflops, ms))
-        means = {n: sum(r.top1 for r in results if r.player == n) / len(config.scaling_factors) for n in names}
+        means = {n: sum(r.top1 for r in results if r.player == n) / len(depths) for n in names}
         deployed = max(names, key=lambda n: means[n])
         model = self.teammates[names.index(deployed)]
         model.config.extra["training"] = {
