@@ -1,0 +1,196 @@
+"""Accuracy benchmark: the cooperative method against its ablations and every baseline (issue 4, part 2).
+
+Same data, model, epochs and optimiser for every method; every method evaluated at every scaling factor with the
+same per-depth BatchNorm recalibration, in one run; output as a Markdown table (mean and spread over seeds), a
+JSON file and an accuracy-vs-FLOPs plot.
+
+    python benchmarks/accuracy.py                                   # digits, regnetx_002, 10 epochs, seeds 0 1
+    python benchmarks/accuracy.py --methods cooperative random-depth plain --seeds 0
+    python benchmarks/accuracy.py --model resnet50 --dataset imagefolder:PATH --image-size 224 --epochs 10  # GPU
+
+Methods (each a TrainingConfig of the same trainer, see docs/benchmarks.md):
+    cooperative        the full method (Leader, two Teammates, self + interactive + guided learning, SFSL)
+    no-leader          ablation: no guided learning
+    one-teammate       ablation: no interactive learning
+    no-sfsl            ablation: every depth weighted equally
+    sandwich           cheaper mode: the smallest and top depth plus one random depth per step
+    (no per-depth BN)  ablation read off the cooperative run: accuracy with the statistics of training
+    plain              the full network fine-tuned alone, then cut to depth s
+    random-depth       LayerDrop-style: a random subset of blocks skipped at each step
+    two-path           ADN-style: full network on labels, the smallest one distilled from it
+    alone              each depth fine-tuned on its own (one run per depth)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from adaptive_depth.model import pretrained_or_random
+from adaptive_depth.report import pareto_plot
+from adaptive_depth.training import CooperativeTrainer, TrainingConfig, load_image_classification_data, make_loaders
+
+SINGLE = {"leader": "none", "interactive": False}  # one network, no peers
+METHODS: dict[str, dict[str, Any]] = {
+    "cooperative": {},
+    "no-leader": {"leader": "none"},
+    "one-teammate": {"interactive": False},
+    "no-sfsl": {"sfsl_gamma": 0.0},
+    "sandwich": {"sampled_depths": 1},  # cheaper: smallest and top depth plus one random depth per step
+    "plain": {"scaling_factors": [1.0], **SINGLE},
+    "random-depth": {"scaling_factors": [1.0], "layer_drop": 0.5, **SINGLE},
+    "two-path": {"sub_ce_weight": 0.0, "warmup_epochs": 0.0, **SINGLE},  # scaling factors: smallest and 1
+    "alone": {"full_depth": False, **SINGLE},  # one run per depth
+}
+NO_BN = "cooperative, no per-depth BN"
+
+
+@dataclass
+class Run:
+    """One method, one seed: top-1 per depth, GFLOPs per depth, and the training wall time."""
+
+    method: str
+    seed: int
+    top1: dict[float, float] = field(default_factory=dict)
+    gflops: dict[float, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def configs(method: str, base: TrainingConfig, depths: list[float]) -> list[tuple[TrainingConfig, list[float]]]:
+    """The training configs of a method and the depths each is evaluated at."""
+    overrides = dict(METHODS[method])
+    if method == "alone":
+        return [(replace(base, **overrides, scaling_factors=[s]), [s]) for s in depths if s < 1.0]
+    if method == "two-path":
+        overrides["scaling_factors"] = [min(depths), 1.0]
+    return [(replace(base, **overrides), depths)]
+
+
+def run_method(method: str, seed: int, args: argparse.Namespace, data: Any) -> list[Run]:
+    """Train and evaluate one method with one seed (two runs for the cooperative: with and without per-depth BN)."""
+    base = TrainingConfig(
+        scaling_factors=args.scaling_factors, epochs=args.epochs, learning_rate=args.learning_rate,
+        batch_size=args.batch_size, seed=seed,
+    )  # fmt: skip
+    depths = base.scaling_factors
+    run, no_bn = Run(method, seed), Run(NO_BN, seed)
+    for config, eval_depths in configs(method, base, depths):
+        set_seed(seed)
+        model = pretrained_or_random(
+            args.model, weights=args.weights, seed=seed, num_classes=data.num_classes,
+            scaling_factors=config.scaling_factors, input_size=args.input_size,
+        )  # fmt: skip
+        loaders = make_loaders(data, model, batch_size=config.batch_size, seed=seed, input_size=model.config.input_size)
+        trainer = CooperativeTrainer(
+            model, config, loaders.train, loaders.eval, accelerator=Accelerator(),
+            num_classes=data.num_classes, top5=False, recalibration_loader=loaders.recalibration,
+        )  # fmt: skip
+        start = time.perf_counter()
+        trainer.train()
+        run.seconds += time.perf_counter() - start
+        result = trainer.evaluate(latency=False, scaling_factors=eval_depths)
+        for r in result.results:
+            if r.player != result.deployed:
+                continue
+            run.top1[r.scaling_factor], run.gflops[r.scaling_factor] = r.top1, r.gflops
+            if r.top1_trained_norms is not None:
+                no_bn.top1[r.scaling_factor], no_bn.gflops[r.scaling_factor] = r.top1_trained_norms, r.gflops
+        logging.info("%s seed %d: %s (%.0f s)", method, seed, run.top1, run.seconds)
+    if method == "alone":  # the full depth "alone" is the plain full network
+        run.top1[1.0] = float("nan")
+    if method == "cooperative":
+        no_bn.seconds = run.seconds
+        return [run, no_bn]
+    return [run]
+
+
+def summary(runs: list[Run], depths: list[float]) -> dict[str, dict[float, tuple[float, float, int]]]:
+    """Per method and depth: mean top-1, standard deviation over seeds, number of seeds."""
+    table: dict[str, dict[float, tuple[float, float, int]]] = {}
+    for method in dict.fromkeys(r.method for r in runs):
+        rows = [r for r in runs if r.method == method]
+        table[method] = {}
+        for s in depths:
+            values = [r.top1[s] for r in rows if s in r.top1 and r.top1[s] == r.top1[s]]  # NaN: not trained
+            if values:
+                spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                table[method][s] = (statistics.mean(values), spread, len(values))
+    return table
+
+
+def markdown(runs: list[Run], depths: list[float]) -> str:
+    """Top-1 (mean ± std over seeds) per method and depth, the training time, and the gap to the plain network."""
+    table = summary(runs, depths)
+    seconds = {m: statistics.mean(r.seconds for r in runs if r.method == m) for m in table}
+    head = " | ".join(f"s={s:g}" for s in depths)
+    lines = [f"| method | {head} | training time (s) |", "|---|" + "---|" * len(depths) + "---|"]
+    for method, cells in table.items():
+        row = " | ".join(
+            f"{cells[s][0]:.2f} ± {cells[s][1]:.2f}" if s in cells and cells[s][2] > 1 else
+            (f"{cells[s][0]:.2f}" if s in cells else "-")
+            for s in depths
+        )  # fmt: skip
+        lines.append(f"| {method} | {row} | {seconds[method]:.0f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="regnetx_002")
+    p.add_argument("--weights", choices=["auto", "pretrained", "random"], default="auto")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--scaling-factors", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--learning-rate", type=float, default=1e-2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--max-train-samples", type=int, default=None)
+    p.add_argument("--max-eval-samples", type=int, default=None)
+    p.add_argument("--output-dir", type=Path, default=Path("out/benchmarks/accuracy"))
+    args = p.parse_args(argv)
+    args.input_size = [3, args.image_size, args.image_size]
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Run]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    data = load_image_classification_data(
+        args.dataset, seed=0, max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples
+    )
+    start = time.perf_counter()
+    runs = [r for seed in args.seeds for method in args.methods for r in run_method(method, seed, args, data)]
+    depths = sorted(set(args.scaling_factors) | {1.0})
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown(runs, depths)
+    title = f"{args.model} on {data.source}: top-1 (%) on {len(data.eval)} held-out images, seeds {args.seeds}"
+    print(f"\n## {title}, {args.epochs} epochs, {(time.perf_counter() - start) / 60:.1f} min\n\n{table}")
+    (args.output_dir / "accuracy.md").write_text(f"{title}\n\n{table}\n", encoding="utf-8")
+    (args.output_dir / "accuracy.json").write_text(json.dumps([asdict(r) for r in runs], indent=2), encoding="utf-8")
+    points = [
+        {
+            "player": method,
+            "scaling_factor": s,
+            "top1": mean,
+            "gflops": next(r.gflops[s] for r in runs if s in r.gflops),
+        }
+        for method, cells in summary(runs, depths).items()
+        for s, (mean, _, _) in cells.items()
+    ]
+    pareto_plot(points, args.output_dir / "accuracy.png", title=title.split(":")[0])
+    return runs
+
+
+if __name__ == "__main__":
+    main()

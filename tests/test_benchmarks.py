@@ -1,0 +1,112 @@
+"""The benchmark scripts' code paths on tiny models, and the training modes the baselines rest on.
+
+No timing is asserted here: timings belong to the benchmarks' output (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from adaptive_depth import AdaptiveDepth, ConfigError
+from adaptive_depth.training import CooperativeLogits, TrainingConfig, cooperative_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _regnet() -> AdaptiveDepth:
+    return AdaptiveDepth.wrap(timm.create_model("regnetx_002", num_classes=3), input_size=[3, 32, 32])
+
+
+def test_drop_blocks_skips_random_blocks_reproducibly_and_keeps_every_stage() -> None:
+    model = _regnet()
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(3)
+    first = model.drop_blocks(0.5).active_depth
+    assert model.scaling_factor is None
+    torch.manual_seed(3)
+    assert model.drop_blocks(0.5).active_depth == first  # the torch RNG drives it: seeds and checkpoints reproduce
+    seen = set()
+    for _ in range(30):
+        depth = tuple(model.drop_blocks(0.9).active_depth)
+        assert all(d >= 1 for d in depth)
+        seen.add(depth)
+        model.eval()(x)  # every sampled depth runs
+    assert len(seen) > 3  # really random
+    assert model.drop_blocks(0.0).active_depth == model.depth_for(1.0)
+    model.set_scaling_factor(0.5)
+    assert model.active_depth == model.depth_for(0.5)
+    for bad in (1.0, -0.1, "0.5"):
+        with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+            model.drop_blocks(bad)  # type: ignore[arg-type]
+
+
+def test_training_config_for_baselines() -> None:
+    alone = TrainingConfig(scaling_factors=[0.5], full_depth=False, leader="none", interactive=False)
+    assert alone.scaling_factors == [0.5] and alone.top_scaling_factor == 0.5 and alone.sub_scaling_factors == []
+    assert TrainingConfig(scaling_factors=[0.5]).scaling_factors == [0.5, 1.0]
+    with pytest.raises(ConfigError, match="layer_drop"):
+        TrainingConfig(layer_drop=1.0)
+    # Below a top depth < 1 the objective distils from that top depth.
+    config = TrainingConfig(scaling_factors=[0.25, 0.5], full_depth=False, leader="none", interactive=False)
+    logits = CooperativeLogits([{0.5: torch.tensor([[2.0, 0.0]]), 0.25: torch.tensor([[0.0, 1.0]])}])
+    loss = cooperative_loss(logits, torch.tensor([0]), config)
+    assert set(loss.terms) == {"A/s=0.5/ce", "A/s=0.25/self", "A/s=0.25/ce"}
+
+
+def test_accuracy_benchmark_runs_every_baseline_at_every_depth(tmp_path: Path) -> None:
+    bench = _script("accuracy")
+    out = tmp_path / "acc"
+    runs = bench.main(
+        [
+            "--model", "regnetx_002", "--weights", "random", "--max-train-samples", "32", "--max-eval-samples",
+            "16", "--epochs", "1", "--batch-size", "16", "--seeds", "0", "--scaling-factors", "0.5", "1.0",
+            "--methods", "cooperative", "plain", "random-depth", "two-path", "alone", "--output-dir", str(out),
+        ]
+    )  # fmt: skip
+    by_method = {r.method: r for r in runs}
+    assert set(by_method) == {"cooperative", bench.NO_BN, "plain", "random-depth", "two-path", "alone"}
+    for method in ("cooperative", bench.NO_BN, "plain", "random-depth", "two-path"):
+        assert set(by_method[method].top1) == {0.5, 1.0}, method
+        assert all(0 <= v <= 100 for v in by_method[method].top1.values())
+    # "alone" trains s=0.5 on its own and leaves the full depth to "plain"
+    assert by_method["alone"].top1[0.5] >= 0 and math.isnan(by_method["alone"].top1[1.0])
+    assert by_method["plain"].gflops[0.5] < by_method["plain"].gflops[1.0]
+    table = (out / "accuracy.md").read_text()
+    assert "| random-depth |" in table and "| alone |" in table
+    assert len(json.loads((out / "accuracy.json").read_text())) == len(runs)
+    assert (out / "accuracy.png").stat().st_size > 0
+
+
+def test_inference_benchmark_reports_every_depth_and_the_targets(tmp_path: Path) -> None:
+    bench = _script("inference")
+    out = tmp_path / "inference.json"
+    reports = bench.main(
+        ["--models", "test_vit", "--batch-sizes", "1", "2", "--repeats", "1", "--warmup", "0", "--compile", "none",
+         "--json", str(out)]
+    )  # fmt: skip
+    (report,) = reports
+    assert {(d.batch_size, d.scaling_factor) for d in report.depths} == {
+        (b, s) for b in (1, 2) for s in (0.25, 0.5, 0.75, 1.0)
+    }
+    full = [d for d in report.depths if d.scaling_factor == 1.0]
+    assert all(d.latency_ratio == 1.0 and d.flops_ratio == 1.0 for d in full)
+    assert all(d.flops_ratio < 1.0 and d.params_m < full[0].params_m for d in report.depths if d.scaling_factor < 0.5)
+    assert report.switch_us > 0 and report.weights_moved is False
+    assert json.loads(out.read_text())["reports"][0]["model"] == "test_vit"
+    assert "latency/FLOPs ratio at s=0.5" in bench.markdown(reports)
