@@ -114,3 +114,24 @@ def test_push_to_hub_uploads_exactly_the_saved_files_and_loads_back(hub_repo, fa
     for s in (1.0, 0.5, 0.25):
         with torch.no_grad():
             assert torch.equal(loaded.set_scaling_factor(s)(x), model.set_scaling_factor(s)(x))
+
+
+def test_pretrained_or_random_says_loudly_when_it_falls_back(caplog) -> None:
+    from adaptive_depth import ConfigError
+    from adaptive_depth.model import pretrained_or_random
+
+    kwargs = {"num_classes": 3, "input_size": [3, 32, 32]}
+    with pytest.raises(WeightsUnavailableError):  # nothing cached, offline: an error when weights are required
+        pretrained_or_random("regnetx_002", weights="pretrained", **kwargs)
+    with caplog.at_level("WARNING"):
+        model = pretrained_or_random("regnetx_002", weights="auto", seed=4, **kwargs)
+    assert "NO PRETRAINED WEIGHTS" in caplog.text and "RANDOM INITIALISATION" in caplog.text
+    assert model.config.base_model.pretrained is False
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        again = pretrained_or_random("regnetx_002", weights="random", seed=4, **kwargs)
+    assert "NO PRETRAINED" not in caplog.text  # random on purpose: nothing to warn about
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)  # the seed makes the initialisation reproducible, fallback or not
+    with pytest.raises(ConfigError, match="weights must be one of"):
+        pretrained_or_random("regnetx_002", weights="maybe")
