@@ -28,7 +28,7 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,7 @@ def run_method(method: str, seed: int, args: argparse.Namespace, data: Any) -> l
     """Train and evaluate one method with one seed (two runs for the cooperative: with and without per-depth BN)."""
     base = TrainingConfig(
         scaling_factors=args.scaling_factors, epochs=args.epochs, learning_rate=args.learning_rate,
-        batch_size=args.batch_size, seed=seed,
+        batch_size=args.batch_size, seed=seed, **args.set,
     )  # fmt: skip
     depths = base.scaling_factors
     run, no_bn = Run(method, seed), Run(NO_BN, seed)
@@ -89,7 +89,7 @@ def run_method(method: str, seed: int, args: argparse.Namespace, data: Any) -> l
         set_seed(seed)
         model = pretrained_or_random(
             args.model, weights=args.weights, seed=seed, num_classes=data.num_classes,
-            scaling_factors=config.scaling_factors, input_size=args.input_size,
+            scaling_factors=config.scaling_factors, input_size=args.input_size, policy=args.policy,
         )  # fmt: skip
         loaders = make_loaders(data, model, batch_size=config.batch_size, seed=seed, input_size=model.config.input_size)
         trainer = CooperativeTrainer(
@@ -157,12 +157,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
+    p.add_argument("--policy", choices=["last", "spread"], default="last", help="which blocks a stage drops first")
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="TrainingConfig fields for every method, e.g. temperature=4 sfsl_gamma=2 (values parsed as JSON)",
+    )
     p.add_argument("--max-train-samples", type=int, default=None)
     p.add_argument("--max-eval-samples", type=int, default=None)
     p.add_argument("--output-dir", type=Path, default=Path("out/benchmarks/accuracy"))
     args = p.parse_args(argv)
     args.input_size = [3, args.image_size, args.image_size]
+    args.set = dict(_field(item, p) for item in args.set)
     return args
+
+
+def _field(item: str, parser: argparse.ArgumentParser) -> tuple[str, Any]:
+    """``FIELD=VALUE`` of ``--set``: a TrainingConfig field and its JSON value (a bare word is a string)."""
+    name, sep, raw = item.partition("=")
+    known = {f.name for f in fields(TrainingConfig)}
+    if not sep or name not in known:
+        parser.error(f"--set takes FIELD=VALUE with FIELD one of {sorted(known)}, got {item!r}")
+    try:
+        return name, json.loads(raw)
+    except json.JSONDecodeError:
+        return name, raw
 
 
 def main(argv: list[str] | None = None) -> list[Run]:

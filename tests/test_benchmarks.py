@@ -110,3 +110,12 @@ def test_inference_benchmark_reports_every_depth_and_the_targets(tmp_path: Path)
     assert report.switch_us > 0 and report.weights_moved is False
     assert json.loads(out.read_text())["reports"][0]["model"] == "test_vit"
     assert "latency/FLOPs ratio at s=0.5" in bench.markdown(reports)
+
+
+def test_accuracy_benchmark_config_overrides_are_checked() -> None:
+    bench = _script("accuracy")
+    args = bench.parse_args(["--set", "temperature=1", "leader=none", "sampled_depths=null"])
+    assert args.set == {"temperature": 1, "leader": "none", "sampled_depths": None}
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--set", "temprature=1"])  # a typo is an error, not a silently ignored value
+    assert "sandwich" not in bench.DEFAULT_METHODS and "sandwich" in bench.METHODS
