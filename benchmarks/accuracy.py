@@ -14,6 +14,8 @@ Methods (each a TrainingConfig of the same trainer, see docs/benchmarks.md):
     one-teammate       ablation: no interactive learning
     no-sfsl            ablation: every depth weighted equally
     sandwich           cheaper mode: the smallest and top depth plus one random depth per step (not in the default)
+    frozen-leader      cheaper mode: the Leader trained first on its own, then a fixed teacher (not in the default)
+    frozen-leader-cached   the same, its logits computed once before training (not in the default)
     (no per-depth BN)  ablation read off the cooperative run: accuracy with the statistics of training
     plain              the full network fine-tuned alone, then cut to depth s
     random-depth       LayerDrop-style: a random subset of blocks skipped at each step
@@ -46,14 +48,17 @@ METHODS: dict[str, dict[str, Any]] = {
     "one-teammate": {"interactive": False},
     "no-sfsl": {"sfsl_gamma": 0.0},
     "sandwich": {"sampled_depths": 1},  # cheaper: smallest and top depth plus one random depth per step
+    "frozen-leader": {"leader": "frozen"},  # cheaper: the Leader trained first (plain), then fixed
+    "frozen-leader-cached": {"leader": "frozen", "cache_leader_logits": True},  # ...and run once, before training
     "plain": {"scaling_factors": [1.0], **SINGLE},
     "random-depth": {"scaling_factors": [1.0], "layer_drop": 0.5, **SINGLE},
     "two-path": {"sub_ce_weight": 0.0, "warmup_epochs": 0.0, **SINGLE},  # scaling factors: smallest and 1
     "alone": {"full_depth": False, **SINGLE},  # one run per depth
 }
 NO_BN = "cooperative, no per-depth BN"
-# The issue's comparison (under 30 minutes on 2 CPU cores); cheaper modes such as the sandwich rule on request.
-DEFAULT_METHODS = [m for m in METHODS if m != "sandwich"]
+# The issue's comparison (under 30 minutes on 2 CPU cores); the cheaper modes on request.
+CHEAPER = ("sandwich", "frozen-leader", "frozen-leader-cached")
+DEFAULT_METHODS = [m for m in METHODS if m not in CHEAPER]
 
 
 @dataclass
@@ -68,12 +73,17 @@ class Run:
 
 
 def configs(method: str, base: TrainingConfig, depths: list[float]) -> list[tuple[TrainingConfig, list[float]]]:
-    """The training configs of a method and the depths each is evaluated at."""
+    """The training configs of a method, in order, and the depths each is evaluated at.
+
+    A frozen-Leader method first trains its Leader (the "plain" config, evaluated at full depth only).
+    """
     overrides = dict(METHODS[method])
     if method == "alone":
         return [(replace(base, **overrides, scaling_factors=[s]), [s]) for s in depths if s < 1.0]
     if method == "two-path":
         overrides["scaling_factors"] = [min(depths), 1.0]
+    if overrides.get("leader") == "frozen":
+        return [(replace(base, **METHODS["plain"]), [1.0]), (replace(base, **overrides), depths)]
     return [(replace(base, **overrides), depths)]
 
 
@@ -85,21 +95,28 @@ def run_method(method: str, seed: int, args: argparse.Namespace, data: Any) -> l
     )  # fmt: skip
     depths = base.scaling_factors
     run, no_bn = Run(method, seed), Run(NO_BN, seed)
+    leader = None  # a frozen Leader, trained by the first config of a frozen-Leader method
     for config, eval_depths in configs(method, base, depths):
         set_seed(seed)
         model = pretrained_or_random(
             args.model, weights=args.weights, seed=seed, num_classes=data.num_classes,
             scaling_factors=config.scaling_factors, input_size=args.input_size, policy=args.policy,
         )  # fmt: skip
-        loaders = make_loaders(data, model, batch_size=config.batch_size, seed=seed, input_size=model.config.input_size)
+        loaders = make_loaders(
+            data, model, batch_size=config.batch_size, seed=seed, input_size=model.config.input_size,
+            with_index=config.cache_leader_logits,
+        )  # fmt: skip
         trainer = CooperativeTrainer(
-            model, config, loaders.train, loaders.eval, accelerator=Accelerator(),
+            model, config, loaders.train, loaders.eval, accelerator=Accelerator(), leader=leader,
             num_classes=data.num_classes, top5=False, recalibration_loader=loaders.recalibration,
         )  # fmt: skip
         start = time.perf_counter()
         trainer.train()
-        run.seconds += time.perf_counter() - start
+        run.seconds += time.perf_counter() - start  # a frozen Leader's own training is part of the cost
         result = trainer.evaluate(latency=False, scaling_factors=eval_depths)
+        if METHODS[method].get("leader") == "frozen" and config.leader == "none":
+            leader = result.model.export(1.0).eval()  # the trained Leader, as a plain network
+            continue
         for r in result.results:
             if r.player != result.deployed:
                 continue

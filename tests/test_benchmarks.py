@@ -76,12 +76,14 @@ def test_accuracy_benchmark_runs_every_baseline_at_every_depth(tmp_path: Path) -
         [
             "--model", "regnetx_002", "--weights", "random", "--max-train-samples", "32", "--max-eval-samples",
             "16", "--epochs", "1", "--batch-size", "16", "--seeds", "0", "--scaling-factors", "0.5", "1.0",
-            "--methods", "cooperative", "plain", "random-depth", "two-path", "alone", "--output-dir", str(out),
+            "--methods", "cooperative", "plain", "random-depth", "two-path", "alone", "frozen-leader-cached",
+            "--output-dir", str(out),
         ]
     )  # fmt: skip
     by_method = {r.method: r for r in runs}
-    assert set(by_method) == {"cooperative", bench.NO_BN, "plain", "random-depth", "two-path", "alone"}
-    for method in ("cooperative", bench.NO_BN, "plain", "random-depth", "two-path"):
+    assert set(by_method) == {"cooperative", bench.NO_BN, "plain", "random-depth", "two-path", "alone",
+                              "frozen-leader-cached"}  # fmt: skip
+    for method in ("cooperative", bench.NO_BN, "plain", "random-depth", "two-path", "frozen-leader-cached"):
         assert set(by_method[method].top1) == {0.5, 1.0}, method
         assert all(0 <= v <= 100 for v in by_method[method].top1.values())
     # "alone" trains s=0.5 on its own and leaves the full depth to "plain"
@@ -118,4 +120,4 @@ def test_accuracy_benchmark_config_overrides_are_checked() -> None:
     assert args.set == {"temperature": 1, "leader": "none", "sampled_depths": None}
     with pytest.raises(SystemExit):
         bench.parse_args(["--set", "temprature=1"])  # a typo is an error, not a silently ignored value
-    assert "sandwich" not in bench.DEFAULT_METHODS and "sandwich" in bench.METHODS
+    assert not set(bench.CHEAPER) & set(bench.DEFAULT_METHODS) and set(bench.CHEAPER) <= set(bench.METHODS)
