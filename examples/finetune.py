@@ -27,6 +27,7 @@ from adaptive_depth.loading import HubOptions, load_base_model, resolve
 from adaptive_depth.model import pretrained_or_random
 from adaptive_depth.training import (
     DIGITS,
+    EMBEDDED_DATASETS,
     CooperativeTrainer,
     TrainingConfig,
     load_image_classification_data,
@@ -54,7 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--policy", choices=["last", "spread"], default="last", help="which blocks a stage drops first")
     g.add_argument("--leader-model", default=None, help="a different Leader (timm / transformers, same labels)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=DIGITS, help="'digits' (embedded), a Hub dataset id, or imagefolder:PATH")
+    g.add_argument(
+        "--dataset",
+        default=DIGITS,
+        help="'digits' or 'digits-cluttered' (embedded), a Hub dataset id, or imagefolder:PATH",
+    )
     g.add_argument("--image-column", default=None)
     g.add_argument("--label-column", default=None)
     g.add_argument("--train-split", default=None)
@@ -134,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def training_config(args: argparse.Namespace) -> TrainingConfig:
     """The config from the flags: each ``--x-y`` flag sets the field ``x_y``; ``--no-x`` flags switch ``x`` off."""
     values = {f.name: getattr(args, f.name) for f in fields(TrainingConfig) if getattr(args, f.name, None) is not None}
-    if args.learning_rate is None and args.dataset == DIGITS:
+    if args.learning_rate is None and args.dataset in EMBEDDED_DATASETS:
         values["learning_rate"] = DIGITS_LEARNING_RATE
     switches = {
         "interactive": args.no_interactive,
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     set_seed(config.seed)
-    image_size = args.image_size or (DIGITS_IMAGE_SIZE if data.source == DIGITS else None)
+    image_size = args.image_size or (DIGITS_IMAGE_SIZE if data.source in EMBEDDED_DATASETS else None)
     input_size = [3, image_size, image_size] if image_size else None
     with accelerator.main_process_first():  # one process downloads, the others read the cache
         teammates = [build_model(args, data.num_classes, config.seed, input_size)]

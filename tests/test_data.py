@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import timm
 import torch
@@ -16,6 +17,7 @@ from adaptive_depth.training import (
     EpochSampler,
     TransformedDataset,
     build_transform,
+    cluttered_digits_dataset,
     digits_dataset,
     load_image_classification_data,
 )
@@ -110,3 +112,23 @@ def test_epoch_sampler_is_a_seeded_permutation_per_epoch() -> None:
     sampler.set_epoch(1)
     assert list(sampler) != order0
     assert list(EpochSampler(5, shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+def test_cluttered_digits_are_a_harder_split_of_the_same_digits() -> None:
+    clutter = cluttered_digits_dataset(views=2)
+    digits = digits_dataset()
+    # every digit of a split appears `views` times with its label; held-out images come from held-out digits only
+    for split in ("train", "test"):
+        assert clutter[split]["label"] == [y for y in digits[split]["label"] for _ in range(2)]
+    image = clutter["test"][0]["image"]
+    assert image.size == (32, 32) and image.mode == "L"
+    pixels = [np.asarray(clutter["test"][i]["image"]) for i in range(2)]
+    assert not np.array_equal(pixels[0], pixels[1])  # two views of one digit: other place, other clutter
+    again = cluttered_digits_dataset(views=2)
+    assert np.array_equal(np.asarray(again["test"][5]["image"]), np.asarray(clutter["test"][5]["image"]))
+    bare = cluttered_digits_dataset(views=1, fragments=0)["test"][0]["image"]
+    assert (np.asarray(bare) > 0).sum() < (pixels[0] > 0).sum()  # the clutter adds strokes
+    data = load_image_classification_data("digits-cluttered", max_eval_samples=50)
+    assert (data.num_classes, len(data.train), len(data.eval)) == (10, 2874, 50)
+    with pytest.raises(DataError, match="canvas >= 20"):
+        cluttered_digits_dataset(canvas=16)

@@ -2,12 +2,15 @@
 
 from .config import TrainingConfig
 from .data import (
+    CLUTTERED_DIGITS,
     DIGITS,
+    EMBEDDED_DATASETS,
     EpochSampler,
     ImageClassificationData,
     Loaders,
     TransformedDataset,
     build_transform,
+    cluttered_digits_dataset,
     digits_dataset,
     load_image_classification_data,
     make_loaders,
@@ -18,7 +21,9 @@ from .players import CooperativeModel, logits_of
 from .trainer import CooperativeTrainer, TrainingResult
 
 __all__ = [
+    "CLUTTERED_DIGITS",
     "DIGITS",
+    "EMBEDDED_DATASETS",
     "CooperativeLogits",
     "CooperativeLoss",
     "CooperativeModel",
@@ -31,6 +36,7 @@ __all__ = [
     "TrainingResult",
     "TransformedDataset",
     "build_transform",
+    "cluttered_digits_dataset",
     "cooperative_loss",
     "digits_dataset",
     "evaluate_accuracy",

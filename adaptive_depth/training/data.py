@@ -22,21 +22,28 @@ from torch.utils.data import DataLoader
 from ..errors import DataError
 
 __all__ = [
+    "CLUTTERED_DIGITS",
     "DIGITS",
+    "EMBEDDED_DATASETS",
     "EpochSampler",
     "ImageClassificationData",
     "Loaders",
     "TransformedDataset",
     "build_transform",
+    "cluttered_digits_dataset",
     "digits_dataset",
     "load_image_classification_data",
     "make_loaders",
 ]
 
 DIGITS = "digits"
+CLUTTERED_DIGITS = "digits-cluttered"
+EMBEDDED_DATASETS = (DIGITS, CLUTTERED_DIGITS)  # built from data that ships with scikit-learn: no download
 LABEL_NAMES = ("label", "labels", "fine_label", "class", "target")
 EVAL_SPLITS = ("validation", "valid", "val", "test")
-FORMS = "'digits' (embedded), 'imagefolder:PATH' (a folder of class subfolders), or a Hub dataset id"
+FORMS = (
+    "'digits' or 'digits-cluttered' (embedded), 'imagefolder:PATH' (a folder of class subfolders), or a Hub dataset id"
+)
 
 
 @dataclass
@@ -66,9 +73,53 @@ def digits_dataset() -> datasets.DatasetDict:
     return full.train_test_split(test_size=0.2, seed=0, stratify_by_column="label")
 
 
+def cluttered_digits_dataset(
+    *, views: int = 2, canvas: int = 32, fragments: int = 6, fragment_size: int = 6, seed: int = 0
+) -> datasets.DatasetDict:
+    """A harder 10-class task from the same digits: cluttered, translated digits (as cluttered MNIST).
+
+    Each digit of :func:`digits_dataset`'s split, upsampled to 16 x 16, is placed ``views`` times at a random
+    position of a ``canvas`` x ``canvas`` image strewn with ``fragments`` random ``fragment_size`` crops of other
+    digits of the same split (held-out images are built from held-out digits only). The network has to find the
+    digit among digit-like strokes, which takes receptive field and so depth. Deterministic for a ``seed``.
+    """
+    import numpy as np
+
+    digit_size, margin = 16, 2  # the evaluation centre crop (87.5%) removes two pixels each side of 32
+    if canvas < digit_size + 2 * margin or not 0 < fragment_size <= digit_size or fragments < 0 or views < 1:
+        raise DataError(
+            f"cluttered digits need canvas >= {digit_size + 2 * margin}, 0 < fragment_size <= {digit_size}, "
+            f"fragments >= 0 and views >= 1; got canvas={canvas}, fragment_size={fragment_size}, "
+            f"fragments={fragments}, views={views}"
+        )
+    out = {}
+    for offset, (name, split) in enumerate(digits_dataset().items()):
+        rng = np.random.default_rng([seed, offset])
+        digits = np.stack([np.asarray(img.resize((digit_size, digit_size), Image.BILINEAR)) for img in split["image"]])
+        images, labels = [], []
+        for index, label in enumerate(split["label"]):
+            for _ in range(views):
+                image = np.zeros((canvas, canvas), dtype=np.uint8)
+                for other in rng.integers(len(digits), size=fragments):
+                    y, x = rng.integers(digit_size - fragment_size + 1, size=2)
+                    piece = digits[other, y : y + fragment_size, x : x + fragment_size]
+                    top, left = rng.integers(canvas - fragment_size + 1, size=2)
+                    window = image[top : top + fragment_size, left : left + fragment_size]
+                    np.maximum(window, piece, out=window)
+                top, left = rng.integers(margin, canvas - digit_size - margin + 1, size=2)
+                window = image[top : top + digit_size, left : left + digit_size]
+                np.maximum(window, digits[index], out=window)
+                images.append(Image.fromarray(image, mode="L"))
+                labels.append(label)
+        out[name] = datasets.Dataset.from_dict({"image": images, "label": labels}, features=split.features)
+    return datasets.DatasetDict(out)
+
+
 def _load(spec: str, cache_dir: str | None) -> datasets.DatasetDict:
     if spec == DIGITS:
         return digits_dataset()
+    if spec == CLUTTERED_DIGITS:
+        return cluttered_digits_dataset()
     try:
         if spec.startswith("imagefolder:"):
             path = Path(spec.removeprefix("imagefolder:")).expanduser()
