@@ -130,5 +130,5 @@ def test_cluttered_digits_are_a_harder_split_of_the_same_digits() -> None:
     assert (np.asarray(bare) > 0).sum() < (pixels[0] > 0).sum()  # the clutter adds strokes
     data = load_image_classification_data("digits-cluttered", max_eval_samples=50)
     assert (data.num_classes, len(data.train), len(data.eval)) == (10, 2874, 50)
-    with pytest.raises(DataError, match="canvas >= 20"):
+    with pytest.raises(DataError, match="canvas >= 28"):
         cluttered_digits_dataset(canvas=16)

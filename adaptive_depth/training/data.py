@@ -74,18 +74,25 @@ def digits_dataset() -> datasets.DatasetDict:
 
 
 def cluttered_digits_dataset(
-    *, views: int = 2, canvas: int = 32, fragments: int = 6, fragment_size: int = 6, seed: int = 0
+    *,
+    views: int = 2,
+    canvas: int = 32,
+    digit_size: int = 24,
+    fragments: int = 8,
+    fragment_size: int = 6,
+    seed: int = 0,
 ) -> datasets.DatasetDict:
     """A harder 10-class task from the same digits: cluttered, translated digits (as cluttered MNIST).
 
-    Each digit of :func:`digits_dataset`'s split, upsampled to 16 x 16, is placed ``views`` times at a random
-    position of a ``canvas`` x ``canvas`` image strewn with ``fragments`` random ``fragment_size`` crops of other
-    digits of the same split (held-out images are built from held-out digits only). The network has to find the
-    digit among digit-like strokes, which takes receptive field and so depth. Deterministic for a ``seed``.
+    Each digit of :func:`digits_dataset`'s split, upsampled to ``digit_size`` pixels, is placed ``views`` times at a
+    random position of a ``canvas`` x ``canvas`` image strewn with ``fragments`` random ``fragment_size`` crops of
+    other digits of the same split (held-out images are built from held-out digits only), so the network has to tell
+    the digit from digit-like strokes. Deterministic for a ``seed``. The defaults were chosen so that regnetx_002
+    from random initialisation reaches about 95% in 10 epochs (99% on plain digits): errors enough to rank methods.
     """
     import numpy as np
 
-    digit_size, margin = 16, 2  # the evaluation centre crop (87.5%) removes two pixels each side of 32
+    margin = 2  # the evaluation centre crop (87.5%) removes two pixels each side of 32
     if canvas < digit_size + 2 * margin or not 0 < fragment_size <= digit_size or fragments < 0 or views < 1:
         raise DataError(
             f"cluttered digits need canvas >= {digit_size + 2 * margin}, 0 < fragment_size <= {digit_size}, "
