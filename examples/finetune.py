@@ -83,6 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--sfsl-gamma", type=float, default=d.sfsl_gamma, help="0 turns SFSL off (ablation)")
     g.add_argument("--temperature", type=float, default=d.temperature)
     g.add_argument("--lambda-guided", type=float, default=d.lambda_guided)
+    g.add_argument(
+        "--lambda-guided-sub",
+        type=float,
+        default=d.lambda_guided_sub,
+        help="the sub-networks learn from the Leader too (not in the paper; 0: off)",
+    )
     g.add_argument("--lambda-interactive", type=float, default=d.lambda_interactive)
     g.add_argument("--sub-ce-weight", type=float, default=d.sub_ce_weight)
     g.add_argument("--leader-share-back", type=float, default=d.leader_share_back)

@@ -188,3 +188,15 @@ def test_sandwich_rule_runs_the_smallest_and_the_top_depth_and_a_random_sample()
     assert CooperativeModel([], [0.5, 1.0], sampled_depths=1).depths_to_run() == [1.0, 0.5]
     with pytest.raises(ConfigError, match="sampled_depths"):
         TrainingConfig(sampled_depths=-1)
+
+
+def test_guided_learning_for_the_sub_networks_is_an_option() -> None:
+    out = cooperative_loss(_logits(), torch.tensor([0]), _config(lambda_guided_sub=1.0), ramp=1.0)
+    assert out.terms["A/s=0.5/guided"].item() == pytest.approx(_kd(A[0.5], L, 2.0), rel=1e-4)
+    # four raw weights of 1 (self, interactive, guided, labels): a quarter each, of the teammate's half
+    assert out.weights["A/s=0.5/guided"] == pytest.approx(1 / 8) and out.weights["A/s=0.5/self"] == pytest.approx(1 / 8)
+    default = cooperative_loss(_logits(), torch.tensor([0]), _config(), ramp=1.0)
+    assert not any(k.endswith("/guided") and "s=0.5" in k for k in default.terms)  # off by default, as in the paper
+    config = _config(leader="none", lambda_guided_sub=1.0)
+    no_leader = cooperative_loss(_logits(leader=False), torch.tensor([0]), config)
+    assert not any(k.endswith("/guided") for k in no_leader.terms)

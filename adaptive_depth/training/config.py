@@ -27,7 +27,8 @@ class TrainingConfig:
     - Teammate ``T`` at full depth: ``CE`` + ``lambda_guided * KD(z_T(1) || z_L)``
       + ``lambda_interactive * KD(z_T(1) || z_O(1))``.
     - Teammate ``T`` at each ``s < 1``: ``KD(z_T(s) || z_T(1))`` (self-distillation)
-      + ``lambda_interactive * KD(z_T(s) || z_O(1))`` + ``sub_ce_weight * CE``.
+      + ``lambda_interactive * KD(z_T(s) || z_O(1))`` + ``lambda_guided_sub * KD(z_T(s) || z_L)``
+      + ``sub_ce_weight * CE``.
     - A teammate's loss: ``[L_T(1) + sum_s w(s) L_T(s)] / |S|`` with SFSL weights ``w(s) = s^-gamma``, mean 1.
     - ``KD(p || q) = tau^2 KL(softmax(q / tau) || softmax(p / tau))``, teacher ``q`` detached.
     - Warm-up: for the first ``warmup_epochs`` the distillation terms ramp linearly from 0 to their weight,
@@ -44,6 +45,8 @@ class TrainingConfig:
         sfsl_gamma: SFSL exponent; 0 weights every depth equally (SFSL off).
         temperature: distillation temperature ``tau``.
         lambda_guided, lambda_interactive: weights of the guided and interactive terms.
+        lambda_guided_sub: weight of guided learning for the sub-networks too, ``KD(z_T(s) || z_L)`` (not in the
+            paper, where only the full depth learns from the Leader; 0 turns it off).
         sub_ce_weight: weight of a cross-entropy term on each sub-network (0: none, as in the paper). Default 1:
             without labels the sub-networks only chase their peers, and from random initialisation the
             Teammates stalled at 64-68% top-1 on the digits data where the Leader reached 99% (docs/training.md).
@@ -77,6 +80,7 @@ class TrainingConfig:
     temperature: float = 2.0
     lambda_guided: float = 1.0
     lambda_interactive: float = 1.0
+    lambda_guided_sub: float = 0.0
     sub_ce_weight: float = 1.0
     leader_share_back: float = 0.0
     warmup_epochs: float = 1.0
@@ -102,7 +106,14 @@ class TrainingConfig:
         self.scaling_factors = sorted({check_scaling_factor(s) for s in self.scaling_factors} | full)
         if self.leader not in LEADER_MODES:
             raise ConfigError(f"leader must be one of {LEADER_MODES}, got {self.leader!r}")
-        for name in ("sfsl_gamma", "lambda_guided", "lambda_interactive", "sub_ce_weight", "leader_share_back"):
+        for name in (
+            "sfsl_gamma",
+            "lambda_guided",
+            "lambda_interactive",
+            "lambda_guided_sub",
+            "sub_ce_weight",
+            "leader_share_back",
+        ):
             self._check_number(name, minimum=0.0)
         self._check_number("temperature", minimum=0.0, inclusive=False)
         self._check_number("warmup_epochs", minimum=0.0)

@@ -130,7 +130,7 @@ def cooperative_loss(
             },
             per_depth,
         )
-        distils = config.self_distillation or other is not None
+        distils = config.self_distillation or other is not None or (guided and config.lambda_guided_sub > 0)
         for s in sorted((s for s in by_depth if s < top), reverse=True):
             z = by_depth[s]
             add(
@@ -138,11 +138,13 @@ def cooperative_loss(
                 {
                     "self": r if config.self_distillation else 0.0,
                     "interactive": config.lambda_interactive * r if other is not None else 0.0,
+                    "guided": config.lambda_guided_sub * r if guided else 0.0,
                     "ce": config.sub_ce_weight + ((1.0 - r) if distils else 0.0),
                 },
                 {
                     "self": lambda z=z, full=full: kd_loss(z, full, tau),
                     "interactive": lambda z=z, other=other: kd_loss(z, other, tau),
+                    "guided": lambda z=z: kd_loss(z, logits.leader, tau),
                     "ce": lambda z=z: ce(z),
                 },
                 sfsl[s] * per_depth,
