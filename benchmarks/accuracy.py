@@ -39,7 +39,13 @@ from accelerate.utils import set_seed
 
 from adaptive_depth.model import pretrained_or_random
 from adaptive_depth.report import pareto_plot
-from adaptive_depth.training import CooperativeTrainer, TrainingConfig, load_image_classification_data, make_loaders
+from adaptive_depth.training import (
+    CooperativeTrainer,
+    DepthResult,
+    TrainingConfig,
+    load_image_classification_data,
+    make_loaders,
+)
 
 SINGLE = {"leader": "none", "interactive": False}  # one network, no peers
 METHODS: dict[str, dict[str, Any]] = {
@@ -75,6 +81,20 @@ class Run:
     gflops: dict[float, float] = field(default_factory=dict)
     seconds: float = 0.0
     top1_deployed: dict[float, float] = field(default_factory=dict)
+
+
+def teammate_scores(results: list[DepthResult], deployed: str, depths: list[float]) -> dict[str, dict[float, float]]:
+    """Per depth: the Teammates' mean top-1, the deployed one's, their mean with training BN statistics, and GFLOPs."""
+    scores: dict[str, dict[float, float]] = {"top1": {}, "deployed": {}, "trained_norms": {}, "gflops": {}}
+    for s in depths:
+        at_s = [r for r in results if r.player != "leader" and r.scaling_factor == s]
+        scores["top1"][s] = statistics.mean(r.top1 for r in at_s)
+        scores["deployed"][s] = next(r.top1 for r in at_s if r.player == deployed)
+        scores["gflops"][s] = at_s[0].gflops
+        trained_norms = [r.top1_trained_norms for r in at_s if r.top1_trained_norms is not None]
+        if trained_norms:
+            scores["trained_norms"][s] = statistics.mean(trained_norms)
+    return scores
 
 
 def configs(method: str, base: TrainingConfig, depths: list[float]) -> list[tuple[TrainingConfig, list[float]]]:
@@ -122,15 +142,12 @@ def run_method(method: str, seed: int, args: argparse.Namespace, data: Any) -> l
         if METHODS[method].get("leader") == "frozen" and config.leader == "none":
             leader = result.model.export(1.0).eval()  # the trained Leader, as a plain network
             continue
-        teammates = [r for r in result.results if r.player != "leader"]
-        for s in eval_depths:
-            at_s = [r for r in teammates if r.scaling_factor == s]
-            run.top1[s] = statistics.mean(r.top1 for r in at_s)
-            run.gflops[s] = at_s[0].gflops
-            run.top1_deployed[s] = next(r.top1 for r in at_s if r.player == result.deployed)
-            trained_norms = [r.top1_trained_norms for r in at_s if r.top1_trained_norms is not None]
-            if trained_norms:
-                no_bn.top1[s], no_bn.gflops[s] = statistics.mean(trained_norms), at_s[0].gflops
+        scores = teammate_scores(result.results, result.deployed, eval_depths)
+        run.top1.update(scores["top1"])
+        run.top1_deployed.update(scores["deployed"])
+        run.gflops.update(scores["gflops"])
+        no_bn.top1.update(scores["trained_norms"])
+        no_bn.gflops.update({s: scores["gflops"][s] for s in scores["trained_norms"]})
         logging.info("%s seed %d: %s (%.0f s)", method, seed, run.top1, run.seconds)
     if method == "alone":  # the full depth "alone" is the plain full network
         run.top1[1.0] = float("nan")
