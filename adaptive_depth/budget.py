@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .errors import BudgetError, ConfigError
+from .policy import depth_key
 
 __all__ = ["LatencyProfile", "choose_scaling_factor", "describe_device"]
 
@@ -40,7 +41,7 @@ class LatencyProfile:
         batch_size: images per forward pass.
         input_size: ``[C, H, W]`` of each image.
         dtype: the model's parameter dtype during the measurement.
-        latency_ms: milliseconds per forward pass, keyed by ``str(scaling_factor)`` (JSON keys are strings).
+        latency_ms: milliseconds per forward pass, keyed by ``depth_key(scaling_factor)`` (JSON keys are strings).
     """
 
     device: str
@@ -56,7 +57,7 @@ class LatencyProfile:
 
     def at(self, scaling_factor: float) -> float | None:
         """The measured latency at ``scaling_factor`` (``None`` if it was not profiled)."""
-        return self.latency_ms.get(str(float(scaling_factor)))
+        return self.latency_ms.get(depth_key(scaling_factor))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict (stored as ``config.latency_profile``)."""

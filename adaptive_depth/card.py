@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .config import BaseModelRef
-from .report import PLOT_NAME, results_markdown
-
-if TYPE_CHECKING:
-    from .model import AdaptiveDepth
+from .budget import LatencyProfile
+from .config import AdaptiveDepthConfig, BaseModelRef
+from .report import PLOT_NAME, TrainingReport
 
 __all__ = ["CARD_MARKER", "build_model_card"]
 
@@ -35,9 +33,20 @@ def _base_model_id(base: BaseModelRef) -> str | None:
     return _hub_id(base.name) or (f"timm/{base.name}" if base.source == "timm" else None)
 
 
-def build_model_card(model: AdaptiveDepth, repo_id: str | None = None) -> ModelCard:
-    """Card with YAML metadata (library, tags, base model) and the depth / FLOPs table."""
-    config = model.config
+def build_model_card(
+    config: AdaptiveDepthConfig,
+    flops: Mapping[float, int],
+    depths: Mapping[float, Sequence[int]],
+    repo_id: str | None = None,
+) -> ModelCard:
+    """Card with YAML metadata (library, tags, base model) and the depth / FLOPs table.
+
+    Args:
+        config: the saved model's config (base model, stages, latency profile, training report).
+        flops: FLOPs per image at every trained scaling factor.
+        depths: blocks per stage at every trained scaling factor.
+        repo_id: the Hub id the card's loading snippet names (default: a placeholder for a local folder).
+    """
     base = config.base_model
     tags = ["adaptive-depth", "image-classification", "dynamic-depth"]
     if base.source in ("timm", "transformers"):
@@ -48,9 +57,8 @@ def build_model_card(model: AdaptiveDepth, repo_id: str | None = None) -> ModelC
         tags=tags,
         base_model=_base_model_id(base),
     )
-    flops = model.flops_table()
     full = flops.get(1.0) or max(flops.values())
-    profile = model.latency_profile
+    profile = LatencyProfile.from_dict(config.latency_profile) if config.latency_profile is not None else None
     latency_header, latency_note = "", ""
     if profile is not None:
         latency_header = f" latency (ms, batch {profile.batch_size}) |"
@@ -66,7 +74,7 @@ def build_model_card(model: AdaptiveDepth, repo_id: str | None = None) -> ModelC
         return f" {ms:.3g} |" if ms is not None else " - |"
 
     rows = "\n".join(
-        f"| {s:g} | {model.depth_for(s)} | {f / 1e9:.4f} | {f / full:.3f} |{latency_cell(s)}" for s, f in flops.items()
+        f"| {s:g} | {list(depths[s])} | {f / 1e9:.4f} | {f / full:.3f} |{latency_cell(s)}" for s, f in flops.items()
     )
     stages = "\n".join(f"| `{st.name}` | {st.num_blocks} | {st.num_fixed} |" for st in config.stages)
     load_id = repo_id or "path/to/this/folder"
@@ -110,27 +118,30 @@ Discovery: `{config.discovery}`, depth policy: `{config.policy}`.
 """
     training = config.extra.get("training")
     if training:
-        content += _training_section(training)
+        content += _training_section(TrainingReport.from_dict(training))
     if extra:
         content += f"\n## Metadata\n\n{extra}\n"
     return ModelCard(content)
 
 
-def _training_section(training: dict) -> str:
+def _training_section(report: TrainingReport) -> str:
     """Results table, Pareto plot and training configuration of a cooperative run."""
-    settings = json.dumps(training.get("config", {}), indent=2, sort_keys=True)
+    settings = json.dumps(report.config, indent=2, sort_keys=True)
+    teammates = "two Teammates" if report.config.get("interactive", True) else "one Teammate"
+    leader = {"joint": "a Leader trained with them", "frozen": "a fixed Leader", "none": "no Leader"}.get(
+        str(report.config.get("leader")), "a Leader"
+    )
+    plot = f"\n![accuracy vs FLOPs]({PLOT_NAME})\n" if report.has_costs else ""
     return f"""
 ## Training results
 
-Cooperative training (Leader and two Teammates); the deployed model is Teammate **{training.get("deployed")}**,
-the better one by mean top-1 over the trained depths. Accuracy on the held-out split; FLOPs per image;
-latency at batch 1 on the training machine.
+Cooperative training ({teammates}, {leader}); the deployed model is Teammate **{report.deployed}**, the better one
+by mean top-1 over the trained depths. Accuracy on the held-out split; FLOPs per image; latency at batch 1 on the
+training machine.
 
-{results_markdown(training.get("results", []), training.get("deployed"))}
-
-![accuracy vs FLOPs]({PLOT_NAME})
-
-Trained for {training.get("steps")} optimizer steps on {training.get("processes", 1)} process(es).
+{report.table()}
+{plot}
+Trained for {report.steps} optimizer steps on {report.processes} process(es).
 
 <details>
 <summary>Training configuration</summary>

@@ -7,6 +7,7 @@ scaling factors and measured metadata. It is saved as ``config.json`` beside ``m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field, fields
@@ -15,7 +16,7 @@ from typing import Any
 
 from .budget import LatencyProfile
 from .errors import ConfigError
-from .policy import POLICIES, check_scaling_factor
+from .policy import POLICIES, check_scaling_factor, depth_key
 
 __all__ = ["LIBRARY_NAME", "AdaptiveDepthConfig", "BaseModelRef", "BlockSpec", "StageSpec"]
 
@@ -144,7 +145,15 @@ class AdaptiveDepthConfig:
     def __post_init__(self) -> None:
         if isinstance(self.base_model, dict):
             self.base_model = BaseModelRef(**self.base_model)
+        if not isinstance(self.base_model, BaseModelRef):
+            raise ConfigError(
+                f"base_model must describe the wrapped model (source, architecture...), got {self.base_model!r}"
+            )
+        if not isinstance(self.stages, list) or not all(isinstance(s, StageSpec | dict) for s in self.stages):
+            raise ConfigError(f"stages must be a list of {{name, blocks}} objects, got {self.stages!r:.200}")
         self.stages = [s if isinstance(s, StageSpec) else StageSpec(**s) for s in self.stages]
+        if not isinstance(self.base_model.model_args, dict):
+            raise ConfigError(f"base_model.model_args must be an object, got {self.base_model.model_args!r}")
         if not self.stages:
             raise ConfigError("a config needs at least one stage with a gateable block")
         if self.policy not in POLICIES:
@@ -165,6 +174,18 @@ class AdaptiveDepthConfig:
             from . import __version__
 
             self.library_version = __version__
+
+    def structure_digest(self) -> str:
+        """A digest of what the saved weights depend on: stages and blocks, policy, recalibrated depths.
+
+        Saved in the weights file's metadata; a config whose digest differs was edited after the save.
+        """
+        described = {
+            "stages": [asdict(s) for s in self.stages],
+            "policy": self.policy,
+            "norm_stats": [depth_key(s) for s in self.norm_stats],
+        }
+        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
 
     @property
     def num_gateable(self) -> int:
@@ -189,7 +210,11 @@ class AdaptiveDepthConfig:
                 f"this config.json is not an {LIBRARY_NAME} config (library_name={data.get('library_name')!r})"
             )
         version = data.get("format_version", FORMAT_VERSION)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ConfigError(
+                f"config format_version must be a positive integer, got {version!r}; save the model again"
+            )
+        if version > FORMAT_VERSION:
             raise ConfigError(
                 f"config format_version {version!r} is newer than this library understands ({FORMAT_VERSION}); "
                 f"upgrade with `pip install -U {LIBRARY_NAME}`"
@@ -200,7 +225,7 @@ class AdaptiveDepthConfig:
             logger.warning("ignoring unknown config keys %s (saved by a newer %s?)", unknown, LIBRARY_NAME)
         try:
             return cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as e:
+        except (TypeError, AttributeError) as e:  # a missing field, a wrong type where an object belongs
             raise ConfigError(f"invalid {LIBRARY_NAME} config: {e}") from e
 
     def save(self, path: str | Path) -> None:

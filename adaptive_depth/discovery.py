@@ -34,6 +34,7 @@ from torch.func import functional_call
 
 from .config import BlockSpec, StageSpec
 from .errors import ConfigError, NoGateableBlocksError
+from .state import preserved
 
 __all__ = ["Discovery", "discover"]
 
@@ -271,12 +272,8 @@ def discover(
         NoGateableBlocksError: nothing in the model can be skipped.
     """
     # Eval mode throughout, restored after: the probes must not touch BatchNorm statistics or depend on dropout.
-    was_training = model.training
-    model.eval()
-    try:
+    with preserved(model, train=False):
         return _discover(model, example_input, block_patterns)
-    finally:
-        model.train(was_training)
 
 
 def _discover(model: nn.Module, example_input: torch.Tensor, block_patterns: Sequence[str] | None) -> Discovery:

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .state import preserved
+
 __all__ = ["count_flops"]
 
 
@@ -18,11 +20,6 @@ def count_flops(model: nn.Module, *inputs: Any, **kwargs: Any) -> int:
     Autograd stays on: the counter's module tracker hooks gradients of module inputs, and fails under
     ``no_grad`` when a module is handed a parameter directly (CaiT's class token).
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
-            model(*inputs, **kwargs)
-    finally:
-        model.train(was_training)
+    with preserved(model, train=False), torch.enable_grad(), FlopCounterMode(display=False) as counter:
+        model(*inputs, **kwargs)
     return int(counter.get_total_flops())

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from .config import BlockSpec
+from .errors import ConfigError
 
-__all__ = ["DepthGate", "gate_model", "unwrap_gates"]
+__all__ = ["DepthGate", "gate_model", "is_gated", "unwrap_gates"]
 
 _INNER = "base_layer."
 
@@ -40,6 +41,11 @@ class DepthGate(nn.Module):
         self.tuple_len = spec.output_len if spec.output == "tuple" else 0
         self.register_state_dict_post_hook(_drop_inner_prefix)
         self.register_load_state_dict_pre_hook(_add_inner_prefix)
+
+    def switch(self, on: bool) -> None:
+        """Run the block (``True``) or skip it (``False``)."""
+        # A plain bool attribute: skip nn.Module.__setattr__'s parameter / buffer / module bookkeeping.
+        object.__setattr__(self, "active", on)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.active:
@@ -82,16 +88,26 @@ def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
     parent._modules[child] = new
 
 
+def is_gated(model: nn.Module) -> bool:
+    """True if ``model`` already holds depth gates (it was wrapped before)."""
+    return any(isinstance(m, DepthGate) for m in model.modules())
+
+
 def gate_model(model: nn.Module, blocks: list[BlockSpec]) -> dict[str, DepthGate]:
-    """Wrap every gateable block of ``model`` in place; return the gates by block name."""
+    """Wrap every gateable block of ``model`` in place; return the gates by block name.
+
+    Everything is checked before the first block is replaced, so a refused model is left as it was.
+    """
+    if is_gated(model):
+        raise ConfigError(
+            f"this {type(model).__name__} already has depth gates (it was wrapped before); use the AdaptiveDepth model "
+            "you have, or unwrap_gates(model) first"
+        )
+    specs = [spec for spec in blocks if spec.gateable]
+    targets = {spec.name: model.get_submodule(spec.name) for spec in specs}
     gates: dict[str, DepthGate] = {}
-    for spec in blocks:
-        if not spec.gateable:
-            continue
-        block = model.get_submodule(spec.name)
-        if isinstance(block, DepthGate):
-            raise ValueError(f"block {spec.name!r} is already gated; wrap the unwrapped model instead")
-        gate = DepthGate(block, spec)
+    for spec in specs:
+        gate = DepthGate(targets[spec.name], spec)
         _set_child(model, spec.name, gate)
         gates[spec.name] = gate
     return gates

@@ -116,6 +116,11 @@ def _close_timm_names(name: str) -> list[str]:
 def resolve(name_or_path: str | os.PathLike[str], hub: HubOptions) -> Resolved:
     """Find out whether ``name_or_path`` is a local folder, a Hub repo, or a timm registry name."""
     name = str(name_or_path)
+    if os.path.isfile(name):
+        raise UnknownModelError(
+            f"{name!r} is a file; pass the folder that holds it (with config.json and model.safetensors), a timm "
+            "name or a Hub repo id"
+        )
     if os.path.isdir(name):
         config_path = Path(name) / CONFIG_NAME
         if not config_path.is_file():
@@ -291,12 +296,28 @@ def rebuild_base_model(ref: BaseModelRef, model: nn.Module | None = None) -> nn.
     if model is not None:
         return model
     if ref.source == "timm":
-        return timm.create_model(ref.architecture, pretrained=False, **ref.model_args)
+        if not timm.is_model(str(ref.architecture)):
+            close = _close_timm_names(str(ref.architecture))
+            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+            raise CheckpointError(
+                f"the saved config names timm architecture {ref.architecture!r}, which this timm "
+                f"({timm.__version__}) does not have{hint}; upgrade timm or fix base_model.architecture"
+            )
+        try:
+            return timm.create_model(ref.architecture, pretrained=False, **ref.model_args)
+        except (TypeError, ValueError, RuntimeError, AssertionError, KeyError) as e:
+            raise CheckpointError(
+                f"cannot rebuild timm model {ref.architecture!r} with the saved model_args {ref.model_args}: "
+                f"{type(e).__name__}: {e}"
+            ) from e
     if ref.source == "transformers":
         if not ref.hf_config or "model_type" not in ref.hf_config:
             raise CheckpointError("the saved config has no transformers config (base_model.hf_config)")
         hf_config = dict(ref.hf_config)
-        config = transformers.AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
+        try:
+            config = transformers.AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
+        except (TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"the saved transformers config (base_model.hf_config) is invalid: {e}") from e
         cls = getattr(transformers, ref.architecture or "", None)
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             raise CheckpointError(

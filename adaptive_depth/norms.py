@@ -10,13 +10,14 @@ costs a few dictionary assignments. Training at a depth after recalibration upda
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
+from .state import preserved
 
 __all__ = ["DepthNorms", "batchnorm_layers", "recalibrate_batchnorm"]
 
@@ -33,16 +34,16 @@ def batchnorm_layers(model: nn.Module) -> dict[str, _BatchNorm]:
     }
 
 
-def stats_key(scaling_factor: float) -> str:
-    """The key of one depth's statistics (``"0.5"``), as in ``config.flops``."""
-    return str(float(scaling_factor))
+Key = Hashable  # what identifies a depth's statistics: the blocks per stage that run (see ``AdaptiveDepth``)
 
 
 class DepthNorms(nn.Module):
-    """Running statistics of every BatchNorm layer, one set per scaling factor plus the trained default.
+    """Running statistics of every BatchNorm layer, one set per depth plus the trained default.
 
-    Its tensors are non-persistent buffers, so ``.to()`` moves them with the model but they stay out of
-    ``state_dict()``; they are saved in a file of their own (:meth:`to_tensors`, :meth:`load_tensors`).
+    A set is stored under a hashable key (the adaptive model uses the blocks per stage, so every scaling factor
+    or explicit depth that runs the same blocks finds the same statistics). Its tensors are non-persistent
+    buffers, so ``.to()`` moves them with the model but they stay out of ``state_dict()``; they are saved in a
+    file of their own (:meth:`to_tensors`, :meth:`load_tensors`).
 
     Args:
         layers: the BatchNorm layers by name (:func:`batchnorm_layers`).
@@ -50,18 +51,20 @@ class DepthNorms(nn.Module):
 
     def __init__(self, layers: dict[str, _BatchNorm]) -> None:
         super().__init__()
-        self._pointers: dict[str, list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor]]] = {}
+        self._pointers: dict[Key, list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor]]] = {}
         self._layers = layers  # plain dict: the layers are registered in the model, not here
         self._names = sorted(layers)
-        self._sets: dict[str, int] = {}
+        self._sets: dict[Key, int] = {}
         self._add(DEFAULT, self._layer_stats(), clone=False)
-        self._current: str | None = DEFAULT  # the layers hold the default set's tensors themselves
+        self._current: Key | None = DEFAULT  # the layers hold the default set's tensors themselves
+        self._suspended: list[Key | None] = []  # sets put aside by :meth:`suspend`
 
     def _buffer(self, set_index: int, layer_index: int, stat: int) -> torch.Tensor:
         return self._buffers[f"s{set_index}_{layer_index}_{stat}"]
 
-    def _add(self, key: str, stats: dict[str, tuple[torch.Tensor, ...]], *, clone: bool = True) -> None:
+    def _add(self, key: Key, stats: dict[str, tuple[torch.Tensor, ...]], *, clone: bool = True) -> None:
         index = self._sets.setdefault(key, len(self._sets))
+        self._pointers.pop(key, None)
         for i, name in enumerate(self._names):
             for j, tensor in enumerate(stats[name]):
                 self.register_buffer(
@@ -71,6 +74,9 @@ class DepthNorms(nn.Module):
     def _layer_stats(self) -> dict[str, tuple[torch.Tensor, ...]]:
         return {n: tuple(getattr(m, s) for s in STATS) for n, m in self._layers.items()}
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._sets and key != DEFAULT
+
     def release(self) -> None:
         """Give the layers private copies of their statistics, so that resetting them leaves every set intact."""
         for layer in self._layers.values():
@@ -78,18 +84,16 @@ class DepthNorms(nn.Module):
                 layer._buffers[stat] = layer._buffers[stat].detach().clone()
         self._current = None
 
-    def capture(self, scaling_factor: float) -> None:
-        """Adopt the layers' current statistics (after :meth:`release`) as the set of ``scaling_factor``."""
-        key = stats_key(scaling_factor)
+    def capture(self, key: Key) -> None:
+        """Adopt the layers' current statistics (after :meth:`release`) as the set of ``key``."""
         if self._current is not None:
-            raise RuntimeError("capture() after release(): the layers still share a stored set")
+            raise RuntimeError("capture() needs release() first: the layers still share a stored set")
         self._add(key, self._layer_stats(), clone=False)
         self._current = key
 
-    def use(self, scaling_factor: float | None) -> None:
-        """Point the layers at the statistics of ``scaling_factor`` (the default set if it has none)."""
-        key = DEFAULT if scaling_factor is None else stats_key(scaling_factor)
-        key = key if key in self._sets else DEFAULT
+    def use(self, key: Key | None) -> None:
+        """Point the layers at the statistics of ``key`` (the default set if ``None`` or if it has none)."""
+        key = key if key is not None and key in self._sets else DEFAULT
         if key == self._current:
             return
         pointers = self._pointers.get(key)
@@ -104,39 +108,60 @@ class DepthNorms(nn.Module):
             buffers[stat] = tensor
         self._current = key
 
+    def suspend(self) -> None:
+        """Point the layers at the default set until :meth:`resume` (``state_dict`` / ``load_state_dict`` use it).
+
+        In the middle of a recalibration (after :meth:`release`) the layers keep what they hold.
+        """
+        self._suspended.append(self._current)
+        if self._current is not None:
+            self.use(None)
+
+    def resume(self) -> None:
+        """Undo the last :meth:`suspend`."""
+        if self._suspended:
+            key = self._suspended.pop()
+            if key is not None:
+                self.use(key)
+
     def _apply(self, fn: Callable[..., torch.Tensor], recurse: bool = True) -> DepthNorms:  # type: ignore[override]
         # ``.to()`` moves our tensors and the layers' separately: point the layers at ours again afterwards.
         super()._apply(fn, recurse)
         self._pointers.clear()
         current, self._current = self._current, None
         if current is not None:
-            self.use(None if current == DEFAULT else float(current))
+            self.use(current)
         return self
 
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        """``{"<s>/<layer>.running_mean": tensor, ...}`` for every depth with its own statistics."""
+    def to_tensors(self, names: Mapping[str, Key]) -> dict[str, torch.Tensor]:
+        """``{"<name>/<layer>.running_mean": tensor, ...}`` for each ``name -> key`` with its own statistics."""
         out = {}
-        for key, index in self._sets.items():
-            if key == DEFAULT:
-                continue
+        written: set[Key] = set()
+        for prefix, key in names.items():
+            index = self._sets[key]
             for i, name in enumerate(self._names):
                 for j, stat in enumerate(STATS):
-                    out[f"{key}/{name}.{stat}"] = self._buffer(index, i, j).contiguous()
+                    tensor = self._buffer(index, i, j).contiguous()
+                    # two names of one set (depths that run the same blocks): safetensors refuses shared storage
+                    out[f"{prefix}/{name}.{stat}"] = tensor.clone() if key in written else tensor
+            written.add(key)
         return out
 
-    def load_tensors(self, tensors: dict[str, torch.Tensor], scaling_factors: Sequence[float], source: str) -> None:
-        """Add the sets written by :meth:`to_tensors`; every expected tensor must be there, nothing else."""
+    @staticmethod
+    def file_names(tensors: Mapping[str, torch.Tensor]) -> set[str]:
+        """The set names in a file written by :meth:`to_tensors` (``{"0.25", "0.5"}``)."""
+        return {key.partition("/")[0] for key in tensors}
+
+    def check_tensors(self, tensors: Mapping[str, torch.Tensor], names: Iterable[str], source: str) -> None:
+        """Raise :class:`CheckpointError` unless ``tensors`` hold exactly the sets ``names``, shaped as our layers."""
         expected = {
-            f"{stats_key(s)}/{name}.{stat}": self._layers[name]
-            for s in scaling_factors
-            for name in self._names
-            for stat in STATS
+            f"{n}/{layer}.{stat}": self._layers[layer] for n in names for layer in self._names for stat in STATS
         }
         missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         if missing or unexpected:
             raise CheckpointError(
-                f"{source} does not match the model's BatchNorm layers: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}; save the model again"
+                f"{source} does not match the model's BatchNorm layers and the depths its config.json lists "
+                f"(norm_stats): missing {missing[:5]}, unexpected {unexpected[:5]}; save the model again"
             )
         for key, layer in expected.items():
             if tensors[key].shape != layer.running_mean.shape:
@@ -144,13 +169,16 @@ class DepthNorms(nn.Module):
                     f"{source}: {key} has shape {tuple(tensors[key].shape)}, the layer has "
                     f"{tuple(layer.running_mean.shape)}; the file belongs to another model"
                 )
+
+    def load_tensors(self, tensors: Mapping[str, torch.Tensor], names: Mapping[str, Key], source: str) -> None:
+        """Add the sets written by :meth:`to_tensors` (``name -> key``); every expected tensor must be there."""
+        self.check_tensors(tensors, names, source)
         like = next(iter(self._layers.values())).running_mean
-        for s in scaling_factors:
-            stats = {
-                name: tuple(tensors[f"{stats_key(s)}/{name}.{stat}"].to(like) for stat in STATS) for name in self._names
-            }
-            self._add(stats_key(s), stats, clone=False)
-        self._current = None
+        for prefix, key in names.items():
+            stats = {name: tuple(tensors[f"{prefix}/{name}.{stat}"].to(like) for stat in STATS) for name in self._names}
+            self._add(key, stats, clone=False)
+        current, self._current = self._current, None
+        self.use(current)
 
 
 @torch.no_grad()
@@ -166,24 +194,22 @@ def recalibrate_batchnorm(
     (``momentum=None``). ``reduce`` (e.g. a mean over processes) is applied to each statistic at the end.
     Returns the number of images seen.
     """
-    was_training = model.training
     momenta = {name: layer.momentum for name, layer in layers.items()}
-    model.eval()
     seen = 0
-    try:
-        for layer in layers.values():
-            layer.reset_running_stats()
-            layer.momentum = None
-            layer.train()
-        for x in batches:
-            model(x)
-            seen += len(x)
-    finally:
-        for name, layer in layers.items():
-            layer.momentum = momenta[name]
-        model.train(was_training)
+    with preserved(model, train=False):  # restoring the mode also puts the layers back in their own
+        try:
+            for layer in layers.values():
+                layer.reset_running_stats()
+                layer.momentum = None
+                layer.train()
+            for x in batches:
+                model(x)
+                seen += len(x)
+        finally:
+            for name, layer in layers.items():
+                layer.momentum = momenta[name]
     if seen == 0:
-        raise ValueError("recalibrating BatchNorm statistics needs at least one batch of images")
+        raise ConfigError("recalibrating BatchNorm statistics needs at least one batch of images; the data is empty")
     if reduce is not None:
         for layer in layers.values():
             for stat in STATS:

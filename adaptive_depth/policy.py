@@ -17,16 +17,23 @@ from collections.abc import Sequence
 
 from .errors import ScalingFactorError
 
-__all__ = ["POLICIES", "active_mask", "check_scaling_factor", "keep_count"]
+__all__ = ["POLICIES", "active_mask", "check_scaling_factor", "depth_key", "keep_count"]
 
 POLICIES = ("last", "spread")
 
 # Guard against float noise such as 0.1 * 10 = 1.0000000000000002 turning ceil(s * n) one block too high.
 _EPS = 1e-9
+# Scaling factors are canonical to this many significant digits, so that 0.2 * 3, np.float32(0.6) and
+# torch.tensor(0.6).item() all name the depth 0.6 (and find its BatchNorm statistics, FLOPs and latency).
+_DIGITS = 6
 
 
 def check_scaling_factor(value: object) -> float:
-    """Return ``value`` as a float if it is a real number in (0, 1], else raise :class:`ScalingFactorError`."""
+    """Return ``value`` as a canonical float if it is a real number in (0, 1], else raise :class:`ScalingFactorError`.
+
+    Canonical: rounded to 6 significant digits, so float noise (``0.2 * 3``, ``np.float32(0.6)``) gives the same
+    depth as the literal (``0.6``). Every scaling factor the library stores or compares goes through here.
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ScalingFactorError(
             f"scaling factor must be a number in (0, 1], got {value!r} of type {type(value).__name__}; "
@@ -38,7 +45,12 @@ def check_scaling_factor(value: object) -> float:
             f"scaling factor must be in (0, 1], got {value!r}; 1.0 is the full network, "
             "0.25 runs about a quarter of each stage's blocks"
         )
-    return s
+    return float(f"{s:.{_DIGITS}g}")
+
+
+def depth_key(scaling_factor: object) -> str:
+    """The one string form of a scaling factor (``"0.5"``, ``"1.0"``): keys of FLOPs, latencies and statistics."""
+    return str(check_scaling_factor(scaling_factor))
 
 
 def keep_count(s: float, n: int, f: int) -> int:

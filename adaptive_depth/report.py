@@ -1,14 +1,96 @@
-"""Training report of a saved model: the per-depth table (Markdown) and the accuracy-vs-FLOPs Pareto plot (PNG)."""
+"""What a training run reports, typed: each player's accuracy and cost per depth, and the run itself.
+
+:class:`TrainingReport` is stored in a saved model's ``config.json`` (``extra["training"]``) and read back by the
+model card; :func:`results_markdown` and :func:`pareto_plot` render its table (Markdown) and plot (PNG).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PLOT_NAME", "pareto_plot", "results_markdown"]
+from .errors import ConfigError
+
+__all__ = ["PLOT_NAME", "DepthResult", "TrainingReport", "pareto_plot", "results_markdown"]
 
 PLOT_NAME = "pareto.png"
+
+
+@dataclass
+class DepthResult:
+    """One player at one depth.
+
+    Args:
+        player: ``"A"``, ``"B"`` or ``"leader"``.
+        scaling_factor: the depth.
+        top1, top5: accuracy in percent (``top5`` is ``None`` with 5 classes or fewer).
+        top1_trained_norms: top-1 with the BatchNorm statistics of training, before per-depth recalibration.
+        gflops: of one forward pass on one image.
+        latency_ms: median, batch 1, on the evaluation device.
+    """
+
+    player: str
+    scaling_factor: float
+    top1: float
+    top5: float | None = None
+    top1_trained_norms: float | None = None
+    gflops: float | None = None
+    latency_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON."""
+        return asdict(self)
+
+
+@dataclass
+class TrainingReport:
+    """A finished training run, as saved with the deployed model.
+
+    Args:
+        config: the training configuration (``TrainingConfig.to_dict()``).
+        deployed: the Teammate saved as the model (``"A"`` or ``"B"``).
+        results: every player at every depth.
+        loss_per_epoch: mean training loss of each epoch.
+        steps: optimizer steps taken.
+        processes: processes that trained it (data parallel).
+        wall_time_s: training, evaluation and saving, in seconds (set by the script that ran it).
+        dataset: what it was trained on.
+    """
+
+    config: dict[str, Any]
+    deployed: str
+    results: list[DepthResult]
+    loss_per_epoch: list[float] = field(default_factory=list)
+    steps: int = 0
+    processes: int = 1
+    wall_time_s: float | None = None
+    dataset: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict (``config.extra["training"]``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainingReport:
+        """Read what :meth:`to_dict` wrote; keys of a newer version are ignored."""
+        known = {f.name for f in fields(cls)}
+        try:
+            values = {k: v for k, v in data.items() if k in known}
+            values["results"] = [r if isinstance(r, DepthResult) else DepthResult(**r) for r in values["results"]]
+            return cls(**values)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"invalid training report in config.json (extra.training): {e}") from e
+
+    def table(self) -> str:
+        """The per-depth table as Markdown, the one the model card shows."""
+        return results_markdown([r.to_dict() for r in self.results], self.deployed)
+
+    @property
+    def has_costs(self) -> bool:
+        """True if FLOPs were counted (there is something to plot)."""
+        return any(r.gflops is not None for r in self.results)
 
 
 def _fmt(value: Any, spec: str) -> str:

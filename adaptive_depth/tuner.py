@@ -1,0 +1,439 @@
+"""``DepthTuner``: depth gates injected into a base model, depth switching, per-depth norms and costs.
+
+This is the "tuner" half of :class:`~adaptive_depth.AdaptiveDepth` (PEFT's split: the tuner injects and switches,
+the public model class adds loading, saving, pushing and the model card). Everything here works on a model in
+memory; nothing touches files or the Hub.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import numbers
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .budget import LatencyProfile, choose_scaling_factor, describe_device
+from .config import AdaptiveDepthConfig, StageSpec
+from .errors import CheckpointError, ConfigError, DepthSpecError
+from .export import export_depth
+from .flops import count_flops
+from .gates import DepthGate, gate_model
+from .latency import measure_latencies_ms
+from .norms import DepthNorms, batchnorm_layers, recalibrate_batchnorm
+from .policy import active_mask, check_scaling_factor, depth_key, keep_count
+from .state import preserved
+
+__all__ = ["DepthTuner"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_structure(model: nn.Module, config: AdaptiveDepthConfig) -> None:
+    """Raise :class:`CheckpointError` unless ``config``'s stages name distinct, un-nested blocks of ``model``."""
+    modules = dict(model.named_modules())
+    names = [b.name for s in config.stages for b in s.blocks]
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise CheckpointError(
+            f"the config names blocks {missing[:5]} that {type(model).__name__} does not have; "
+            "the config belongs to another architecture"
+        )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    nested = sorted({a for a in names for b in names if a != b and a.startswith(b + ".")})
+    if repeated or nested:
+        raise CheckpointError(
+            f"the config's stages list blocks twice {repeated[:5]} or blocks inside other blocks {nested[:5]}; "
+            "it was edited by hand: wrap the model again (block_patterns= names blocks explicitly)"
+        )
+
+
+class DepthTuner(nn.Module):
+    """A base model with depth gates on its residual blocks, and the controls of its depth.
+
+    Args:
+        model: the base model; its gateable blocks are wrapped in place.
+        config: stages, policy and metadata (from discovery or a saved ``config.json``).
+
+    Thread safety: the depth is state of the model. :meth:`scaled` (and every method that visits other depths
+    and comes back: :meth:`flops`, :meth:`profile`, :meth:`export`, :meth:`recalibrate_norms`) holds a lock, so
+    threads that use ``with model.scaled(s): model(x)`` get their own depth, one thread at a time. Plain
+    :meth:`set_scaling_factor` followed by a call is not safe across threads: give each thread its own copy
+    (``copy.deepcopy(model)``) to serve depths in parallel.
+    """
+
+    def __init__(self, model: nn.Module, config: AdaptiveDepthConfig) -> None:
+        super().__init__()
+        check_structure(model, config)
+        self.model = model
+        self.config = config
+        gates = gate_model(model, [b for s in config.stages for b in s.blocks])
+        # Plain lists (not a ModuleList): the gates are already registered inside ``model``.
+        self._stage_gates: list[list[DepthGate | None]] = [[gates.get(b.name) for b in s.blocks] for s in config.stages]
+        self._switches: dict[tuple[int, ...], list[tuple[DepthGate, bool]]] = {}  # gate states per depth
+        self._depths: dict[float, list[int]] = {}  # blocks per stage per scaling factor
+        self._scaling_factor: float | None = 1.0
+        self._norms_key: tuple[int, ...] | None = None  # whose BatchNorm statistics run: blocks per stage, or default
+        self._lock = threading.RLock()
+        self.depth_norms: DepthNorms | None = None  # per-depth BatchNorm statistics, after recalibration
+        # state_dict() holds the statistics of training whatever the depth, and load_state_dict() writes them.
+        self.register_state_dict_pre_hook(_suspend_depth_norms)
+        self.register_state_dict_post_hook(_resume_depth_norms)
+        self.register_load_state_dict_pre_hook(_suspend_depth_norms_for_load)
+        self.register_load_state_dict_post_hook(_resume_depth_norms_after_load)
+        self.set_scaling_factor(config.default_scaling_factor)
+
+    # ------------------------------------------------------------------ pickling (the lock cannot be copied)
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ depth
+    @property
+    def stages(self) -> list[StageSpec]:
+        """The stages found by discovery, in execution order."""
+        return self.config.stages
+
+    @property
+    def scaling_factor(self) -> float | None:
+        """The current scaling factor, or ``None`` after an explicit :meth:`set_depth` or :meth:`drop_blocks`."""
+        return self._scaling_factor
+
+    @property
+    def active_depth(self) -> list[int]:
+        """Blocks per stage that run now (fixed blocks included)."""
+        return [sum(1 for g in gates if g is None or g.active) for gates in self._stage_gates]
+
+    def depth_for(self, scaling_factor: float) -> list[int]:
+        """Blocks per stage that run at ``scaling_factor``."""
+        # Only exact floats hit the cache: True == 1.0 and unhashable values must reach the validation.
+        counts = self._depths.get(scaling_factor) if type(scaling_factor) is float else None
+        if counts is None:
+            s = check_scaling_factor(scaling_factor)
+            counts = [keep_count(s, st.num_blocks, st.num_fixed) for st in self.stages]
+            self._depths[s] = counts
+            if type(scaling_factor) is float:
+                self._depths[scaling_factor] = counts
+        return list(counts)
+
+    def set_scaling_factor(self, scaling_factor: float) -> DepthTuner:
+        """Run about ``scaling_factor`` of each stage's blocks (``1.0``: the full network). Returns ``self``."""
+        counts = self.depth_for(scaling_factor)
+        self._activate(counts, check_scaling_factor(scaling_factor))
+        return self
+
+    def set_depth(self, blocks_per_stage: Sequence[int]) -> DepthTuner:
+        """Run exactly ``blocks_per_stage[i]`` blocks (fixed ones included) in stage ``i``. Returns ``self``."""
+        counts = self._check_depth(blocks_per_stage)
+        self._activate(counts, 1.0 if counts == [st.num_blocks for st in self.stages] else None)
+        return self
+
+    def drop_blocks(self, probability: float, generator: torch.Generator | None = None) -> DepthTuner:
+        """LayerDrop-style random depth: skip each gateable block with ``probability``. Returns ``self``.
+
+        For training (the random-depth baseline); at least one block of every stage runs. Draws from torch's
+        random number generator (or ``generator``), so seeding and checkpointed RNG states reproduce it. The model
+        runs with the BatchNorm statistics of training, like a depth that was never recalibrated.
+        """
+        if isinstance(probability, bool) or not isinstance(probability, int | float) or not 0 <= probability < 1:
+            raise ConfigError(f"drop probability must be in [0, 1), got {probability!r}")
+        self._scaling_factor, self._norms_key = None, None
+        if self.depth_norms is not None:
+            self.depth_norms.use(None)
+        for stage, gates in zip(self.stages, self._stage_gates):
+            keep = (torch.rand(len(gates), generator=generator) >= probability).tolist()
+            if stage.num_fixed == 0 and not any(keep):
+                keep[0] = True  # a stage of gateable blocks only keeps its first one
+            for gate, on in zip(gates, keep):
+                if gate is not None:
+                    gate.switch(on)
+        return self
+
+    def _check_depth(self, blocks_per_stage: Sequence[int]) -> list[int]:
+        limits = [(max(1, st.num_fixed), st.num_blocks) for st in self.stages]
+        if isinstance(blocks_per_stage, str | bytes) or not isinstance(blocks_per_stage, Sequence):
+            raise DepthSpecError(
+                f"set_depth() takes one block count per stage ({len(limits)} stages), got {blocks_per_stage!r}"
+            )
+        if len(blocks_per_stage) != len(limits):
+            raise DepthSpecError(
+                f"set_depth() got {len(blocks_per_stage)} counts for {len(limits)} stages "
+                f"({[st.name for st in self.stages]}); pass one count per stage, e.g. {[hi for _, hi in limits]}"
+            )
+        counts = []
+        for stage, value, (lo, hi) in zip(self.stages, blocks_per_stage, limits):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
+                raise DepthSpecError(
+                    f"stage {stage.name!r} can run {lo}..{hi} blocks, got {value!r}; "
+                    f"allowed counts per stage: {[f'{a}..{b}' for a, b in limits]}"
+                )
+            counts.append(int(value))
+        return counts
+
+    def _activate(self, counts: list[int], scaling_factor: float | None) -> None:
+        """Switch the gates to ``counts`` blocks per stage, and the BatchNorm statistics to that depth's."""
+        key = tuple(counts)
+        self._scaling_factor, self._norms_key = scaling_factor, key
+        if self.depth_norms is not None:
+            self.depth_norms.use(key)  # any s (or explicit depth) that runs these blocks shares their statistics
+        switches = self._switches.get(key)
+        if switches is None:
+            switches = self._switches[key] = [
+                (gate, on)
+                for gates, mask in zip(self._stage_gates, self._masks_for(counts))
+                for gate, on in zip(gates, mask)
+                if gate is not None
+            ]
+        for gate, on in switches:
+            gate.switch(on)
+
+    def _masks_for(self, counts: list[int]) -> list[list[bool]]:
+        return [active_mask(st.gateable, k, self.config.policy) for st, k in zip(self.stages, counts)]
+
+    def snapshot_depth(self) -> Callable[[], None]:
+        """Remember the current depth; the returned callable switches back to it (see :func:`preserved`)."""
+        s, norms_key = self._scaling_factor, self._norms_key
+        states = [(gate, gate.active) for gates in self._stage_gates for gate in gates if gate is not None]
+
+        def restore() -> None:
+            self._scaling_factor, self._norms_key = s, norms_key
+            for gate, on in states:  # gate by gate: a random depth (drop_blocks) is not described by its counts
+                gate.switch(on)
+            if self.depth_norms is not None:
+                self.depth_norms.use(norms_key)
+
+        return restore
+
+    def depth_lock(self) -> contextlib.AbstractContextManager[object]:
+        """The re-entrant lock held inside :meth:`scaled` and every method that visits other depths."""
+        return self._lock
+
+    @contextlib.contextmanager
+    def scaled(self, scaling_factor: float) -> Iterator[DepthTuner]:
+        """Context manager: run at ``scaling_factor`` inside the block, restore the previous depth after.
+
+        Holds the model's depth lock for the block, so threads that each use ``scaled`` do not mix depths.
+        """
+        with preserved(self):
+            self.set_scaling_factor(scaling_factor)
+            yield self
+
+    # ------------------------------------------------------------------ per-depth normalisation
+    def recalibrate_norms(
+        self,
+        batches: Iterable[Any],
+        scaling_factors: Sequence[float] | None = None,
+        *,
+        max_batches: int | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> dict[float, int]:
+        """Re-estimate BatchNorm running statistics at every trained depth and keep one set per depth.
+
+        Skipping blocks changes what later BatchNorm layers see; after this, :meth:`set_scaling_factor` swaps
+        in the statistics of the chosen depth (by reference, no copy) and ``save_pretrained`` saves them. Any
+        scaling factor or :meth:`set_depth` that runs the same blocks as a recalibrated depth uses its statistics;
+        other depths use the statistics the model was trained with.
+
+        Args:
+            batches: a re-iterable of image batches, or of ``(images, labels)`` (a ``DataLoader`` of training
+                data), read once per depth, without augmentation ideally.
+            scaling_factors: the depths to recalibrate (default: ``config.scaling_factors``).
+            max_batches: read at most this many batches per depth.
+            reduce: applied to every statistic at the end (e.g. a mean over processes).
+
+        Returns:
+            The number of images read at each depth. A model without BatchNorm is left unchanged (``{}``).
+        """
+        layers = batchnorm_layers(self.model)
+        if not layers:
+            logger.info("%s has no BatchNorm layer: nothing to recalibrate", type(self.model).__name__)
+            return {}
+        factors = [check_scaling_factor(s) for s in (scaling_factors or self.config.scaling_factors)]
+        if self.depth_norms is None:
+            self.depth_norms = DepthNorms(layers)
+        seen: dict[float, int] = {}
+        done: dict[tuple[int, ...], int] = {}  # depths that run the same blocks share one set: estimate it once
+        with preserved(self):
+            for s in factors:
+                key = tuple(self.depth_for(s))
+                if key not in done:
+                    self.set_scaling_factor(s)
+                    self.depth_norms.release()
+                    images = (
+                        b[0] if isinstance(b, tuple | list) else b for b in itertools.islice(batches, max_batches)
+                    )
+                    done[key] = recalibrate_batchnorm(self.model, layers, images, reduce)
+                    self.depth_norms.capture(key)
+                seen[s] = done[key]
+        self.config.norm_stats = sorted(set(self.config.norm_stats) | set(factors))
+        return seen
+
+    # ------------------------------------------------------------------ running
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the wrapped model at the current depth (same signature and output)."""
+        return self.model(*args, **kwargs)
+
+    def example_input(self, batch_size: int = 1) -> torch.Tensor:
+        """A random batch of the configured input size, on the model's device and dtype."""
+        param = next(self.model.parameters())
+        x = torch.randn(batch_size, *self.config.input_size, generator=torch.Generator().manual_seed(0))
+        return x.to(device=param.device, dtype=param.dtype)
+
+    # ------------------------------------------------------------------ costs
+    def flops(self, scaling_factor: float | None = None) -> int:
+        """FLOPs of one forward pass on one ``input_size`` image, at ``scaling_factor`` (default: current)."""
+        if scaling_factor is None:
+            return count_flops(self.model, self.example_input())
+        with self.scaled(scaling_factor):
+            return count_flops(self.model, self.example_input())
+
+    def flops_table(self) -> dict[float, int]:
+        """FLOPs at every trained scaling factor (cached in ``config.flops``)."""
+        table = {}
+        for s in self.config.scaling_factors:
+            key = depth_key(s)
+            if key not in self.config.flops:
+                self.config.flops[key] = self.flops(s)
+            table[s] = int(self.config.flops[key])
+        return table
+
+    def depth_summary(self) -> str:
+        """A table of stages and blocks, and the blocks and FLOPs at each trained scaling factor."""
+        lines = [
+            f"{type(self.model).__name__}: {len(self.stages)} stages, discovery: {self.config.discovery}, "
+            f"policy: {self.config.policy}, input {tuple(self.config.input_size)}",
+            "",
+            f"{'stage':<40} {'blocks':>6} {'fixed':>5} {'gateable':>8}",
+        ]
+        for st in self.stages:
+            lines.append(f"{st.name:<40} {st.num_blocks:>6} {st.num_fixed:>5} {st.num_blocks - st.num_fixed:>8}")
+        lines.append("")
+        table = self.flops_table()
+        full = table.get(1.0) or self.flops(1.0)
+        lines.append(f"{'s':>6} {'blocks per stage':<30} {'GFLOPs':>9} {'vs s=1':>7}")
+        for s, flops in table.items():
+            lines.append(f"{s:>6.3g} {self.depth_for(s)!s:<30} {flops / 1e9:>9.4f} {flops / full:>7.3f}")
+        current = "custom" if self._scaling_factor is None else f"{self._scaling_factor:g}"
+        lines.append(f"\ncurrent: s = {current}, blocks per stage {self.active_depth}")
+        return "\n".join(lines)
+
+    def profile(
+        self,
+        example_input: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+        *,
+        batch_size: int = 1,
+        warmup: int = 5,
+        repeats: int = 20,
+    ) -> dict[float, float]:
+        """Measure the latency of every trained depth on ``device`` and keep it (saved in ``config.json``).
+
+        Run it on the device you deploy to; :meth:`set_budget` then picks depths by measured milliseconds.
+
+        Args:
+            example_input: a batch like the ones you serve (default: random, ``batch_size`` x ``input_size``).
+            device: where to measure; the model is moved there and stays (default: where it is).
+            batch_size: images per batch when no ``example_input`` is given.
+            warmup, repeats: runs discarded, then runs whose median is kept, per depth.
+
+        Returns:
+            Milliseconds per forward pass at each trained scaling factor.
+        """
+        if device is not None:
+            self.to(device)
+        param = next(self.model.parameters())
+        x = self.example_input(batch_size) if example_input is None else example_input
+        x = x.to(device=param.device, dtype=param.dtype if x.is_floating_point() else x.dtype)
+
+        def run_at(s: float) -> Callable[[], Any]:
+            return lambda: self.set_scaling_factor(s)(x)  # a switch costs microseconds: part of serving
+
+        with preserved(self, train=False):  # depths timed in interleaved rounds, so machine noise touches them alike
+            timed = measure_latencies_ms(
+                {depth_key(s): run_at(s) for s in self.config.scaling_factors},
+                device=param.device,
+                warmup=warmup,
+                repeats=repeats,
+            )
+        self.config.latency_profile = LatencyProfile(
+            device=describe_device(param.device),
+            batch_size=int(x.shape[0]),
+            input_size=[int(v) for v in x.shape[1:]],
+            dtype=str(param.dtype).removeprefix("torch."),
+            latency_ms=timed,
+        ).to_dict()
+        return {float(k): ms for k, ms in timed.items()}
+
+    @property
+    def latency_profile(self) -> LatencyProfile | None:
+        """The latencies measured by :meth:`profile` (or loaded with the model), if any."""
+        data = self.config.latency_profile
+        return LatencyProfile.from_dict(data) if data is not None else None
+
+    def set_budget(self, *, max_flops: float | None = None, max_latency_ms: float | None = None) -> float:
+        """Run at the largest trained depth that fits the budget; returns the scaling factor picked.
+
+        Args:
+            max_flops: the most FLOPs per image (at ``config.input_size``, as in :meth:`flops_table`).
+            max_latency_ms: the most milliseconds per forward pass, as measured by :meth:`profile`.
+
+        Raises:
+            BudgetError: no trained depth fits, or a latency budget without a profile.
+        """
+        flops = self.flops_table()
+        profile = self.latency_profile
+        latency = {s: ms for s in flops if profile is not None and (ms := profile.at(s)) is not None}
+        s = choose_scaling_factor(flops, latency, max_flops=max_flops, max_latency_ms=max_latency_ms)
+        self.set_scaling_factor(s)
+        measured = f", {latency[s]:.3g} ms on {profile.device}" if s in latency and profile is not None else ""
+        logger.info("budget: running at s=%g (%.4g GFLOPs%s)", s, flops[s] / 1e9, measured)
+        return s
+
+    # ------------------------------------------------------------------ export
+    def export(self, scaling_factor: float | None = None, *, depth: Sequence[int] | None = None) -> nn.Module:
+        """A plain timm / transformers module of one depth, with the skipped blocks removed.
+
+        The copy holds that depth's BatchNorm statistics.
+
+        Args:
+            scaling_factor: the depth to export (default: the current one).
+            depth: explicit blocks per stage instead of a scaling factor.
+        """
+        if depth is not None:
+            counts, s = self._check_depth(depth), None
+        elif scaling_factor is not None:
+            counts, s = self.depth_for(scaling_factor), check_scaling_factor(scaling_factor)
+        else:
+            counts, s = self.active_depth, self._scaling_factor
+        with preserved(self):
+            self._activate(counts, s)  # the BatchNorm statistics of that depth go into the copy
+            return export_depth(self.model, self.stages, self._masks_for(counts))
+
+
+# State-dict hooks (module-level functions, not closures: a deep copy of the model must not call the original's).
+def _suspend_depth_norms(module: DepthTuner, *_: Any) -> None:
+    if module.depth_norms is not None:
+        module.depth_norms.suspend()
+
+
+def _resume_depth_norms(module: DepthTuner, *_: Any) -> None:
+    if module.depth_norms is not None:
+        module.depth_norms.resume()
+
+
+def _suspend_depth_norms_for_load(module: DepthTuner, *_: Any, **__: Any) -> None:
+    _suspend_depth_norms(module)
+
+
+def _resume_depth_norms_after_load(module: DepthTuner, _incompatible: Any) -> None:
+    _resume_depth_norms(module)

@@ -1,0 +1,267 @@
+"""The model's guarantees under hostile but realistic use: state dicts, float-typed depths, threads, failed saves
+and loads, hand-edited configs, and errors that say what is wrong."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+import adaptive_depth.model as model_module
+from adaptive_depth import AdaptiveDepth, AdaptiveDepthError, CheckpointError, ConfigError, UnknownModelError
+from adaptive_depth.gates import is_gated
+
+
+def _resnet(scaling_factors=(0.25, 0.5, 0.75, 1.0)) -> AdaptiveDepth:
+    torch.manual_seed(0)
+    base = timm.create_model("resnet26", num_classes=5, zero_init_last=False)  # [2, 2, 2, 2] bottlenecks
+    return AdaptiveDepth.wrap(base, input_size=[3, 32, 32], scaling_factors=list(scaling_factors)).eval()
+
+
+def _batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(8, 3, 32, 32, generator=g) * 2 + 1 for _ in range(2)]
+
+
+def _recalibrated(scaling_factors=(0.25, 0.5, 0.75, 1.0)) -> AdaptiveDepth:
+    model = _resnet(scaling_factors)
+    model.recalibrate_norms(_batches())
+    return model
+
+
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+# ---------------------------------------------------------------------- state dicts
+
+
+def test_state_dict_holds_the_training_statistics_whatever_the_depth() -> None:
+    model = _recalibrated()
+    trained = _resnet().state_dict()  # the same weights, never recalibrated
+    full = model.set_scaling_factor(1.0)(X)
+    model.set_scaling_factor(0.5)
+    sd = model.state_dict()
+    for key in ("model.layer4.1.bn1.running_mean", "model.layer4.1.bn1.running_var"):
+        torch.testing.assert_close(sd[key], trained[key])  # not the 0.5 set
+    half = model(X)
+    model.set_scaling_factor(1.0)
+    model.load_state_dict(sd)  # at full depth: must not overwrite the s = 1 statistics
+    assert torch.equal(model(X), full)
+    model.set_scaling_factor(0.5).load_state_dict(sd)  # at 0.5: must not overwrite the 0.5 statistics either
+    assert torch.equal(model(X), half)
+    assert model.scaling_factor == 0.5
+    # A fresh wrap loading it gets the training statistics as its default, not those of 0.5.
+    fresh = _resnet()
+    fresh.load_state_dict(sd)
+    assert torch.equal(
+        fresh.state_dict()["model.layer4.1.bn1.running_mean"], trained["model.layer4.1.bn1.running_mean"]
+    )
+
+
+def test_nested_state_dict_of_a_module_holding_the_model_is_depth_independent() -> None:
+    model = _recalibrated().set_scaling_factor(0.25)
+    holder = nn.ModuleDict({"player": model})
+    sd = holder.state_dict()
+    torch.testing.assert_close(
+        sd["player.model.layer4.1.bn1.running_mean"], _resnet().state_dict()["model.layer4.1.bn1.running_mean"]
+    )
+    quarter = model(X)
+    holder.load_state_dict(sd)
+    assert torch.equal(model(X), quarter)
+
+
+# ---------------------------------------------------------------------- float-typed depths
+
+
+@pytest.mark.parametrize(
+    "value",
+    [np.float32(0.6), 0.2 * 3, np.linspace(0.1, 1, 10)[5] + 0.0, torch.tensor(0.6).item()],
+    ids=["float32", "0.2*3", "linspace", "tensor.item"],
+)
+def test_float_noise_finds_the_depth_and_its_statistics(value: float) -> None:
+    model = _recalibrated((0.3, 0.6, 1.0))
+    reference = model.set_scaling_factor(0.6)(X)
+    model.set_scaling_factor(1.0)
+    assert model.set_scaling_factor(value).scaling_factor == 0.6
+    assert torch.equal(model(X), reference)
+    assert model.flops(value) == model.flops_table()[0.6]
+
+
+def test_numpy_integers_are_block_counts() -> None:
+    model = _resnet()
+    assert model.set_depth(np.array([1, 2, 1, 2], dtype=np.int64).tolist()).active_depth == [1, 2, 1, 2]
+    assert model.set_depth([np.int64(1), np.int32(2), 1, 2]).active_depth == [1, 2, 1, 2]
+
+
+# ---------------------------------------------------------------------- threads
+
+
+def test_scaled_is_safe_across_threads() -> None:
+    model = _recalibrated()
+    expected = {s: model.set_scaling_factor(s)(X) for s in (0.25, 1.0)}
+    wrong: list[float] = []
+
+    def serve(s: float) -> None:
+        for _ in range(15):
+            with torch.no_grad(), model.scaled(s):
+                out = model(X)
+            if not torch.equal(out, expected[s]):
+                wrong.append(s)
+
+    threads = [threading.Thread(target=serve, args=(s,)) for s in (0.25, 1.0, 0.25, 1.0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+# ---------------------------------------------------------------------- saving and loading
+
+
+def test_failed_save_leaves_the_previous_save_loadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = _recalibrated()
+    first.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model_module, "save_model", full_disk)
+    second = _resnet((0.5, 1.0))
+    with pytest.raises(OSError, match="No space"):
+        second.save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing changed, nothing left over
+    again = AdaptiveDepth.from_pretrained(tmp_path)
+    assert torch.equal(again.set_scaling_factor(0.25)(X), first.set_scaling_factor(0.25)(X))
+
+
+def test_save_to_a_file_path_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "weights.bin"
+    path.write_text("mine")
+    with pytest.raises(CheckpointError, match="is a file"):
+        _resnet().save_pretrained(path)
+    assert path.read_text() == "mine"
+
+
+class _Net(nn.Module):
+    """A custom module: a stem and four residual blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(*[_Residual() for _ in range(4)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+@pytest.mark.parametrize("damage", ["weights", "config-blocks", "norm-file"])
+def test_failed_load_leaves_the_passed_model_untouched(tmp_path: Path, damage: str) -> None:
+    saved = AdaptiveDepth.wrap(_Net(), input_size=[3, 16, 16])
+    saved.save_pretrained(tmp_path)
+    if damage == "weights":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(tmp_path / "model.safetensors")
+        tensors.pop("blocks.3.conv.weight")
+        save_file(tensors, tmp_path / "model.safetensors")
+    elif damage == "config-blocks":
+        config = json.loads((tmp_path / "config.json").read_text())
+        config["stages"][0]["blocks"][1]["name"] = "blocks.9"
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    else:
+        config = json.loads((tmp_path / "config.json").read_text())
+        config["norm_stats"] = [0.5]
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    mine = _Net()
+    before = {k: v.clone() for k, v in mine.state_dict().items()}
+    with pytest.raises(CheckpointError):
+        AdaptiveDepth.from_pretrained(tmp_path, model=mine)
+    assert not is_gated(mine)
+    assert all(torch.equal(v, before[k]) for k, v in mine.state_dict().items())
+    AdaptiveDepth.wrap(mine, input_size=[3, 16, 16])  # still a plain module: it can be wrapped (or loaded) again
+
+
+# ---------------------------------------------------------------------- hand-edited configs
+
+
+def _edit(folder: Path, edit) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda c: c["stages"][1]["blocks"].pop(),  # a block dropped: it would always run
+        lambda c: c["stages"][0]["blocks"].append(c["stages"][1]["blocks"].pop(0)),  # moved between stages
+        lambda c: c.update(norm_stats=[]),  # per-depth statistics silently dropped
+        lambda c: c.update(policy="spread"),  # other blocks than those recalibrated
+    ],
+    ids=["block-dropped", "block-moved", "norm-stats-emptied", "policy-changed"],
+)
+def test_edited_configs_are_refused(tmp_path: Path, edit) -> None:
+    torch.manual_seed(0)
+    model = AdaptiveDepth.wrap(timm.create_model("resnet50", num_classes=5), input_size=[3, 32, 32])  # [3, 4, 6, 3]
+    model.recalibrate_norms(_batches(), [0.5, 1.0])
+    model.save_pretrained(tmp_path)
+    _edit(tmp_path, edit)
+    with pytest.raises(CheckpointError, match="edited"):
+        AdaptiveDepth.from_pretrained(tmp_path)
+
+
+def test_free_fields_of_the_config_may_be_edited(tmp_path: Path) -> None:
+    _recalibrated().save_pretrained(tmp_path)
+    _edit(tmp_path, lambda c: c.update(default_scaling_factor=0.5, scaling_factors=[0.5, 1.0]))
+    assert AdaptiveDepth.from_pretrained(tmp_path).scaling_factor == 0.5
+
+
+# ---------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda c: c.update(base_model=None), "base_model"),
+        (lambda c: c["base_model"].update(model_args={"no_such_arg": 1}), "model_args"),
+        (lambda c: c["base_model"].update(architecture="resnet_does_not_exist"), "does not have"),
+        (lambda c: c.update(format_version="1"), "positive integer"),
+        (lambda c: c.update(stages="layer1"), "stages"),
+    ],
+    ids=["base-model-null", "bad-model-args", "unknown-architecture", "format-version-string", "stages-string"],
+)
+def test_broken_configs_raise_library_errors(tmp_path: Path, edit, match: str) -> None:
+    _resnet().save_pretrained(tmp_path)
+    _edit(tmp_path, edit)
+    with pytest.raises(AdaptiveDepthError, match=match):
+        AdaptiveDepth.from_pretrained(tmp_path)
+
+
+def test_wrapping_twice_scripted_modules_and_file_paths_are_library_errors(tmp_path: Path) -> None:
+    model = _resnet()
+    with pytest.raises(ConfigError, match="already has depth gates"):
+        AdaptiveDepth.wrap(model.model)
+    scripted = torch.jit.trace(_Net().eval(), torch.randn(1, 3, 16, 16))
+    with pytest.raises(ConfigError, match="TorchScript"):
+        AdaptiveDepth.wrap(scripted)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(UnknownModelError, match="is a file"):
+        AdaptiveDepth.from_pretrained(tmp_path / "model.safetensors")
