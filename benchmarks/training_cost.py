@@ -87,7 +87,7 @@ def build_trainer(mode: str, args: argparse.Namespace, data: Any) -> Cooperative
         recalibration_loader=loaders.recalibration,
     )  # fmt: skip
     if config.cache_leader_logits:
-        trainer.leader_cache = trainer.cache_leader_logits()  # once, before training: not part of a step
+        trainer.cache_leader_logits()  # once, before training: not part of a step
     trainer.module.train()
     return trainer
 

@@ -30,9 +30,11 @@ from adaptive_depth.training import (
     EMBEDDED_DATASETS,
     CooperativeTrainer,
     TrainingConfig,
+    accelerator_kwargs,
     load_image_classification_data,
     make_loaders,
 )
+from adaptive_depth.training.checkpoints import check_output_dir, prepare_output_dir
 
 DIGITS_IMAGE_SIZE = 32  # digits are 8x8: upsampling them to 224 px would only cost time
 DIGITS_LEARNING_RATE = 1e-2  # measured: regnetx_002 from random init reaches 98% in 10 epochs, 78% at 1e-3
@@ -67,6 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-train-samples", type=int, default=None)
     g.add_argument("--max-eval-samples", type=int, default=None)
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument(
+        "--skip-bad-images", action="store_true", help="leave undecodable images out (named in a warning), not stop"
+    )
+    g.add_argument("--no-image-check", action="store_true", help="do not decode every image once before training")
     g.add_argument(
         "--metrics",
         nargs="+",
@@ -131,7 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", type=Path, default=Path("out/finetune"))
     g.add_argument("--overwrite-output-dir", action="store_true", help="write into a folder that holds a model")
-    g.add_argument("--checkpointing-steps", default="epoch", help="'epoch', a number of steps, or 'no'")
+    g.add_argument(
+        "--checkpointing-steps", type=checkpointing_steps, default="epoch", help="'epoch', a number of steps, or 'no'"
+    )
     g.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint folder, or 'latest'")
     g.add_argument("--keep-checkpoints", action="store_true", help="keep training states after a finished run")
     g.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="push the deployed model to this repo")
@@ -155,18 +163,13 @@ def training_config(args: argparse.Namespace) -> TrainingConfig:
     return TrainingConfig(**values | {name: not off for name, off in switches.items()})
 
 
-def check_output_dir(args: argparse.Namespace) -> None:
-    """Never write over a folder that holds something else, unless asked to (or resuming into it)."""
-    out = args.output_dir
-    if args.resume_from_checkpoint or args.overwrite_output_dir or not out.exists():
-        return
-    if not out.is_dir():
-        raise ConfigError(f"--output-dir {out} is a file; pick a folder")
-    if any(out.iterdir()):
-        raise ConfigError(
-            f"--output-dir {out} is not empty (it holds {sorted(p.name for p in out.iterdir())[:5]}); pick another "
-            "folder, pass --overwrite-output-dir to write over it, or --resume-from-checkpoint latest to continue"
-        )
+def checkpointing_steps(value: str) -> str | int:
+    """``--checkpointing-steps``: ``epoch``, ``no`` or a positive number of optimizer steps."""
+    if value in ("epoch", "no"):
+        return value
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected 'epoch', 'no' or a positive number of steps, got {value!r}")
 
 
 def build_model(args: argparse.Namespace, num_classes: int, seed: int, input_size: list[int] | None) -> AdaptiveDepth:
@@ -190,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     config = training_config(args)
     if config.leader == "frozen" and not args.leader_model:
         raise ConfigError("--leader frozen needs --leader-model: a model already trained on this dataset's labels")
-    check_output_dir(args)
+    resume = args.resume_from_checkpoint is not None
+    check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resume=resume)
     data = load_image_classification_data(
         args.dataset,
         image_column=args.image_column,
@@ -200,13 +204,15 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples,
+        check_images=not args.no_image_check,
+        skip_bad_images=args.skip_bad_images,
     )
     top5 = "top5" in args.metrics if args.metrics else None
     if top5 and data.num_classes <= 5:
         raise ConfigError(f"top-5 accuracy needs more than 5 classes; {data.source} has {data.num_classes}")
 
     accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        **accelerator_kwargs(config),  # gradient accumulation; DDP told of blocks a training mode leaves unused
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(
@@ -244,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         with_index=config.cache_leader_logits,
     )
 
-    checkpoint_steps = None if args.checkpointing_steps in ("epoch", "no") else int(args.checkpointing_steps)
+    checkpoint_steps = args.checkpointing_steps if isinstance(args.checkpointing_steps, int) else None
     trainer = CooperativeTrainer(
         teammates,
         config,
@@ -258,14 +264,17 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_steps=checkpoint_steps,
         recalibration_loader=loaders.recalibration,
     )
+    if accelerator.is_main_process:  # everything checked: now clear what --overwrite-output-dir replaces
+        prepare_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resume=resume)
+    accelerator.wait_for_everyone()
     if args.report_to != "none":
         accelerator.init_trackers("adaptive-depth-finetune", config=config.to_dict() | {"model": args.model})
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     result = trainer.evaluate(latency=not args.no_latency)
     wall = time.perf_counter() - start
-    result.model.config.extra["training"]["wall_time_s"] = round(wall, 1)
-    result.model.config.extra["training"]["dataset"] = data.source
+    result.report.wall_time_s = round(wall, 1)
+    result.report.dataset = data.source
     trainer.save(result, args.output_dir, push_to_hub=args.push_to_hub)
     if not args.keep_checkpoints:
         trainer.remove_checkpoints()

@@ -1,24 +1,22 @@
 """Cooperative training of adaptive-depth models (DESIGN.md section 4): objective, data, Accelerate trainer."""
 
+from ..report import DepthResult, TrainingReport
 from .config import TrainingConfig
 from .data import (
-    CLUTTERED_DIGITS,
-    DIGITS,
-    EMBEDDED_DATASETS,
     EpochSampler,
     ImageClassificationData,
     Loaders,
     TransformedDataset,
     build_transform,
-    cluttered_digits_dataset,
-    digits_dataset,
+    find_bad_images,
     load_image_classification_data,
     make_loaders,
 )
-from .evaluate import DepthResult, evaluate_accuracy
+from .embedded import CLUTTERED_DIGITS, DIGITS, EMBEDDED_DATASETS, cluttered_digits_dataset, digits_dataset
+from .evaluate import evaluate_accuracy
 from .losses import CooperativeLogits, CooperativeLoss, cooperative_loss, kd_loss, sfsl_weights
 from .players import CooperativeModel, logits_of
-from .trainer import CooperativeTrainer, TrainingResult
+from .trainer import CooperativeTrainer, TrainingResult, accelerator_kwargs
 
 __all__ = [
     "CLUTTERED_DIGITS",
@@ -33,13 +31,16 @@ __all__ = [
     "ImageClassificationData",
     "Loaders",
     "TrainingConfig",
+    "TrainingReport",
     "TrainingResult",
     "TransformedDataset",
+    "accelerator_kwargs",
     "build_transform",
     "cluttered_digits_dataset",
     "cooperative_loss",
     "digits_dataset",
     "evaluate_accuracy",
+    "find_bad_images",
     "kd_loss",
     "load_image_classification_data",
     "logits_of",

@@ -163,6 +163,14 @@ class TrainingConfig:
         return self.scaling_factors[:-1]
 
     @property
+    def leaves_parameters_unused(self) -> bool:
+        """True if some blocks get no gradient in some steps (random depth, or a top depth below 1).
+
+        DDP must then be created with ``find_unused_parameters=True`` (``accelerator_kwargs`` does it).
+        """
+        return self.layer_drop > 0 or self.top_scaling_factor < 1.0
+
+    @property
     def num_teammates(self) -> int:
         """Two with interactive learning, else one."""
         return 2 if self.interactive else 1

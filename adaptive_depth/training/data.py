@@ -7,6 +7,8 @@ processes or workers, and after resuming from a checkpoint, and it never touches
 
 from __future__ import annotations
 
+import io
+import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,25 +22,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import DataError
+from .embedded import DIGITS, EMBEDDED_DATASETS, load_embedded
 
 __all__ = [
-    "CLUTTERED_DIGITS",
-    "DIGITS",
-    "EMBEDDED_DATASETS",
     "EpochSampler",
     "ImageClassificationData",
     "Loaders",
     "TransformedDataset",
     "build_transform",
-    "cluttered_digits_dataset",
-    "digits_dataset",
+    "find_bad_images",
     "load_image_classification_data",
     "make_loaders",
 ]
 
-DIGITS = "digits"
-CLUTTERED_DIGITS = "digits-cluttered"
-EMBEDDED_DATASETS = (DIGITS, CLUTTERED_DIGITS)  # built from data that ships with scikit-learn: no download
+logger = logging.getLogger(__name__)
+
 LABEL_NAMES = ("label", "labels", "fine_label", "class", "target")
 EVAL_SPLITS = ("validation", "valid", "val", "test")
 FORMS = (
@@ -59,74 +57,9 @@ class ImageClassificationData:
     source: str
 
 
-def digits_dataset() -> datasets.DatasetDict:
-    """scikit-learn's bundled digits (1,797 real 8x8 images, 10 classes) with a stratified 80/20 split (seed 0)."""
-    import numpy as np
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = [Image.fromarray((img * 255.0 / 16.0).round().astype(np.uint8), mode="L") for img in digits.images]
-    features = datasets.Features(
-        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
-    )
-    full = datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
-    return full.train_test_split(test_size=0.2, seed=0, stratify_by_column="label")
-
-
-def cluttered_digits_dataset(
-    *,
-    views: int = 2,
-    canvas: int = 32,
-    digit_size: int = 24,
-    fragments: int = 8,
-    fragment_size: int = 6,
-    seed: int = 0,
-) -> datasets.DatasetDict:
-    """A harder 10-class task from the same digits: cluttered, translated digits (as cluttered MNIST).
-
-    Each digit of :func:`digits_dataset`'s split, upsampled to ``digit_size`` pixels, is placed ``views`` times at a
-    random position of a ``canvas`` x ``canvas`` image strewn with ``fragments`` random ``fragment_size`` crops of
-    other digits of the same split (held-out images are built from held-out digits only), so the network has to tell
-    the digit from digit-like strokes. Deterministic for a ``seed``. The defaults were chosen so that regnetx_002
-    from random initialisation reaches 91-95% in 10 epochs (99% on plain digits): errors enough to rank methods.
-    """
-    import numpy as np
-
-    margin = 2  # the evaluation centre crop (87.5%) removes two pixels each side of 32
-    if canvas < digit_size + 2 * margin or not 0 < fragment_size <= digit_size or fragments < 0 or views < 1:
-        raise DataError(
-            f"cluttered digits need canvas >= {digit_size + 2 * margin}, 0 < fragment_size <= {digit_size}, "
-            f"fragments >= 0 and views >= 1; got canvas={canvas}, fragment_size={fragment_size}, "
-            f"fragments={fragments}, views={views}"
-        )
-    out = {}
-    for offset, (name, split) in enumerate(digits_dataset().items()):
-        rng = np.random.default_rng([seed, offset])
-        digits = np.stack([np.asarray(img.resize((digit_size, digit_size), Image.BILINEAR)) for img in split["image"]])
-        images, labels = [], []
-        for index, label in enumerate(split["label"]):
-            for _ in range(views):
-                image = np.zeros((canvas, canvas), dtype=np.uint8)
-                for other in rng.integers(len(digits), size=fragments):
-                    y, x = rng.integers(digit_size - fragment_size + 1, size=2)
-                    piece = digits[other, y : y + fragment_size, x : x + fragment_size]
-                    top, left = rng.integers(canvas - fragment_size + 1, size=2)
-                    window = image[top : top + fragment_size, left : left + fragment_size]
-                    np.maximum(window, piece, out=window)
-                top, left = rng.integers(margin, canvas - digit_size - margin + 1, size=2)
-                window = image[top : top + digit_size, left : left + digit_size]
-                np.maximum(window, digits[index], out=window)
-                images.append(Image.fromarray(image, mode="L"))
-                labels.append(label)
-        out[name] = datasets.Dataset.from_dict({"image": images, "label": labels}, features=split.features)
-    return datasets.DatasetDict(out)
-
-
 def _load(spec: str, cache_dir: str | None) -> datasets.DatasetDict:
-    if spec == DIGITS:
-        return digits_dataset()
-    if spec == CLUTTERED_DIGITS:
-        return cluttered_digits_dataset()
+    if spec in EMBEDDED_DATASETS:
+        return load_embedded(spec)
     try:
         if spec.startswith("imagefolder:"):
             path = Path(spec.removeprefix("imagefolder:")).expanduser()
@@ -199,6 +132,8 @@ def load_image_classification_data(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     cache_dir: str | None = None,
+    check_images: bool = True,
+    skip_bad_images: bool = False,
 ) -> ImageClassificationData:
     """Load an image-classification dataset and detect its image and label columns.
 
@@ -209,6 +144,9 @@ def load_image_classification_data(
         eval_split: default the first of validation / valid / val / test; without one, ``eval_fraction`` of the
             training split is held out (stratified by label when the labels are a ``ClassLabel``).
         max_train_samples, max_eval_samples: keep this many (a seeded random subset).
+        check_images: decode every image once, before training, so that a broken file is found (and named) now,
+            not at some step of the run (not needed for the embedded datasets).
+        skip_bad_images: leave undecodable images out (each one named in a warning) instead of raising.
     """
     if not isinstance(spec, str) or not spec:
         raise DataError(f"dataset must be a non-empty string: {FORMS}")
@@ -217,6 +155,11 @@ def load_image_classification_data(
     eval_name = _split(loaded, eval_split, EVAL_SPLITS, spec)
     train = loaded[train_name]
     image = _image_column(train, image_column, spec)
+    if spec.startswith("imagefolder:") and label_column is None and "label" not in train.features:
+        raise DataError(
+            f"{spec} has no class subfolders to take labels from (one class folder, or images directly in it); "
+            "put each class's images in a subfolder of its own, at least two classes"
+        )
     label = _label_column(train, label_column, spec)
     feature = train.features[label]
     if eval_name is None or eval_name == train_name:
@@ -246,7 +189,50 @@ def load_image_classification_data(
         train = train.shuffle(seed=seed).select(range(max_train_samples))
     if max_eval_samples is not None and max_eval_samples < len(evaluation):
         evaluation = evaluation.shuffle(seed=seed).select(range(max_eval_samples))
+    if check_images and spec not in EMBEDDED_DATASETS:
+        train = _without_bad_images(train, image, f"{spec} ({train_name})", skip_bad_images)
+        evaluation = _without_bad_images(evaluation, image, f"{spec} (evaluation)", skip_bad_images)
     return ImageClassificationData(train, evaluation, len(names), names, image, label, spec)
+
+
+def find_bad_images(ds: datasets.Dataset, image_column: str, batch_size: int = 256) -> list[tuple[int, str, str]]:
+    """Images that cannot be decoded: ``(index, file or "#index", error)`` for each, in order.
+
+    Every image is decoded once (``PIL.Image.load``, which also catches truncated files).
+    """
+    from tqdm.auto import tqdm
+
+    raw = ds.cast_column(image_column, datasets.Image(decode=False))
+    bad = []
+    index = 0
+    with tqdm(total=len(raw), desc="checking images", leave=False, disable=len(raw) < 5000) as bar:
+        for batch in raw.iter(batch_size=batch_size):
+            for item in batch[image_column]:
+                name = (item or {}).get("path") or f"#{index}"
+                try:
+                    data = item.get("bytes")
+                    with Image.open(io.BytesIO(data) if data else item["path"]) as img:
+                        img.load()
+                except Exception as e:  # PIL raises many types for broken files: each one is a bad image
+                    bad.append((index, str(name), f"{type(e).__name__}: {e}"))
+                index += 1
+            bar.update(len(batch[image_column]))
+    return bad
+
+
+def _without_bad_images(ds: datasets.Dataset, image_column: str, where: str, skip: bool) -> datasets.Dataset:
+    bad = find_bad_images(ds, image_column)
+    if not bad:
+        return ds
+    listing = "; ".join(f"{name} ({error})" for _, name, error in bad[:10]) + (" ..." if len(bad) > 10 else "")
+    if not skip:
+        raise DataError(
+            f"{len(bad)} image(s) of {where} cannot be decoded: {listing}. Fix or remove them, or skip them with "
+            "--skip-bad-images (skip_bad_images=True)"
+        )
+    logger.warning("skipping %d undecodable image(s) of %s: %s", len(bad), where, listing)
+    drop = {i for i, _, _ in bad}
+    return ds.select([i for i in range(len(ds)) if i not in drop])
 
 
 def build_transform(

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
 
 import torch
 from accelerate import Accelerator
@@ -14,35 +12,10 @@ from tqdm.auto import tqdm
 from ..flops import count_flops
 from ..latency import measure_latency_ms
 from ..model import AdaptiveDepth
+from ..state import preserved
 from .players import logits_of
 
-__all__ = ["DepthResult", "evaluate_accuracy", "measure_costs"]
-
-
-@dataclass
-class DepthResult:
-    """One player at one depth.
-
-    Args:
-        player: ``"A"``, ``"B"`` or ``"leader"``.
-        scaling_factor: the depth.
-        top1, top5: accuracy in percent (``top5`` is ``None`` with 5 classes or fewer).
-        top1_trained_norms: top-1 with the BatchNorm statistics of training, before per-depth recalibration.
-        gflops: of one forward pass on one image.
-        latency_ms: median, batch 1, on the evaluation device.
-    """
-
-    player: str
-    scaling_factor: float
-    top1: float
-    top5: float | None = None
-    top1_trained_norms: float | None = None
-    gflops: float | None = None
-    latency_ms: float | None = None
-
-    def to_dict(self) -> dict[str, object]:
-        """Plain dict for JSON."""
-        return asdict(self)
+__all__ = ["evaluate_accuracy", "measure_costs"]
 
 
 @torch.no_grad()
@@ -66,11 +39,9 @@ def evaluate_accuracy(
     top5 = num_classes > 5 if top5 is None else top5
     inner = accelerator.unwrap_model(model)
     adaptive = isinstance(inner, AdaptiveDepth)
-    was_training, previous = model.training, inner.scaling_factor if adaptive else None
-    model.eval()
     k = min(5, num_classes) if top5 else 1
     results = {}
-    try:
+    with preserved(model, train=False):
         for s in scaling_factors if adaptive else [1.0]:
             if adaptive:
                 inner.set_scaling_factor(s)
@@ -87,10 +58,6 @@ def evaluate_accuracy(
             if total == 0:
                 raise ValueError("the evaluation data is empty")
             results[s] = (100.0 * correct1 / total, 100.0 * correct5 / total if top5 else None)
-    finally:
-        model.train(was_training)
-        if adaptive:
-            inner.set_scaling_factor(previous if previous is not None else 1.0)
     return results
 
 
@@ -98,15 +65,12 @@ def measure_costs(
     model: nn.Module, example: torch.Tensor, scaling_factors: Sequence[float], *, latency: bool = True
 ) -> dict[float, tuple[float, float | None]]:
     """``{s: (GFLOPs, latency ms or None)}`` of one image at each depth (full depth only for a plain model)."""
-    was_training = model.training
-    model.eval()
     adaptive = isinstance(model, AdaptiveDepth)
     out: dict[float, tuple[float, float | None]] = {}
-    try:
+    with preserved(model, train=False):
         for s in scaling_factors if adaptive else [1.0]:
-            with model.scaled(s) if adaptive else contextlib.nullcontext():
-                ms = measure_latency_ms(model, example) if latency else None
-                out[s] = (count_flops(model, example) / 1e9, ms)
-    finally:
-        model.train(was_training)
+            if adaptive:
+                model.set_scaling_factor(s)
+            ms = measure_latency_ms(model, example) if latency else None
+            out[s] = (count_flops(model, example) / 1e9, ms)
     return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -12,9 +12,20 @@ from torch import nn
 from ..errors import ConfigError
 from ..gates import unwrap_gates
 from ..model import AdaptiveDepth
+from ..state import preserved
 from .losses import CooperativeLogits
 
-__all__ = ["CooperativeModel", "classifier_of", "logits_of", "make_teammates", "reinit_classifier"]
+__all__ = [
+    "LEADER_ROUTES",
+    "CooperativeModel",
+    "classifier_of",
+    "logits_of",
+    "make_leader",
+    "make_teammates",
+    "reinit_classifier",
+]
+
+LEADER_ROUTES = ("joint", "frozen", "cached", "none")
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -80,14 +91,22 @@ def make_leader(teammate: AdaptiveDepth, seed: int) -> nn.Module:
 
 
 class CooperativeModel(nn.Module):
-    """Teammates (and a jointly trained Leader) in one module, so one forward and one backward train them all.
+    """Teammates and their Leader in one module, so one forward and one backward train them all.
 
     One module means one ``accelerator.prepare`` and one DDP wrapper whose gradients are reduced once per step.
+    It is also the one place the Leader's logits come from, whatever the Leader is (``leader_mode``):
+
+    - ``"joint"``: a full-depth network trained with the Teammates (its logits carry gradients);
+    - ``"frozen"``: a fixed, already trained teacher, kept in eval mode and run without gradients;
+    - ``"cached"``: the frozen teacher's logits computed once before training (:meth:`cache_leader_logits`) and
+      looked up by each image's dataset index;
+    - ``"none"``: no Leader.
 
     Args:
         teammates: the depth-gated networks.
         scaling_factors: the depths each teammate runs at every step.
-        leader: a Leader trained jointly (``None``: no Leader, or a frozen one run outside this module).
+        leader: the Leader network (``None`` with ``leader_mode="none"``).
+        leader_mode: one of the modes above.
         layer_drop: in training mode, the top depth skips random blocks with this probability (LayerDrop-style).
         sampled_depths: in training mode, run the smallest and the top depth plus this many others drawn at random
             (the sandwich rule; ``None``: every depth).
@@ -98,15 +117,33 @@ class CooperativeModel(nn.Module):
         teammates: Sequence[AdaptiveDepth],
         scaling_factors: Sequence[float],
         leader: nn.Module | None = None,
+        *,
+        leader_mode: str = "joint",
         layer_drop: float = 0.0,
         sampled_depths: int | None = None,
     ) -> None:
         super().__init__()
+        if leader_mode not in LEADER_ROUTES:
+            raise ConfigError(f"leader_mode must be one of {LEADER_ROUTES}, got {leader_mode!r}")
+        if (leader is None) != (leader_mode == "none"):
+            raise ConfigError(f"leader_mode={leader_mode!r} needs {'no' if leader_mode == 'none' else 'a'} Leader")
         self.teammates = nn.ModuleList(teammates)
         self.leader = leader
+        self.leader_mode = leader_mode
+        if leader is not None and leader_mode != "joint":
+            leader.requires_grad_(False).eval()
+        self.leader_table: torch.Tensor | None = None  # "cached": logits per dataset index (a plain attribute:
+        # a buffer would be broadcast by DDP at every step)
         self.scaling_factors = sorted(scaling_factors, reverse=True)
         self.layer_drop = layer_drop
         self.sampled_depths = sampled_depths
+
+    def train(self, mode: bool = True) -> CooperativeModel:
+        """Train mode for the Teammates (and a joint Leader); a frozen Leader stays in eval mode."""
+        super().train(mode)
+        if self.leader is not None and self.leader_mode != "joint":
+            self.leader.eval()
+        return self
 
     def depths_to_run(self) -> list[float]:
         """This step's depths, largest first: all of them, or (training, sandwich rule) top, smallest and a sample.
@@ -121,19 +158,70 @@ class CooperativeModel(nn.Module):
         picked = [middle[i] for i in torch.randperm(len(middle))[:k].tolist()]
         return sorted({depths[0], depths[-1], *picked}, reverse=True)
 
-    def forward(self, pixel_values: torch.Tensor) -> CooperativeLogits:
-        leader = logits_of(self.leader(pixel_values)) if self.leader is not None else None
+    def leader_logits(self, pixel_values: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The Leader's logits for a batch, by whichever route its mode takes (``None`` without a Leader)."""
+        if self.leader_mode == "none":
+            return None
+        if self.leader_mode == "cached":
+            if self.leader_table is None:
+                raise ConfigError("the Leader's logits are not cached yet: call cache_leader_logits() before training")
+            if indices is None:
+                raise ConfigError(
+                    "cached Leader logits need each image's dataset index: build the loaders with "
+                    "make_loaders(..., with_index=True) or a dataset that returns (image, label, index)"
+                )
+            self.leader_table = self.leader_table.to(pixel_values.device)
+            return self.leader_table[indices.to(pixel_values.device)]
+        if self.leader_mode == "frozen":
+            with torch.no_grad():
+                return logits_of(self.leader(pixel_values))
+        return logits_of(self.leader(pixel_values))
+
+    @torch.no_grad()
+    def cache_leader_logits(
+        self,
+        batches: Iterable[Sequence[torch.Tensor]],
+        num_images: int,
+        gather: Callable[[Any], Any] = lambda x: x,
+    ) -> torch.Tensor:
+        """Run the frozen Leader once over ``batches`` of ``(images, labels, indices)`` and keep its logits.
+
+        Args:
+            batches: un-augmented training images with their dataset indices (each process its share).
+            num_images: size of the training set (rows of the table).
+            gather: collects ``(indices, logits)`` from every process (``accelerator.gather``), so each process
+                holds the whole table.
+        """
+        if self.leader is None or self.leader_mode != "cached":
+            raise ConfigError("cache_leader_logits() needs leader_mode='cached' and a frozen Leader")
+        found: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for batch in batches:
+            if len(batch) < 3:
+                raise ConfigError(
+                    "caching the Leader's logits needs batches of (images, labels, indices): build the loaders with "
+                    "make_loaders(..., with_index=True)"
+                )
+            found.append(gather((batch[2], logits_of(self.leader(batch[0])).float())))
+        indices = torch.cat([i for i, _ in found])
+        logits = torch.cat([z for _, z in found])
+        table = torch.zeros(num_images, logits.shape[-1], device=logits.device)
+        table[indices] = logits
+        self.leader_table = table
+        return table
+
+    def forward(self, pixel_values: torch.Tensor, indices: torch.Tensor | None = None) -> CooperativeLogits:
+        leader = self.leader_logits(pixel_values, indices)
         top = self.scaling_factors[0]
         depths = self.depths_to_run()
         outputs = []
         for teammate in self.teammates:
             by_depth = {}
-            for s in depths:
-                if s == top and self.layer_drop > 0 and self.training:
-                    teammate.drop_blocks(self.layer_drop)
-                else:
-                    teammate.set_scaling_factor(s)
-                by_depth[s] = logits_of(teammate(pixel_values))
-            teammate.set_scaling_factor(1.0)
+            with preserved(teammate):
+                for s in depths:
+                    if s == top and self.layer_drop > 0 and self.training:
+                        teammate.drop_blocks(self.layer_drop)
+                    else:
+                        teammate.set_scaling_factor(s)
+                    by_depth[s] = logits_of(teammate(pixel_values))
             outputs.append(by_depth)
         return CooperativeLogits(teammates=outputs, leader=leader)

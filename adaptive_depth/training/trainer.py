@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,58 +20,64 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..model import AdaptiveDepth
 from ..policy import check_scaling_factor
-from ..report import results_markdown
+from ..report import DepthResult, TrainingReport
+from ..state import preserved
+from .checkpoints import Progress, checkpoint_dirs, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainingConfig
-from .evaluate import DepthResult, evaluate_accuracy, measure_costs
+from .evaluate import evaluate_accuracy, measure_costs
 from .losses import TEAMMATE_NAMES, CooperativeLoss, cooperative_loss
 from .players import CooperativeModel, logits_of, make_leader, make_teammates
 
-__all__ = ["CooperativeTrainer", "TrainingResult"]
+__all__ = ["CooperativeTrainer", "TrainingResult", "accelerator_kwargs"]
 
-logger = logging.getLogger(__name__)
+# Fields a resumed run may change: they act after training (evaluation) or only extend it.
+RESUMABLE_CHANGES = ("epochs", "per_depth_norms", "recalibration_batches")
 
-CHECKPOINT_PREFIX = "step_"
 
+def accelerator_kwargs(config: TrainingConfig) -> dict[str, Any]:
+    """What ``Accelerator(...)`` needs for ``config``: its gradient accumulation, and DDP told of unused blocks.
 
-@dataclass
-class _Progress:
-    """Where training stands; saved in every checkpoint (``register_for_checkpointing`` needs the two methods)."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # current epoch
-    batches_done: int = 0  # batches of the current epoch already trained on (this process's share)
-    loss_sum: float = 0.0  # of the current epoch's batches so far
-    history: list[float] = field(default_factory=list)  # mean loss of each finished epoch
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+    ``Accelerator(**accelerator_kwargs(config), mixed_precision=..., log_with=...)`` is how to build your own.
+    """
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if config.leaves_parameters_unused else []
+    return {"gradient_accumulation_steps": config.gradient_accumulation_steps, "kwargs_handlers": handlers}
 
 
 @dataclass
 class TrainingResult:
-    """What a cooperative run produced.
+    """What a cooperative run produced: the deployed Teammate and the report saved with it.
 
     Args:
         model: the deployed teammate (the better one by mean top-1 over the trained depths).
-        deployed: its name, ``"A"`` or ``"B"``.
-        results: every player at every depth (accuracy, FLOPs, latency).
-        history: the mean loss of every epoch.
-        steps: optimizer steps taken.
+        report: every player at every depth (accuracy, FLOPs, latency), the loss per epoch, the settings.
     """
 
     model: AdaptiveDepth
-    deployed: str
-    results: list[DepthResult]
-    history: list[float] = field(default_factory=list)
-    steps: int = 0
+    report: TrainingReport
+
+    @property
+    def deployed(self) -> str:
+        """The deployed Teammate's name, ``"A"`` or ``"B"``."""
+        return self.report.deployed
+
+    @property
+    def results(self) -> list[DepthResult]:
+        """Every player at every depth."""
+        return self.report.results
+
+    @property
+    def history(self) -> list[float]:
+        """The mean loss of every epoch."""
+        return self.report.loss_per_epoch
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken."""
+        return self.report.steps
 
     def table(self) -> str:
         """The per-depth table as Markdown, the one the model card shows."""
-        return results_markdown([r.to_dict() for r in self.results], self.deployed)
+        return self.report.table()
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int) -> Any:
@@ -83,6 +88,12 @@ def _lr_lambda(total_steps: int, warmup_steps: int) -> Any:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def _leader_mode(config: TrainingConfig) -> str:
+    if config.leader == "frozen":
+        return "cached" if config.cache_leader_logits else "frozen"
+    return config.leader
 
 
 class CooperativeTrainer:
@@ -96,7 +107,7 @@ class CooperativeTrainer:
         eval_loader: held-out batches for the report (``None``: no evaluation).
         leader: the Leader network (default: a copy of the base model when ``config.leader != "none"``); with
             ``config.leader="frozen"`` it must already be trained on the same labels.
-        accelerator: the ``Accelerator`` to use (default: a new one with the config's gradient accumulation).
+        accelerator: the ``Accelerator`` to use (default: ``Accelerator(**accelerator_kwargs(config))``).
         num_classes: classes of the task (default: read from the model's logits).
         top5: report top-5 accuracy (default: when there are more than 5 classes).
         output_dir: where checkpoints go (``output_dir/checkpoints/step_N``).
@@ -105,6 +116,9 @@ class CooperativeTrainer:
         recalibration_loader: un-augmented training batches for per-depth BatchNorm statistics (default:
             ``train_loader``).
         log_every: optimizer steps between tracker logs.
+
+    Raises:
+        ConfigError: a setup that could not train (no full batch, an Accelerator that DDP would fail with...).
     """
 
     def __init__(
@@ -125,60 +139,67 @@ class CooperativeTrainer:
     ) -> None:
         if not isinstance(config, TrainingConfig):
             raise ConfigError(f"config must be a TrainingConfig, got {type(config).__name__}")
-        if checkpoint_steps is not None and checkpoint_steps < 1:
+        if checkpoint_steps is not None and (isinstance(checkpoint_steps, bool) or checkpoint_steps < 1):
             raise ConfigError(f"checkpoint_steps must be a positive integer, got {checkpoint_steps!r}")
         self.config = config
-        if accelerator is None:
-            # Random depth leaves different blocks unused at each step: DDP must be told to expect that.
-            handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if config.layer_drop > 0 else []
-            accelerator = Accelerator(
-                gradient_accumulation_steps=config.gradient_accumulation_steps, kwargs_handlers=handlers
-            )
-        self.accelerator = accelerator
-        if self.accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
-            raise ConfigError(
-                f"the Accelerator accumulates {self.accelerator.gradient_accumulation_steps} steps but the config "
-                f"says {config.gradient_accumulation_steps}; create it with "
-                f"Accelerator(gradient_accumulation_steps={config.gradient_accumulation_steps})"
-            )
+        self.accelerator = acc = accelerator or Accelerator(**accelerator_kwargs(config))
+        self._check_accelerator()
         self.teammates = make_teammates(model, config.num_teammates, config.seed + 1)
         for t in self.teammates:
             t.config.scaling_factors = list(config.scaling_factors)
-        if config.leader != "none" and leader is None:
-            if config.leader == "frozen":
-                raise ConfigError("leader='frozen' needs a trained Leader: pass leader=<your trained model>")
+        if config.leader == "frozen" and leader is None:
+            raise ConfigError("leader='frozen' needs a trained Leader: pass leader=<your trained model>")
+        if config.leader == "joint" and leader is None:
             leader = make_leader(self.teammates[0], config.seed + config.num_teammates + 1)
-        self.leader = leader if config.leader != "none" else None
-        if self.leader is not None and config.leader == "frozen":
-            self.leader.requires_grad_(False)
-        joint = self.leader if config.leader == "joint" else None
-        self.module = CooperativeModel(
-            self.teammates, config.scaling_factors, joint, config.layer_drop, config.sampled_depths
+        module = CooperativeModel(
+            self.teammates,
+            config.scaling_factors,
+            leader if config.leader != "none" else None,
+            leader_mode=_leader_mode(config),
+            layer_drop=config.layer_drop,
+            sampled_depths=config.sampled_depths,
         )
         self.num_classes = num_classes
         self.top5 = top5
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.checkpoint_steps = checkpoint_steps
         self.log_every = log_every
-        self.progress = _Progress()
-        self.leader_cache: torch.Tensor | None = None  # with cache_leader_logits: the frozen Leader's logits
+        self.progress = Progress()
 
-        acc = self.accelerator
-        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        trainable = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.module, self.optimizer, self.train_loader = acc.prepare(self.module, optimizer, train_loader)
+        self.module, self.optimizer, self.train_loader = acc.prepare(module, optimizer, train_loader)
+        self.players: CooperativeModel = acc.unwrap_model(self.module)
         self.eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
         self.recalibration_loader = acc.prepare(recalibration_loader) if recalibration_loader is not None else None
-        if self.leader is not None and config.leader == "frozen":
-            self.frozen_leader = acc.prepare_model(self.leader, evaluation_mode=True)
-            self.frozen_leader.eval()
-        else:
-            self.frozen_leader = None
+        if len(self.train_loader) == 0:
+            images = len(train_loader.dataset) if hasattr(train_loader, "dataset") else "too few"  # type: ignore[arg-type]
+            raise ConfigError(
+                f"the training data gives no full batch: {images} images for batches of {config.batch_size} per "
+                f"process on {acc.num_processes} process(es) (an incomplete last batch is dropped), so the run would "
+                "train nothing. Use a smaller --batch-size or more data"
+            )
         self.steps_per_epoch = math.ceil(len(self.train_loader) / config.gradient_accumulation_steps)
         total = self.steps_per_epoch * config.epochs
         warmup = round(self.steps_per_epoch * config.lr_warmup_epochs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(total, warmup))
-        acc.register_for_checkpointing(self.scheduler, self.progress)
+
+    def _check_accelerator(self) -> None:
+        acc, config = self.accelerator, self.config
+        if acc.gradient_accumulation_steps != config.gradient_accumulation_steps:
+            raise ConfigError(
+                f"the Accelerator accumulates {acc.gradient_accumulation_steps} steps but the config says "
+                f"{config.gradient_accumulation_steps}; create it with Accelerator(**accelerator_kwargs(config))"
+            )
+        handler = getattr(acc, "ddp_handler", None)
+        finds_unused = handler is not None and handler.find_unused_parameters
+        data_parallel = acc.num_processes > 1 and acc.distributed_type.name.startswith("MULTI_")  # DDP on any device
+        if config.leaves_parameters_unused and data_parallel and not finds_unused:
+            raise ConfigError(
+                "this training mode (random depth, or a top depth below 1) leaves blocks without gradients in some "
+                "steps, which DDP must be told: create the Accelerator with Accelerator(**accelerator_kwargs(config)) "
+                "or kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]"
+            )
 
     # ------------------------------------------------------------------ training
     def _set_epoch(self, loader: Any, epoch: int) -> None:
@@ -205,17 +226,7 @@ class CooperativeTrainer:
         """
         acc = self.accelerator
         with acc.autocast():
-            logits = self.module(images)
-            if self.leader_cache is not None:
-                if indices is None:
-                    raise ConfigError(
-                        "cache_leader_logits needs training batches of (images, labels, indices): build the loaders "
-                        "with make_loaders(..., with_index=True) or a dataset that returns each image's index"
-                    )
-                logits.leader = self.leader_cache[indices.to(self.leader_cache.device)]
-            elif self.frozen_leader is not None:
-                with torch.no_grad():
-                    logits.leader = logits_of(self.frozen_leader(images))
+            logits = self.module(images, indices)
         loss = cooperative_loss(logits, labels, self.config, ramp)
         acc.backward(loss.total)
         if acc.sync_gradients and self.config.max_grad_norm is not None:
@@ -226,71 +237,71 @@ class CooperativeTrainer:
         self.optimizer.zero_grad()
         return loss
 
-    @torch.no_grad()
+    @property
+    def leader(self) -> nn.Module | None:
+        """The Leader network (joint, frozen or the source of cached logits), if any."""
+        return self.players.leader
+
     def cache_leader_logits(self) -> torch.Tensor:
         """The frozen Leader's logits for every training image, un-augmented, indexed by dataset index.
 
         One pass over the recalibration loader (un-augmented training images with indices), gathered from every
         process, so each process holds the whole table. Deterministic: a resumed run computes the same table.
         """
-        loader = self.recalibration_loader
-        if loader is None or self.frozen_leader is None:
+        acc, loader = self.accelerator, self.recalibration_loader
+        if loader is None or self.players.leader_mode != "cached":
             raise ConfigError("cache_leader_logits needs a frozen Leader and a recalibration_loader yielding indices")
-        found: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for batch in tqdm(loader, desc="leader logits", disable=not self.accelerator.is_local_main_process):
-            if len(batch) < 3:
-                raise ConfigError(
-                    "cache_leader_logits needs a recalibration_loader of (images, labels, indices): build the "
-                    "loaders with make_loaders(..., with_index=True)"
-                )
-            with self.accelerator.autocast():
-                logits = logits_of(self.frozen_leader(batch[0])).float()
-            found.append(self.accelerator.gather((batch[2], logits)))
-        indices = torch.cat([i for i, _ in found])
-        logits = torch.cat([z for _, z in found])
-        table = torch.zeros(len(loader.dataset), logits.shape[-1], device=logits.device)
-        table[indices] = logits
-        return table
+        batches = tqdm(loader, desc="leader logits", disable=not acc.is_local_main_process)
+        with acc.autocast():
+            return self.players.cache_leader_logits(batches, len(loader.dataset), acc.gather)
 
     def checkpoint_dirs(self) -> list[Path]:
-        """Saved training states, oldest first."""
-        root = self.output_dir / "checkpoints" if self.output_dir is not None else None
-        if root is None or not root.is_dir():
-            return []
-        found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and p.name[5:].isdigit()]
-        return sorted(found, key=lambda p: int(p.name[5:]))
+        """Complete training states in ``output_dir/checkpoints``, oldest first."""
+        return checkpoint_dirs(self.output_dir)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "progress": asdict(self.progress),
+            "scheduler": self.scheduler.state_dict(),
+            "config": self.config.to_dict(),
+            "processes": self.accelerator.num_processes,
+        }
 
     def save_checkpoint(self) -> Path | None:
         """Save the full training state (models, optimizer, scheduler, RNG, progress) on the way."""
         if self.output_dir is None:
             return None
-        path = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.progress.step}"
-        self.accelerator.save_state(str(path))
-        return path
+        return save_checkpoint(self.accelerator, self.output_dir, self._state(), self.progress.step)
 
-    def _resolve_checkpoint(self, checkpoint: str | Path) -> Path:
-        if str(checkpoint) == "latest":
-            dirs = self.checkpoint_dirs()
-            if not dirs:
-                raise ConfigError(f"no checkpoint to resume from in {self.output_dir}/checkpoints")
-            return dirs[-1]
-        path = Path(checkpoint)
-        if not path.is_dir():
-            raise ConfigError(f"checkpoint {str(checkpoint)!r} is not a folder written by save_state")
-        return path
+    def _resume(self, checkpoint: str | Path) -> None:
+        path = resolve_checkpoint(self.output_dir, checkpoint)
+        state = load_checkpoint(self.accelerator, path)
+        saved = state.get("config", {})
+        changed = sorted(
+            k for k, v in self.config.to_dict().items() if saved.get(k, v) != v and k not in RESUMABLE_CHANGES
+        )
+        if changed:
+            raise ConfigError(
+                f"{path} was written by a run with other settings ({', '.join(f'{k}={saved[k]!r}' for k in changed)}); "
+                "resume with the settings it was trained with, or start a new run"
+            )
+        if state.get("processes", self.accelerator.num_processes) != self.accelerator.num_processes:
+            raise ConfigError(
+                f"{path} was written by {state['processes']} process(es); resume it with the same number "
+                f"(this run has {self.accelerator.num_processes})"
+            )
+        self.progress = Progress(**state["progress"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.accelerator.print(f"resumed from {path}: epoch {self.progress.epoch}, step {self.progress.step}")
 
     def train(self, resume_from_checkpoint: str | Path | None = None) -> None:
         """Run the cooperative schedule for ``config.epochs`` epochs (continuing a saved state if given)."""
         acc, config = self.accelerator, self.config
         if resume_from_checkpoint is not None:
-            path = self._resolve_checkpoint(resume_from_checkpoint)
-            acc.load_state(str(path))
-            acc.print(f"resumed from {path}: epoch {self.progress.epoch}, step {self.progress.step}")
-        if config.cache_leader_logits and self.leader_cache is None:
-            self.leader_cache = self.cache_leader_logits()
+            self._resume(resume_from_checkpoint)
+        if self.players.leader_mode == "cached" and self.players.leader_table is None:
+            self.cache_leader_logits()
         self.module.train()
-        if self.frozen_leader is not None:
-            self.frozen_leader.eval()
         total = self.steps_per_epoch * config.epochs
         bar = tqdm(total=total, initial=self.progress.step, desc="train", disable=not acc.is_local_main_process)
         while self.progress.epoch < config.epochs:
@@ -372,17 +383,11 @@ class CooperativeTrainer:
         results: list[DepthResult] = []
         example = self.teammates[0].example_input(1)  # costs do not depend on the pixels
         players: list[tuple[str, nn.Module]] = list(zip(names, self.teammates))
-        if self.leader is not None:
-            players.append(("leader", acc.unwrap_model(self.leader)))
+        if self.players.leader is not None:
+            players.append(("leader", self.players.leader))
         for name, player in players:
             scores = evaluate_accuracy(
-                player,
-                self.eval_loader,
-                acc,
-                depths,
-                num_classes=num_classes,
-                top5=self.top5,
-                desc=name,
+                player, self.eval_loader, acc, depths, num_classes=num_classes, top5=self.top5, desc=name
             )
             cost = measure_costs(player, example, list(scores), latency=latency)
             for s, (top1, top5) in scores.items():
@@ -392,30 +397,28 @@ class CooperativeTrainer:
         means = {n: sum(r.top1 for r in results if r.player == n) / len(depths) for n in names}
         deployed = max(names, key=lambda n: means[n])
         model = self.teammates[names.index(deployed)]
-        model.config.extra["training"] = {
-            "config": config.to_dict(),
-            "deployed": deployed,
-            "results": [r.to_dict() for r in results],
-            "loss_per_epoch": self.progress.history,
-            "steps": self.progress.step,
-            "processes": acc.num_processes,
-        }
-        return TrainingResult(model, deployed, results, list(self.progress.history), self.progress.step)
+        report = TrainingReport(
+            config=config.to_dict(),
+            deployed=deployed,
+            results=results,
+            loss_per_epoch=list(self.progress.history),
+            steps=self.progress.step,
+            processes=acc.num_processes,
+        )
+        model.config.extra["training"] = report.to_dict()
+        return TrainingResult(model, report)
 
     def _infer_num_classes(self) -> int:
         teammate = self.teammates[0]
-        was_training = teammate.training
-        try:
-            with torch.no_grad():
-                return int(logits_of(teammate.eval()(teammate.example_input(1))).shape[-1])
-        finally:
-            teammate.train(was_training)
+        with preserved(teammate, train=False), torch.no_grad():
+            return int(logits_of(teammate(teammate.example_input(1))).shape[-1])
 
     def save(self, result: TrainingResult, output_dir: str | Path, *, push_to_hub: str | None = None) -> None:
         """Save the deployed model (main process only) and optionally push it; everyone waits for the save."""
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
+            result.model.config.extra["training"] = result.report.to_dict()
             out = Path(output_dir)
             result.model.save_pretrained(out)
             self.config.save(out / "training_config.json")
@@ -427,9 +430,9 @@ class CooperativeTrainer:
         acc.wait_for_everyone()
 
     def remove_checkpoints(self) -> None:
-        """Delete the training states (after a finished run), on the main process."""
+        """Delete this run's training states (after it finished), on the main process; other runs' stay."""
         if self.accelerator.is_main_process:
-            for path in self.checkpoint_dirs():
+            for path in checkpoint_dirs(self.output_dir, run_id=self.progress.run_id):
                 shutil.rmtree(path, ignore_errors=True)
             root = self.output_dir / "checkpoints" if self.output_dir is not None else None
             if root is not None and root.is_dir() and not any(root.iterdir()):

@@ -1,0 +1,99 @@
+"""Datasets that ship with the library: built from scikit-learn's bundled digits, so they need no download.
+
+- ``"digits"``: the 1,797 real 8x8 handwritten digits, 10 classes, a stratified 80/20 split.
+- ``"digits-cluttered"``: the same digits at 24 px, placed at random among fragments of other digits on a
+  32 px canvas (as cluttered MNIST): a harder task on which depth matters.
+"""
+
+from __future__ import annotations
+
+import datasets
+from PIL import Image
+
+from ..errors import DataError
+
+__all__ = [
+    "CLUTTERED_DIGITS",
+    "DIGITS",
+    "EMBEDDED_DATASETS",
+    "cluttered_digits_dataset",
+    "digits_dataset",
+    "load_embedded",
+]
+
+DIGITS = "digits"
+CLUTTERED_DIGITS = "digits-cluttered"
+
+
+def digits_dataset() -> datasets.DatasetDict:
+    """scikit-learn's bundled digits (1,797 real 8x8 images, 10 classes) with a stratified 80/20 split (seed 0)."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = [Image.fromarray((img * 255.0 / 16.0).round().astype(np.uint8), mode="L") for img in digits.images]
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
+    )
+    full = datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+    return full.train_test_split(test_size=0.2, seed=0, stratify_by_column="label")
+
+
+def cluttered_digits_dataset(
+    *,
+    views: int = 2,
+    canvas: int = 32,
+    digit_size: int = 24,
+    fragments: int = 8,
+    fragment_size: int = 6,
+    seed: int = 0,
+) -> datasets.DatasetDict:
+    """A harder 10-class task from the same digits: cluttered, translated digits (as cluttered MNIST).
+
+    Each digit of :func:`digits_dataset`'s split, upsampled to ``digit_size`` pixels, is placed ``views`` times at a
+    random position of a ``canvas`` x ``canvas`` image strewn with ``fragments`` random ``fragment_size`` crops of
+    other digits of the same split (held-out images are built from held-out digits only), so the network has to tell
+    the digit from digit-like strokes. Deterministic for a ``seed``. The defaults were chosen so that regnetx_002
+    from random initialisation reaches 91-95% in 10 epochs (99% on plain digits): errors enough to rank methods.
+    """
+    import numpy as np
+
+    margin = 2  # the evaluation centre crop (87.5%) removes two pixels each side of 32
+    if canvas < digit_size + 2 * margin or not 0 < fragment_size <= digit_size or fragments < 0 or views < 1:
+        raise DataError(
+            f"cluttered digits need canvas >= {digit_size + 2 * margin}, 0 < fragment_size <= {digit_size}, "
+            f"fragments >= 0 and views >= 1; got canvas={canvas}, fragment_size={fragment_size}, "
+            f"fragments={fragments}, views={views}"
+        )
+    out = {}
+    for offset, (name, split) in enumerate(digits_dataset().items()):
+        rng = np.random.default_rng([seed, offset])
+        digits = np.stack([np.asarray(img.resize((digit_size, digit_size), Image.BILINEAR)) for img in split["image"]])
+        images, labels = [], []
+        for index, label in enumerate(split["label"]):
+            for _ in range(views):
+                image = np.zeros((canvas, canvas), dtype=np.uint8)
+                for other in rng.integers(len(digits), size=fragments):
+                    y, x = rng.integers(digit_size - fragment_size + 1, size=2)
+                    piece = digits[other, y : y + fragment_size, x : x + fragment_size]
+                    top, left = rng.integers(canvas - fragment_size + 1, size=2)
+                    window = image[top : top + fragment_size, left : left + fragment_size]
+                    np.maximum(window, piece, out=window)
+                top, left = rng.integers(margin, canvas - digit_size - margin + 1, size=2)
+                window = image[top : top + digit_size, left : left + digit_size]
+                np.maximum(window, digits[index], out=window)
+                images.append(Image.fromarray(image, mode="L"))
+                labels.append(label)
+        out[name] = datasets.Dataset.from_dict({"image": images, "label": labels}, features=split.features)
+    return datasets.DatasetDict(out)
+
+
+_BUILDERS = {DIGITS: digits_dataset, CLUTTERED_DIGITS: cluttered_digits_dataset}
+EMBEDDED_DATASETS = tuple(_BUILDERS)
+
+
+def load_embedded(name: str) -> datasets.DatasetDict:
+    """The embedded dataset ``name`` (one of :data:`EMBEDDED_DATASETS`), with ``train`` and ``test`` splits."""
+    if name not in _BUILDERS:
+        raise DataError(f"no embedded dataset {name!r}; the embedded ones are {list(EMBEDDED_DATASETS)}")
+    return _BUILDERS[name]()

@@ -1,0 +1,77 @@
+"""Every training mode for two optimizer steps under DDP; launched by tests/test_training_reliability.py as
+
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 tests/ddp_modes.py
+
+It prints ``OK <mode> <checksum>`` per mode on the main process; a mode that DDP cannot run raises.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import timm
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from adaptive_depth import AdaptiveDepth, ConfigError
+from adaptive_depth.training import (
+    CooperativeTrainer,
+    TrainingConfig,
+    accelerator_kwargs,
+    load_image_classification_data,
+    make_loaders,
+)
+
+SINGLE = {"leader": "none", "interactive": False}
+MODES = {
+    "two-teammates": {},
+    "one-teammate": {"interactive": False},
+    "random-depth": {"scaling_factors": [1.0], "layer_drop": 0.5, **SINGLE},
+    "sandwich": {"sampled_depths": 1, "scaling_factors": [0.25, 0.5, 0.75, 1.0]},
+    "frozen-leader": {"leader": "frozen"},
+    "frozen-leader-cached": {"leader": "frozen", "cache_leader_logits": True},
+    "alone": {"scaling_factors": [0.5], "full_depth": False, **SINGLE},
+}
+
+
+def _model() -> AdaptiveDepth:
+    return AdaptiveDepth.wrap(timm.create_model("test_convnext", num_classes=10), input_size=[3, 32, 32])
+
+
+def main(modes: list[str]) -> None:
+    data = load_image_classification_data("digits", max_train_samples=32, max_eval_samples=16)
+    for mode in modes:
+        config = TrainingConfig(**{"epochs": 1, "batch_size": 8, "scaling_factors": [0.5, 1.0]} | MODES[mode])
+        set_seed(0)
+        model = _model()
+        leader = _model().export(1.0).eval() if config.leader == "frozen" else None
+        loaders = make_loaders(data, model, batch_size=8, seed=0, input_size=[3, 32, 32], with_index=True)
+        trainer = CooperativeTrainer(
+            model,
+            config,
+            loaders.train,
+            loaders.eval,
+            leader=leader,
+            accelerator=Accelerator(**accelerator_kwargs(config)),
+            recalibration_loader=loaders.recalibration,
+        )
+        trainer.train()
+        checksum = sum(p.detach().double().sum().item() for p in trainer.module.parameters())
+        if trainer.accelerator.is_main_process:
+            print(f"OK {mode} steps={trainer.progress.step} checksum={checksum:.6f}", flush=True)
+    # An Accelerator built without telling DDP of unused blocks is refused before training, with the fix.
+    config = TrainingConfig(epochs=1, batch_size=8, **MODES["random-depth"])
+    model = _model()
+    loaders = make_loaders(data, model, batch_size=8, seed=0, input_size=[3, 32, 32])
+    accelerator = Accelerator()
+    try:
+        CooperativeTrainer(model, config, loaders.train, accelerator=accelerator)
+    except ConfigError as e:
+        if accelerator.is_main_process and "accelerator_kwargs" in str(e):
+            print("OK refused", flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(sys.argv[1:] or list(MODES))

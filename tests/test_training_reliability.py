@@ -1,0 +1,203 @@
+"""Training runs that would lose work, train nothing or crash: each one stops early with a clear error, or works."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from PIL import Image
+
+from adaptive_depth import AdaptiveDepth, CheckpointError, ConfigError, DataError
+from adaptive_depth.training import (
+    CooperativeTrainer,
+    TrainingConfig,
+    load_image_classification_data,
+    make_loaders,
+)
+from adaptive_depth.training.checkpoints import (
+    STATE_NAME,
+    check_output_dir,
+    checkpoint_dirs,
+    prepare_output_dir,
+    resolve_checkpoint,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("finetune", ROOT / "examples" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _trainer(out: Path | None, samples: int = 48, **config) -> CooperativeTrainer:
+    set_seed(0)
+    data = load_image_classification_data("digits", max_train_samples=samples, max_eval_samples=16)
+    model = AdaptiveDepth.wrap(timm.create_model("test_convnext", num_classes=10), input_size=[3, 32, 32])
+    cfg = TrainingConfig(**({"epochs": 1, "batch_size": 16, "interactive": False} | config))
+    loaders = make_loaders(data, model, batch_size=cfg.batch_size, seed=0, input_size=[3, 32, 32])
+    return CooperativeTrainer(
+        model, cfg, loaders.train, loaders.eval, accelerator=Accelerator(), output_dir=out, checkpoint_steps=1
+    )
+
+
+# ---------------------------------------------------------------------- nothing to train
+
+
+def test_a_run_without_a_full_batch_stops_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no full batch: 12 images for batches of 16"):
+        _trainer(None, samples=12)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="no full batch"):
+        _script().main(["--max-train-samples", "50", "--batch-size", "64", "--output-dir", str(out)])
+    assert not out.exists()  # nothing written
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_are_complete_json_and_resume_only_their_own_run(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = _trainer(out)
+    first.train()  # 3 steps, a checkpoint after each
+    dirs = first.checkpoint_dirs()
+    assert [d.name for d in dirs] == ["step_1", "step_2", "step_3"]
+    # Our own state is JSON: accelerate's custom_checkpoint_*.pkl (read back with a full unpickler) is gone, and
+    # only accelerate's RNG states remain pickled (read back with torch.load(weights_only=True)).
+    assert {p.name for p in dirs[0].glob("*.pkl")} == {"random_states_0.pkl"}
+    state = json.loads((dirs[0] / STATE_NAME).read_text())
+    assert state["progress"]["step"] == 1 and state["progress"]["run_id"] == first.progress.run_id
+    # An interrupted save: a step folder without its state, and a staging folder: never taken for a checkpoint.
+    shutil.copytree(dirs[-1], out / "checkpoints" / "step_9")
+    (out / "checkpoints" / "step_9" / STATE_NAME).unlink()
+    (out / "checkpoints" / ".step_10.incomplete").mkdir()
+    assert resolve_checkpoint(out, "latest").name == "step_3"
+    with pytest.raises(ConfigError, match="incomplete"):
+        resolve_checkpoint(out, out / "checkpoints" / "step_9")
+    # A checkpoint of a run with other settings is refused, not silently continued.
+    other = _trainer(out, learning_rate=0.5)
+    with pytest.raises(ConfigError, match="other settings.*learning_rate=0.001"):
+        other.train(resume_from_checkpoint="latest")
+    # A damaged complete checkpoint is a CheckpointError naming it, not a raw safetensors error.
+    (dirs[1] / "model.safetensors").write_bytes(b"\0" * 10)
+    with pytest.raises(CheckpointError, match="step_2"):
+        _trainer(out).train(resume_from_checkpoint=dirs[1])
+    # A finished run removes its own checkpoints only.
+    foreign = out / "checkpoints" / "step_50"
+    shutil.copytree(dirs[0], foreign)
+    data = json.loads((foreign / STATE_NAME).read_text())
+    data["progress"]["run_id"] = "another-run"
+    (foreign / STATE_NAME).write_text(json.dumps(data))
+    first.remove_checkpoints()
+    assert [d.name for d in checkpoint_dirs(out)] == ["step_50"]
+
+
+def test_overwrite_clears_our_outputs_and_old_checkpoints_but_never_foreign_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _trainer(out).train()
+    for name in ("config.json", "model.safetensors", "results.json"):
+        (out / name).write_text("{}")
+    (out / "README.md").write_text("my notes about this folder")
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="--overwrite-output-dir"):
+        check_output_dir(out)  # a fresh run refuses a used folder
+    with pytest.raises(ConfigError, match="resumed run may only find"):
+        check_output_dir(out, resume=True)  # ...and so does a resumed one that would overwrite a finished model
+    prepare_output_dir(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "checkpoints", "mine.txt"]
+    assert checkpoint_dirs(out) == []  # a new run cannot resume from the old one
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        resolve_checkpoint(out, "latest")
+    assert (out / "README.md").read_text() == "my notes about this folder"
+
+
+def test_resume_with_overwrite_keeps_the_checkpoints_it_resumes_from(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _trainer(out).train()
+    (out / "config.json").write_text("{}")
+    check_output_dir(tmp_path / "new", resume=True)
+    prepare_output_dir(out, overwrite=True, resume=True)
+    assert not (out / "config.json").exists() and len(checkpoint_dirs(out)) == 3
+
+
+def test_output_dir_that_is_a_file_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    path = tmp_path / "a-file"
+    path.write_text("data")
+    with pytest.raises(ConfigError, match="is a file"):
+        _script().main(["--output-dir", str(path)])
+    with pytest.raises(ConfigError, match="is a file"):
+        _script().main(["--output-dir", str(path), "--resume-from-checkpoint", "latest", "--overwrite-output-dir"])
+    assert path.read_text() == "data"
+
+
+def test_script_resume_refuses_a_folder_with_a_finished_model(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_text("the user's")
+    with pytest.raises(ConfigError, match="resumed run"):
+        _script().main(["--output-dir", str(out), "--resume-from-checkpoint", "latest"])
+    assert (out / "model.safetensors").read_text() == "the user's"
+
+
+# ---------------------------------------------------------------------- data
+
+
+def test_undecodable_images_are_found_before_training_and_named(tmp_path: Path, image_folder: Path) -> None:
+    bad = image_folder / "kind1" / "broken.png"
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(bad)
+    bad.write_bytes(bad.read_bytes()[:40])  # a truncated PNG
+    with pytest.raises(DataError, match=r"broken\.png.*--skip-bad-images"):
+        load_image_classification_data(f"imagefolder:{image_folder}", eval_fraction=0.5)
+    data = load_image_classification_data(f"imagefolder:{image_folder}", eval_fraction=0.5, skip_bad_images=True)
+    assert len(data.train) + len(data.eval) == 12  # the 12 good images, the broken one left out
+
+
+def test_one_class_image_folder_says_so(tmp_path: Path) -> None:
+    root = tmp_path / "images" / "only"
+    root.mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (6, 6), (i, 0, 0)).save(root / f"{i}.png")
+    with pytest.raises(DataError, match="class subfolders"):
+        load_image_classification_data(f"imagefolder:{tmp_path / 'images'}")
+
+
+def test_bad_checkpointing_steps_is_an_argument_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _script().parse_args(["--checkpointing-steps", "abc"])
+    assert "expected 'epoch', 'no' or a positive number of steps, got 'abc'" in capsys.readouterr().err
+    assert _script().parse_args(["--checkpointing-steps", "5"]).checkpointing_steps == 5
+
+
+# ---------------------------------------------------------------------- DDP
+
+
+def test_every_training_mode_runs_under_two_process_ddp() -> None:
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    launch = str(Path(sys.executable).parent / "accelerate")
+    cmd = [launch, "launch", "--multi_gpu", "--num_processes", "2", str(ROOT / "tests" / "ddp_modes.py")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("OK ")]
+    modes = [line.split()[1] for line in lines]
+    assert modes == [
+        "two-teammates",
+        "one-teammate",
+        "random-depth",
+        "sandwich",
+        "frozen-leader",
+        "frozen-leader-cached",
+        "alone",
+        "refused",
+    ], done.stdout[-3000:]
+    assert all("steps=2" in line for line in lines[:-1]), lines
