@@ -10,16 +10,17 @@ from __future__ import annotations
 import math
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from .errors import BudgetError, ConfigError
+from .latency import measure_latencies_ms
 from .policy import depth_key
 
-__all__ = ["LatencyProfile", "choose_scaling_factor", "describe_device"]
+__all__ = ["LatencyProfile", "choose_scaling_factor", "describe_device", "profile_depths"]
 
 
 def describe_device(device: torch.device) -> str:
@@ -123,3 +124,33 @@ def choose_scaling_factor(
             f"smallest, s={s:g}, costs {' and '.join(costs)}; raise the budget or train a smaller scaling factor"
         )
     return fitting[-1]
+
+
+def profile_depths(
+    switch: Callable[[float], Callable[[torch.Tensor], Any]],
+    example_input: torch.Tensor,
+    scaling_factors: Sequence[float],
+    warmup: int,
+    repeats: int,
+) -> LatencyProfile:
+    """Median latency of a model at each depth, the depths timed in interleaved rounds (noise touches all alike).
+
+    Args:
+        switch: ``set_scaling_factor`` of the model: switches depth and returns the model (a switch costs
+            microseconds and is part of serving, so it is timed with the forward pass).
+        example_input: the batch to time (moved to the model's device and dtype).
+        scaling_factors: the depths to profile.
+        warmup, repeats: rounds discarded, then rounds whose median is kept.
+    """
+    model = switch(scaling_factors[-1])
+    param = next(model.parameters())
+    x = example_input.to(device=param.device, dtype=param.dtype if example_input.is_floating_point() else None)
+    runs = {depth_key(s): (lambda s=s: switch(s)(x)) for s in scaling_factors}
+    timed = measure_latencies_ms(runs, device=param.device, warmup=warmup, repeats=repeats)
+    return LatencyProfile(
+        device=describe_device(param.device),
+        batch_size=int(x.shape[0]),
+        input_size=[int(v) for v in x.shape[1:]],
+        dtype=str(param.dtype).removeprefix("torch."),
+        latency_ms=timed,
+    )

@@ -94,6 +94,9 @@ class BaseModelRef:
         model_args: keyword arguments for ``timm.create_model`` (``num_classes``, ``in_chans``...).
         hf_config: the transformers config as a dict.
         pretrained: whether the weights started from ``name``'s pretrained weights (False: random init).
+        trained_head: whether the classifier is already trained for the model's classes (it came with the pretrained
+            weights, or the model was fine-tuned): training then keeps it in every copy (Leader, second Teammate)
+            instead of starting them from fresh heads.
     """
 
     source: str
@@ -102,6 +105,7 @@ class BaseModelRef:
     model_args: dict[str, Any] = field(default_factory=dict)
     hf_config: dict[str, Any] | None = None
     pretrained: bool = True
+    trained_head: bool = False
 
     def __post_init__(self) -> None:
         if self.source not in BASE_SOURCES:
@@ -120,7 +124,7 @@ class AdaptiveDepthConfig:
         input_size: ``[C, H, W]`` of the example input used for probing and FLOP counts.
         default_scaling_factor: depth the model runs at after loading.
         discovery: how the blocks were found: ``"metadata"``, ``"probe"`` or ``"override"``.
-        flops: FLOPs of one forward pass (batch 1, ``input_size``) at each scaling factor, keyed by ``str(s)``.
+        flops: FLOPs of one forward pass (batch 1, ``input_size``) at each scaling factor, keyed by ``depth_key(s)``.
         norm_stats: scaling factors with their own BatchNorm statistics (saved in ``depth_norms.safetensors``).
         latency_profile: latency per trained depth measured by ``AdaptiveDepth.profile`` on a device
             (a :class:`~adaptive_depth.budget.LatencyProfile` as a dict), used by ``set_budget``.

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import BlockSpec
-from .errors import ConfigError
+from .config import AdaptiveDepthConfig, BlockSpec
+from .errors import CheckpointError, ConfigError
 
-__all__ = ["DepthGate", "gate_model", "is_gated", "unwrap_gates"]
+__all__ = ["DepthGate", "check_structure", "gate_model", "is_gated", "unwrap_gates"]
 
 _INNER = "base_layer."
 
@@ -119,3 +119,22 @@ def unwrap_gates(model: nn.Module) -> nn.Module:
         if isinstance(module, DepthGate):
             _set_child(model, name, module.base_layer)
     return model
+
+
+def check_structure(model: nn.Module, config: AdaptiveDepthConfig) -> None:
+    """Raise :class:`CheckpointError` unless ``config``'s stages name distinct, un-nested blocks of ``model``."""
+    modules = dict(model.named_modules())
+    names = [b.name for s in config.stages for b in s.blocks]
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise CheckpointError(
+            f"the config names blocks {missing[:5]} that {type(model).__name__} does not have; "
+            "the config belongs to another architecture"
+        )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    nested = sorted({a for a in names for b in names if a != b and a.startswith(b + ".")})
+    if repeated or nested:
+        raise CheckpointError(
+            f"the config's stages list blocks twice {repeated[:5]} or blocks inside other blocks {nested[:5]}; "
+            "it was edited by hand: wrap the model again (block_patterns= names blocks explicitly)"
+        )

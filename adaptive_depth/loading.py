@@ -197,6 +197,8 @@ def _load_timm(resolved: Resolved, pretrained: bool, num_classes: int | None, kw
         architecture=arch,
         model_args=_timm_rebuild_args(model, model_args),
         pretrained=pretrained,
+        # timm keeps the checkpoint's classifier only when the class count is the checkpoint's own
+        trained_head=pretrained and getattr(model, "num_classes", None) == model.pretrained_cfg.get("num_classes"),
     )
     return model, ref
 
@@ -231,6 +233,7 @@ def _load_transformers(
         config_kwargs["num_labels"] = num_classes
     try:
         config = transformers.AutoConfig.from_pretrained(resolved.location, **hub_args, **config_kwargs)
+        saved_labels = transformers.AutoConfig.from_pretrained(resolved.location, **hub_args).num_labels
         cls = _transformers_class(config)
         if pretrained:
             model = cls.from_pretrained(
@@ -248,6 +251,7 @@ def _load_transformers(
         ) from e
     ref = describe_base_model(model, name=resolved.location)
     ref.pretrained = pretrained
+    ref.trained_head = pretrained and config.num_labels == saved_labels
     return model, ref
 
 

@@ -11,6 +11,7 @@ costs a few dictionary assignments. Training at a depth after recalibration upda
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .errors import CheckpointError, ConfigError
 from .state import preserved
 
-__all__ = ["DepthNorms", "batchnorm_layers", "recalibrate_batchnorm"]
+__all__ = ["DepthNorms", "batchnorm_layers", "recalibrate_batchnorm", "register_training_statistics_hooks"]
 
 STATS = ("running_mean", "running_var")
 DEFAULT = "default"
@@ -215,3 +216,33 @@ def recalibrate_batchnorm(
             for stat in STATS:
                 getattr(layer, stat).copy_(reduce(getattr(layer, stat)))
     return seen
+
+
+def register_training_statistics_hooks(module: nn.Module) -> None:
+    """Make ``module.state_dict()`` hold, and ``load_state_dict()`` write, the statistics of training.
+
+    ``module`` has a ``depth_norms`` attribute (a :class:`DepthNorms` or ``None``). The hooks are module-level
+    functions, not closures: a deep copy of the model must not call the original's.
+    """
+    module.register_state_dict_pre_hook(_suspend_depth_norms)
+    module.register_state_dict_post_hook(_resume_depth_norms)
+    module.register_load_state_dict_pre_hook(_suspend_depth_norms_for_load)
+    module.register_load_state_dict_post_hook(_resume_depth_norms_after_load)
+
+
+def _suspend_depth_norms(module: Any, *_: Any) -> None:
+    if module.depth_norms is not None:
+        module.depth_norms.suspend()
+
+
+def _resume_depth_norms(module: Any, *_: Any) -> None:
+    if module.depth_norms is not None:
+        module.depth_norms.resume()
+
+
+def _suspend_depth_norms_for_load(module: Any, *_: Any, **__: Any) -> None:
+    _suspend_depth_norms(module)
+
+
+def _resume_depth_norms_after_load(module: Any, _incompatible: Any) -> None:
+    _resume_depth_norms(module)

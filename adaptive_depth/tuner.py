@@ -18,39 +18,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .budget import LatencyProfile, choose_scaling_factor, describe_device
+from .budget import LatencyProfile, choose_scaling_factor, profile_depths
 from .config import AdaptiveDepthConfig, StageSpec
-from .errors import CheckpointError, ConfigError, DepthSpecError
+from .errors import ConfigError, DepthSpecError
 from .export import export_depth
 from .flops import count_flops
-from .gates import DepthGate, gate_model
-from .latency import measure_latencies_ms
-from .norms import DepthNorms, batchnorm_layers, recalibrate_batchnorm
+from .gates import DepthGate, check_structure, gate_model
+from .norms import DepthNorms, batchnorm_layers, recalibrate_batchnorm, register_training_statistics_hooks
 from .policy import active_mask, check_scaling_factor, depth_key, keep_count
 from .state import preserved
 
 __all__ = ["DepthTuner"]
 
 logger = logging.getLogger(__name__)
-
-
-def check_structure(model: nn.Module, config: AdaptiveDepthConfig) -> None:
-    """Raise :class:`CheckpointError` unless ``config``'s stages name distinct, un-nested blocks of ``model``."""
-    modules = dict(model.named_modules())
-    names = [b.name for s in config.stages for b in s.blocks]
-    missing = [n for n in names if n not in modules]
-    if missing:
-        raise CheckpointError(
-            f"the config names blocks {missing[:5]} that {type(model).__name__} does not have; "
-            "the config belongs to another architecture"
-        )
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    nested = sorted({a for a in names for b in names if a != b and a.startswith(b + ".")})
-    if repeated or nested:
-        raise CheckpointError(
-            f"the config's stages list blocks twice {repeated[:5]} or blocks inside other blocks {nested[:5]}; "
-            "it was edited by hand: wrap the model again (block_patterns= names blocks explicitly)"
-        )
 
 
 class DepthTuner(nn.Module):
@@ -82,10 +62,7 @@ class DepthTuner(nn.Module):
         self._lock = threading.RLock()
         self.depth_norms: DepthNorms | None = None  # per-depth BatchNorm statistics, after recalibration
         # state_dict() holds the statistics of training whatever the depth, and load_state_dict() writes them.
-        self.register_state_dict_pre_hook(_suspend_depth_norms)
-        self.register_state_dict_post_hook(_resume_depth_norms)
-        self.register_load_state_dict_pre_hook(_suspend_depth_norms_for_load)
-        self.register_load_state_dict_post_hook(_resume_depth_norms_after_load)
+        register_training_statistics_hooks(self)
         self.set_scaling_factor(config.default_scaling_factor)
 
     # ------------------------------------------------------------------ pickling (the lock cannot be copied)
@@ -351,28 +328,11 @@ class DepthTuner(nn.Module):
         """
         if device is not None:
             self.to(device)
-        param = next(self.model.parameters())
         x = self.example_input(batch_size) if example_input is None else example_input
-        x = x.to(device=param.device, dtype=param.dtype if x.is_floating_point() else x.dtype)
-
-        def run_at(s: float) -> Callable[[], Any]:
-            return lambda: self.set_scaling_factor(s)(x)  # a switch costs microseconds: part of serving
-
-        with preserved(self, train=False):  # depths timed in interleaved rounds, so machine noise touches them alike
-            timed = measure_latencies_ms(
-                {depth_key(s): run_at(s) for s in self.config.scaling_factors},
-                device=param.device,
-                warmup=warmup,
-                repeats=repeats,
-            )
-        self.config.latency_profile = LatencyProfile(
-            device=describe_device(param.device),
-            batch_size=int(x.shape[0]),
-            input_size=[int(v) for v in x.shape[1:]],
-            dtype=str(param.dtype).removeprefix("torch."),
-            latency_ms=timed,
-        ).to_dict()
-        return {float(k): ms for k, ms in timed.items()}
+        with preserved(self, train=False):
+            profile = profile_depths(self.set_scaling_factor, x, self.config.scaling_factors, warmup, repeats)
+        self.config.latency_profile = profile.to_dict()
+        return {s: ms for s in self.config.scaling_factors if (ms := profile.at(s)) is not None}
 
     @property
     def latency_profile(self) -> LatencyProfile | None:
@@ -418,22 +378,3 @@ class DepthTuner(nn.Module):
         with preserved(self):
             self._activate(counts, s)  # the BatchNorm statistics of that depth go into the copy
             return export_depth(self.model, self.stages, self._masks_for(counts))
-
-
-# State-dict hooks (module-level functions, not closures: a deep copy of the model must not call the original's).
-def _suspend_depth_norms(module: DepthTuner, *_: Any) -> None:
-    if module.depth_norms is not None:
-        module.depth_norms.suspend()
-
-
-def _resume_depth_norms(module: DepthTuner, *_: Any) -> None:
-    if module.depth_norms is not None:
-        module.depth_norms.resume()
-
-
-def _suspend_depth_norms_for_load(module: DepthTuner, *_: Any, **__: Any) -> None:
-    _suspend_depth_norms(module)
-
-
-def _resume_depth_norms_after_load(module: DepthTuner, _incompatible: Any) -> None:
-    _resume_depth_norms(module)

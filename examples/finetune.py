@@ -85,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--scaling-factors", type=float, nargs="+", default=d.scaling_factors)
     g.add_argument("--leader", choices=["joint", "frozen", "none"], default=d.leader)
     g.add_argument("--no-interactive", action="store_true", help="one Teammate (ablation)")
+    g.add_argument(
+        "--teammate-data",
+        choices=["shared", "views", "streams"],
+        default=d.teammate_data,
+        help="what the Teammates see: the same batch, their own augmentation of it, or their own images and order",
+    )
     g.add_argument("--no-self-distillation", action="store_true", help="sub-networks learn from labels (ablation)")
     g.add_argument("--sfsl-gamma", type=float, default=d.sfsl_gamma, help="0 turns SFSL off (ablation)")
     g.add_argument("--temperature", type=float, default=d.temperature)
@@ -248,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         input_size=size,
         num_workers=args.num_workers,
         with_index=config.cache_leader_logits,
+        streams=config.data_streams,
+        own_order=config.teammate_data == "streams",
     )
 
     checkpoint_steps = args.checkpointing_steps if isinstance(args.checkpointing_steps, int) else None

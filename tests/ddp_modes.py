@@ -1,13 +1,14 @@
 """Every training mode for two optimizer steps under DDP; launched by tests/test_training_reliability.py as
 
-    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 tests/ddp_modes.py
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 tests/ddp_modes.py [--batch-size 8] [MODE...]
 
-It prints ``OK <mode> <checksum>`` per mode on the main process; a mode that DDP cannot run raises.
+It prints ``OK <mode> steps=<n> checksum=<sum of the weights>`` per mode on the main process; a mode that DDP
+cannot run raises. The same global batch on one process (``--batch-size 16``) must give the same checksums.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import timm
 import torch
@@ -32,6 +33,8 @@ MODES = {
     "frozen-leader": {"leader": "frozen"},
     "frozen-leader-cached": {"leader": "frozen", "cache_leader_logits": True},
     "alone": {"scaling_factors": [0.5], "full_depth": False, **SINGLE},
+    "views": {"teammate_data": "views"},
+    "streams": {"teammate_data": "streams"},
 }
 
 
@@ -39,14 +42,23 @@ def _model() -> AdaptiveDepth:
     return AdaptiveDepth.wrap(timm.create_model("test_convnext", num_classes=10), input_size=[3, 32, 32])
 
 
-def main(modes: list[str]) -> None:
+def main(modes: list[str], batch_size: int) -> None:
     data = load_image_classification_data("digits", max_train_samples=32, max_eval_samples=16)
     for mode in modes:
-        config = TrainingConfig(**{"epochs": 1, "batch_size": 8, "scaling_factors": [0.5, 1.0]} | MODES[mode])
+        config = TrainingConfig(**{"epochs": 1, "batch_size": batch_size, "scaling_factors": [0.5, 1.0]} | MODES[mode])
         set_seed(0)
         model = _model()
         leader = _model().export(1.0).eval() if config.leader == "frozen" else None
-        loaders = make_loaders(data, model, batch_size=8, seed=0, input_size=[3, 32, 32], with_index=True)
+        loaders = make_loaders(
+            data,
+            model,
+            batch_size=batch_size,
+            seed=0,
+            input_size=[3, 32, 32],
+            with_index=True,
+            streams=config.data_streams,
+            own_order=config.teammate_data == "streams",
+        )
         trainer = CooperativeTrainer(
             model,
             config,
@@ -59,11 +71,11 @@ def main(modes: list[str]) -> None:
         trainer.train()
         checksum = sum(p.detach().double().sum().item() for p in trainer.module.parameters())
         if trainer.accelerator.is_main_process:
-            print(f"OK {mode} steps={trainer.progress.step} checksum={checksum:.6f}", flush=True)
+            print(f"OK {mode} steps={trainer.progress.step} checksum={checksum:.9e}", flush=True)
     # An Accelerator built without telling DDP of unused blocks is refused before training, with the fix.
-    config = TrainingConfig(epochs=1, batch_size=8, **MODES["random-depth"])
+    config = TrainingConfig(epochs=1, batch_size=batch_size, **MODES["random-depth"])
     model = _model()
-    loaders = make_loaders(data, model, batch_size=8, seed=0, input_size=[3, 32, 32])
+    loaders = make_loaders(data, model, batch_size=batch_size, seed=0, input_size=[3, 32, 32])
     accelerator = Accelerator()
     try:
         CooperativeTrainer(model, config, loaders.train, accelerator=accelerator)
@@ -74,4 +86,11 @@ def main(modes: list[str]) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(sys.argv[1:] or list(MODES))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch-size", type=int, default=8, help="per process")
+    parser.add_argument("modes", nargs="*", help=f"some of {list(MODES)} (default: all)")
+    args = parser.parse_args()
+    unknown = sorted(set(args.modes) - set(MODES))
+    if unknown:
+        parser.error(f"unknown modes {unknown}; choose from {list(MODES)}")
+    main(args.modes or list(MODES), args.batch_size)

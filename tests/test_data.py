@@ -18,6 +18,7 @@ from adaptive_depth.training import (
     TransformedDataset,
     build_transform,
     cluttered_digits_dataset,
+    digit_pairs_dataset,
     digits_dataset,
     load_image_classification_data,
 )
@@ -112,6 +113,51 @@ def test_epoch_sampler_is_a_seeded_permutation_per_epoch() -> None:
     sampler.set_epoch(1)
     assert list(sampler) != order0
     assert list(EpochSampler(5, shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+def test_teammate_streams_draw_their_own_order_and_augmentation() -> None:
+    single = list(EpochSampler(12, shuffle=True, seed=1))
+    streams = list(EpochSampler(12, shuffle=True, seed=1, streams=2))
+    assert [a for a, _ in streams] == single  # stream 0 is the single-stream order
+    assert sorted(b for _, b in streams) == list(range(12)) and [b for _, b in streams] != single
+    views = list(EpochSampler(12, shuffle=True, seed=1, streams=2, own_order=False))
+    assert views == [(i, i) for i in single]
+    data = digits_dataset()["train"].select(range(4))
+    tf = build_transform(timm.create_model("test_resnet"), train=True, input_size=[3, 32, 32])
+    ds = TransformedDataset(data, tf, "image", "label", seed=3, with_index=True)
+    pixels, labels, indices = ds[(1, 1)]
+    assert pixels.shape == (2, 3, 32, 32) and labels.tolist() == [data[1]["label"]] * 2 and indices.tolist() == [1, 1]
+    assert not torch.equal(pixels[0], pixels[1])  # one image, each stream its own augmentation
+    assert torch.equal(pixels[0], ds[1][0])  # stream 0 augments as a single stream does
+    pixels, labels, _ = ds[(0, 2)]
+    assert labels.tolist() == [data[0]["label"], data[2]["label"]]
+
+
+def test_digit_pairs_read_two_held_out_digits() -> None:
+    pairs = digit_pairs_dataset(train_per_class=2, test_per_class=1)
+    assert pairs["train"].features["label"].names[:12] == [
+        "00",
+        "01",
+        "02",
+        "03",
+        "04",
+        "05",
+        "06",
+        "07",
+        "08",
+        "09",
+        "10",
+        "11",
+    ]
+    assert pairs["train"]["label"] == [c for c in range(100) for _ in range(2)] and len(pairs["test"]) == 100
+    image = np.asarray(pairs["test"][37]["image"])
+    assert image.shape == (32, 32) and image[:, :16].any() and image[:, 16:].any()  # a digit in each half
+    assert image[:2].max() == image[-2:].max() == image[:, :2].max() == image[:, -2:].max() == 0  # crop-safe margins
+    again = digit_pairs_dataset(train_per_class=2, test_per_class=1)
+    assert np.array_equal(np.asarray(again["test"][37]["image"]), image)
+    assert not np.array_equal(np.asarray(pairs["train"][0]["image"]), np.asarray(pairs["train"][1]["image"]))
+    with pytest.raises(DataError, match="digit_size"):
+        digit_pairs_dataset(digit_size=20)
 
 
 def test_cluttered_digits_are_a_harder_split_of_the_same_digits() -> None:

@@ -123,6 +123,33 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path: Path) -> N
         assert torch.equal(value, final[key]), key
 
 
+@pytest.mark.parametrize("teammate_data", ["views", "streams"])
+def test_resume_with_teammate_streams_equals_an_uninterrupted_run(tmp_path: Path, teammate_data: str) -> None:
+    from adaptive_depth.training import load_image_classification_data, make_loaders
+
+    data = load_image_classification_data("digits", max_train_samples=48, max_eval_samples=16)
+
+    def trainer(out: Path) -> CooperativeTrainer:
+        set_seed(0)
+        model = _timm_model()
+        config = TrainingConfig(epochs=2, batch_size=16, scaling_factors=[0.5, 1.0], teammate_data=teammate_data)
+        loaders = make_loaders(
+            data, model, batch_size=16, seed=0, input_size=[3, 32, 32], streams=2,
+            own_order=teammate_data == "streams",
+        )  # fmt: skip
+        return CooperativeTrainer(
+            model, config, loaders.train, accelerator=Accelerator(), output_dir=out, checkpoint_steps=2
+        )
+
+    straight = trainer(tmp_path / "a")
+    straight.train()
+    resumed = trainer(tmp_path / "b")
+    resumed.train(resume_from_checkpoint=tmp_path / "a" / "checkpoints" / "step_2")
+    final = straight.module.state_dict()
+    for key, value in resumed.module.state_dict().items():
+        assert torch.equal(value, final[key]), key
+
+
 def test_trainer_rejects_bad_setup(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="frozen"):
         _trainer(_timm_model, leader="frozen")
@@ -273,3 +300,17 @@ def test_cached_leader_logits_are_the_frozen_leaders_and_replace_its_forward(tmp
         torch.testing.assert_close(cache[indices], leader(images))
     with pytest.raises(ConfigError, match="with_index=True"):
         trainer.training_step(images, torch.zeros(len(images), dtype=torch.long), ramp=1.0)
+
+
+@pytest.mark.parametrize(("num_classes", "kept"), [(10, True), (4, False)])
+def test_a_head_trained_for_the_task_is_kept_by_every_player(tmp_path: Path, num_classes: int, kept: bool) -> None:
+    """A model already fine-tuned on the task (same classes) keeps its head in the Leader and the second Teammate."""
+    finetuned = timm.create_model("test_convnext", num_classes=10)
+    timm.models.save_for_hf(finetuned, tmp_path / "finetuned")
+    model = AdaptiveDepth.from_pretrained(tmp_path / "finetuned", num_classes=num_classes, input_size=[3, 32, 32])
+    assert model.config.base_model.trained_head is kept
+    trainer = CooperativeTrainer(model, TrainingConfig(batch_size=8), _loader(model, n=16, batch_size=8))
+    heads = [p.model.head.fc.weight for p in trainer.teammates] + [trainer.leader.head.fc.weight]
+    assert all(torch.equal(h, heads[0]) for h in heads) is kept
+    if kept:
+        assert torch.equal(heads[0], finetuned.head.fc.weight)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from adaptive_depth.errors import ConfigError, ScalingFactorError
 from adaptive_depth.training.config import TrainingConfig
@@ -200,3 +201,26 @@ def test_guided_learning_for_the_sub_networks_is_an_option() -> None:
     config = _config(leader="none", lambda_guided_sub=1.0)
     no_leader = cooperative_loss(_logits(leader=False), torch.tensor([0]), config)
     assert not any(k.endswith("/guided") for k in no_leader.terms)
+
+
+# ---------------------------------------------------------------------- Teammates with their own data
+
+
+def test_each_teammate_learns_from_its_own_batch_its_leader_and_its_peer_there() -> None:
+    config = TrainingConfig(scaling_factors=[0.5, 1.0], teammate_data="streams", warmup_epochs=0)
+    g = torch.Generator().manual_seed(0)
+    z = {name: torch.randn(4, 3, generator=g) for name in ("A1", "A.5", "B1", "B.5", "LA", "LB", "PA", "PB")}
+    logits = CooperativeLogits(
+        teammates=[{1.0: z["A1"], 0.5: z["A.5"]}, {1.0: z["B1"], 0.5: z["B.5"]}],
+        leader=[z["LA"], z["LB"]],  # the Leader on A's batch and on B's batch
+        peers=[z["PA"], z["PB"]],  # B on A's batch, A on B's batch
+    )
+    labels = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 0]])  # [B, teammates]: each batch its own labels
+    loss = cooperative_loss(logits, labels, config)
+    tau = config.temperature
+    torch.testing.assert_close(loss.terms["B/s=1/guided"], kd_loss(z["B1"], z["LB"], tau))
+    torch.testing.assert_close(loss.terms["A/s=0.5/interactive"], kd_loss(z["A.5"], z["PA"], tau))
+    torch.testing.assert_close(loss.terms["B/s=1/interactive"], kd_loss(z["B1"], z["PB"], tau))
+    torch.testing.assert_close(loss.terms["B/s=0.5/ce"], F.cross_entropy(z["B.5"], labels[:, 1]))
+    leader_ce = (F.cross_entropy(z["LA"], labels[:, 0]) + F.cross_entropy(z["LB"], labels[:, 1])) / 2
+    torch.testing.assert_close(loss.terms["leader/ce"], leader_ce)

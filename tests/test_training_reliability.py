@@ -182,15 +182,21 @@ def test_bad_checkpointing_steps_is_an_argument_error(capsys: pytest.CaptureFixt
 # ---------------------------------------------------------------------- DDP
 
 
-def test_every_training_mode_runs_under_two_process_ddp() -> None:
+def _launch_modes(processes: int, batch_size: int, *modes: str) -> dict[str, str]:
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    launch = str(Path(sys.executable).parent / "accelerate")
-    cmd = [launch, "launch", "--multi_gpu", "--num_processes", "2", str(ROOT / "tests" / "ddp_modes.py")]
+    launch = ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1"]
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"), "launch", *launch, str(ROOT / "tests" / "ddp_modes.py"),
+        "--batch-size", str(batch_size), *modes,
+    ]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
-    lines = [line for line in done.stdout.splitlines() if line.startswith("OK ")]
-    modes = [line.split()[1] for line in lines]
-    assert modes == [
+    return {line.split()[1]: line for line in done.stdout.splitlines() if line.startswith("OK ")}
+
+
+def test_every_training_mode_runs_under_two_process_ddp() -> None:
+    two = _launch_modes(2, 8)
+    assert list(two) == [
         "two-teammates",
         "one-teammate",
         "random-depth",
@@ -198,6 +204,15 @@ def test_every_training_mode_runs_under_two_process_ddp() -> None:
         "frozen-leader",
         "frozen-leader-cached",
         "alone",
+        "views",
+        "streams",
         "refused",
-    ], done.stdout[-3000:]
-    assert all("steps=2" in line for line in lines[:-1]), lines
+    ], two
+    assert all("steps=2" in line for mode, line in two.items() if mode != "refused"), two
+    # Per-Teammate data streams: the same global batches on one process give the same weights.
+    one = _launch_modes(1, 16, "streams")
+
+    def checksum(line: str) -> float:
+        return float(line.split("checksum=")[1])
+
+    assert checksum(one["streams"]) == pytest.approx(checksum(two["streams"]), rel=1e-6, abs=0)

@@ -2,18 +2,18 @@
 
 from ..report import DepthResult, TrainingReport
 from .config import TrainingConfig
-from .data import (
-    EpochSampler,
-    ImageClassificationData,
-    Loaders,
-    TransformedDataset,
-    build_transform,
-    find_bad_images,
-    load_image_classification_data,
-    make_loaders,
+from .data import ImageClassificationData, build_transform, find_bad_images, load_image_classification_data
+from .embedded import (
+    CLUTTERED_DIGITS,
+    DIGIT_PAIRS,
+    DIGITS,
+    EMBEDDED_DATASETS,
+    cluttered_digits_dataset,
+    digit_pairs_dataset,
+    digits_dataset,
 )
-from .embedded import CLUTTERED_DIGITS, DIGITS, EMBEDDED_DATASETS, cluttered_digits_dataset, digits_dataset
 from .evaluate import evaluate_accuracy
+from .loaders import EpochSampler, Loaders, TransformedDataset, make_loaders
 from .losses import CooperativeLogits, CooperativeLoss, cooperative_loss, kd_loss, sfsl_weights
 from .players import CooperativeModel, logits_of
 from .trainer import CooperativeTrainer, TrainingResult, accelerator_kwargs
@@ -21,6 +21,7 @@ from .trainer import CooperativeTrainer, TrainingResult, accelerator_kwargs
 __all__ = [
     "CLUTTERED_DIGITS",
     "DIGITS",
+    "DIGIT_PAIRS",
     "EMBEDDED_DATASETS",
     "CooperativeLogits",
     "CooperativeLoss",
@@ -38,6 +39,7 @@ __all__ = [
     "build_transform",
     "cluttered_digits_dataset",
     "cooperative_loss",
+    "digit_pairs_dataset",
     "digits_dataset",
     "evaluate_accuracy",
     "find_bad_images",

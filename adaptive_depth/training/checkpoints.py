@@ -28,6 +28,7 @@ __all__ = [
     "STATE_NAME",
     "Progress",
     "check_output_dir",
+    "check_resumable",
     "checkpoint_dirs",
     "load_checkpoint",
     "prepare_output_dir",
@@ -141,6 +142,26 @@ def resolve_checkpoint(output_dir: Path | None, checkpoint: str | Path) -> Path:
     if not (path / STATE_NAME).is_file():
         raise ConfigError(f"checkpoint {path} is incomplete (no {STATE_NAME}): its save was interrupted")
     return path
+
+
+# Fields a resumed run may change: they act after training (evaluation) or only extend it.
+RESUMABLE_CHANGES = ("epochs", "per_depth_norms", "recalibration_batches")
+
+
+def check_resumable(state: dict[str, Any], config: dict[str, Any], processes: int, path: Path) -> None:
+    """Refuse to resume a checkpoint written with other settings or another number of processes."""
+    saved = state.get("config", {})
+    changed = sorted(k for k, v in config.items() if saved.get(k, v) != v and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise ConfigError(
+            f"{path} was written by a run with other settings ({', '.join(f'{k}={saved[k]!r}' for k in changed)}); "
+            "resume with the settings it was trained with, or start a new run"
+        )
+    if state.get("processes", processes) != processes:
+        raise ConfigError(
+            f"{path} was written by {state['processes']} process(es); resume it with the same number "
+            f"(this run has {processes})"
+        )
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:

@@ -12,9 +12,10 @@ from ..config import DEFAULT_SCALING_FACTORS
 from ..errors import ConfigError
 from ..policy import check_scaling_factor
 
-__all__ = ["LEADER_MODES", "TrainingConfig"]
+__all__ = ["LEADER_MODES", "TEAMMATE_DATA", "TrainingConfig"]
 
 LEADER_MODES = ("joint", "frozen", "none")
+TEAMMATE_DATA = ("shared", "views", "streams")
 
 
 @dataclass
@@ -69,6 +70,10 @@ class TrainingConfig:
             ``scaling_factors=[1.0]`` and no peers it is the random-depth baseline. Under DDP the skipped blocks
             differ per step, so the trainer's own Accelerator finds unused parameters.
         recalibration_batches: training batches read per depth by the recalibration.
+        teammate_data: what the Teammates see at each step: ``"shared"`` (the same batch), ``"views"`` (the same
+            images, each Teammate with its own augmentation draws) or ``"streams"`` (each Teammate its own images
+            in its own order, with its own augmentation; the Leader and the peer then also run on each
+            Teammate's batch, which costs a Leader pass and a no-gradient peer pass per Teammate).
     """
 
     scaling_factors: list[float] = field(default_factory=lambda: list(DEFAULT_SCALING_FACTORS))
@@ -98,6 +103,7 @@ class TrainingConfig:
     cache_leader_logits: bool = False
     sampled_depths: int | None = None
     layer_drop: float = 0.0
+    teammate_data: str = "shared"
 
     def __post_init__(self) -> None:
         if not isinstance(self.scaling_factors, list | tuple) or not self.scaling_factors:
@@ -122,6 +128,8 @@ class TrainingConfig:
         self._check_number("weight_decay", minimum=0.0)
         self._check_number("label_smoothing", minimum=0.0)
         self._check_number("layer_drop", minimum=0.0)
+        if self.teammate_data not in TEAMMATE_DATA:
+            raise ConfigError(f"teammate_data must be one of {TEAMMATE_DATA}, got {self.teammate_data!r}")
         if self.cache_leader_logits and self.leader != "frozen":
             raise ConfigError(
                 f"cache_leader_logits needs leader='frozen' (a fixed teacher), got leader={self.leader!r}"
@@ -169,6 +177,11 @@ class TrainingConfig:
         DDP must then be created with ``find_unused_parameters=True`` (``accelerator_kwargs`` does it).
         """
         return self.layer_drop > 0 or self.top_scaling_factor < 1.0
+
+    @property
+    def data_streams(self) -> int:
+        """Views per training image the loaders must give (one per Teammate unless they share the batch)."""
+        return self.num_teammates if self.teammate_data != "shared" else 1
 
     @property
     def num_teammates(self) -> int:

@@ -1,46 +1,35 @@
-"""Image-classification data through ``datasets``: the embedded digits, any Hub dataset id, or an image folder.
+"""Image-classification data through ``datasets``: the embedded datasets, any Hub dataset id, or an image folder.
 
-Transforms come from the model's own preprocessing config (timm's data config, the transformers image
-processor). Augmentation is seeded per (seed, epoch, image), so it is the same whatever the number of
-processes or workers, and after resuming from a checkpoint, and it never touches the global RNG.
+Columns and splits are detected, every image is decoded once before training (so a broken file is named before
+the first step), and transforms come from the model's own preprocessing config (timm's data config, the
+transformers image processor). ``loaders.py`` turns the result into seeded PyTorch loaders.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import datasets
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ..errors import DataError
 from .embedded import DIGITS, EMBEDDED_DATASETS, load_embedded
 
-__all__ = [
-    "EpochSampler",
-    "ImageClassificationData",
-    "Loaders",
-    "TransformedDataset",
-    "build_transform",
-    "find_bad_images",
-    "load_image_classification_data",
-    "make_loaders",
-]
+__all__ = ["ImageClassificationData", "build_transform", "find_bad_images", "load_image_classification_data"]
 
 logger = logging.getLogger(__name__)
 
 LABEL_NAMES = ("label", "labels", "fine_label", "class", "target")
 EVAL_SPLITS = ("validation", "valid", "val", "test")
 FORMS = (
-    "'digits' or 'digits-cluttered' (embedded), 'imagefolder:PATH' (a folder of class subfolders), or a Hub dataset id"
+    f"{' / '.join(map(repr, EMBEDDED_DATASETS))} (embedded), 'imagefolder:PATH' (a folder of class subfolders), "
+    "or a Hub dataset id"
 )
 
 
@@ -282,119 +271,3 @@ def build_transform(
         tf = T.Compose([crop, T.ToTensor(), T.Normalize(mean, std)])
     mode = "L" if channels == 1 else "RGB"
     return T.Compose([T.Lambda(lambda img: img.convert(mode)), tf])
-
-
-class TransformedDataset(torch.utils.data.Dataset):
-    """A ``datasets.Dataset`` as ``(pixels, label)`` pairs, with augmentation seeded per (seed, epoch, index).
-
-    With ``with_index=True`` the items are ``(pixels, label, index)`` (for per-image caches such as the Leader's
-    logits).
-    """
-
-    def __init__(
-        self,
-        data: datasets.Dataset,
-        transform: Callable[[Any], torch.Tensor],
-        image_column: str,
-        label_column: str,
-        *,
-        seed: int = 0,
-        with_index: bool = False,
-    ) -> None:
-        self.data, self.transform, self.with_index = data, transform, with_index
-        self.image_column, self.label_column = image_column, label_column
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw new augmentations for ``epoch``."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, int]:
-        example = self.data[int(index)]
-        seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index)
-        state = random.getstate()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                random.seed(seed)
-                pixels = self.transform(example[self.image_column])
-        finally:
-            random.setstate(state)
-        label = int(example[self.label_column])
-        return (pixels, label, int(index)) if self.with_index else (pixels, label)
-
-
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """Indices in a fresh random order each epoch, drawn from ``seed + epoch`` (resumable, process-independent)."""
-
-    def __init__(self, num_samples: int, *, shuffle: bool, seed: int = 0) -> None:
-        self.num_samples, self.shuffle, self.seed, self.epoch = int(num_samples), shuffle, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Use the order of ``epoch``."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.num_samples))
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=g).tolist())
-
-
-@dataclass
-class Loaders:
-    """The three loaders of a run: augmented training, un-augmented training (BatchNorm recalibration), held-out."""
-
-    train: DataLoader
-    recalibration: DataLoader
-    eval: DataLoader
-
-
-def make_loaders(
-    data: ImageClassificationData,
-    model: nn.Module,
-    *,
-    batch_size: int,
-    seed: int,
-    input_size: Sequence[int] | None = None,
-    num_workers: int = 0,
-    with_index: bool = False,
-) -> Loaders:
-    """Loaders with the model's own preprocessing (training augmentation on the first), seeded by ``seed``.
-
-    Args:
-        data: what :func:`load_image_classification_data` returned.
-        model: the model whose preprocessing config is used (an ``AdaptiveDepth`` or a plain module).
-        batch_size: per process.
-        seed: data order and augmentation.
-        input_size: ``[C, H, W]`` (default: the model's).
-        num_workers: ``DataLoader`` worker processes.
-        with_index: the two training loaders also yield each image's index (``TrainingConfig.cache_leader_logits``).
-    """
-    inner = getattr(model, "model", model)
-    train_tf = build_transform(inner, train=True, input_size=input_size)
-    eval_tf = build_transform(inner, train=False, input_size=input_size)
-    cols = (data.image_column, data.label_column)
-
-    def loader(ds: datasets.Dataset, transform: Any, *, shuffle: bool, drop_last: bool = False) -> DataLoader:
-        sampler = EpochSampler(len(ds), shuffle=True, seed=seed) if shuffle else None
-        return DataLoader(
-            TransformedDataset(ds, transform, *cols, seed=seed, with_index=with_index and shuffle),
-            batch_size=batch_size,
-            sampler=sampler,
-            drop_last=drop_last,
-            num_workers=num_workers,
-            generator=torch.Generator().manual_seed(seed),
-        )
-
-    return Loaders(
-        train=loader(data.train, train_tf, shuffle=True, drop_last=True),
-        recalibration=loader(data.train, eval_tf, shuffle=True),
-        eval=loader(data.eval, eval_tf, shuffle=False),
-    )

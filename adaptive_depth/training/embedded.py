@@ -3,9 +3,13 @@
 - ``"digits"``: the 1,797 real 8x8 handwritten digits, 10 classes, a stratified 80/20 split.
 - ``"digits-cluttered"``: the same digits at 24 px, placed at random among fragments of other digits on a
   32 px canvas (as cluttered MNIST): a harder task on which depth matters.
+- ``"digit-pairs"``: two of the digits side by side, 100 classes (the number they read): a many-class task.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
 
 import datasets
 from PIL import Image
@@ -15,14 +19,17 @@ from ..errors import DataError
 __all__ = [
     "CLUTTERED_DIGITS",
     "DIGITS",
+    "DIGIT_PAIRS",
     "EMBEDDED_DATASETS",
     "cluttered_digits_dataset",
+    "digit_pairs_dataset",
     "digits_dataset",
     "load_embedded",
 ]
 
 DIGITS = "digits"
 CLUTTERED_DIGITS = "digits-cluttered"
+DIGIT_PAIRS = "digit-pairs"
 
 
 def digits_dataset() -> datasets.DatasetDict:
@@ -37,6 +44,17 @@ def digits_dataset() -> datasets.DatasetDict:
     )
     full = datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
     return full.train_test_split(test_size=0.2, seed=0, stratify_by_column="label")
+
+
+def _resized_splits(digit_size: int, seed: list[int]) -> Iterator[tuple[str, datasets.Dataset, Any, Any]]:
+    """Per split of :func:`digits_dataset`: its name, the split, a generator seeded by ``seed`` and the split, and
+    its digits upsampled to ``digit_size`` pixels as one uint8 array ``[N, size, size]``."""
+    import numpy as np
+
+    for offset, (name, split) in enumerate(digits_dataset().items()):
+        rng = np.random.default_rng([*seed[:1], (seed[1] if len(seed) > 1 else 0) + offset])
+        digits = np.stack([np.asarray(img.resize((digit_size, digit_size), Image.BILINEAR)) for img in split["image"]])
+        yield name, split, rng, digits
 
 
 def cluttered_digits_dataset(
@@ -66,9 +84,7 @@ def cluttered_digits_dataset(
             f"fragments={fragments}, views={views}"
         )
     out = {}
-    for offset, (name, split) in enumerate(digits_dataset().items()):
-        rng = np.random.default_rng([seed, offset])
-        digits = np.stack([np.asarray(img.resize((digit_size, digit_size), Image.BILINEAR)) for img in split["image"]])
+    for name, split, rng, digits in _resized_splits(digit_size, [seed]):
         images, labels = [], []
         for index, label in enumerate(split["label"]):
             for _ in range(views):
@@ -88,7 +104,54 @@ def cluttered_digits_dataset(
     return datasets.DatasetDict(out)
 
 
-_BUILDERS = {DIGITS: digits_dataset, CLUTTERED_DIGITS: cluttered_digits_dataset}
+def digit_pairs_dataset(
+    *,
+    train_per_class: int = 30,
+    test_per_class: int = 10,
+    canvas: int = 32,
+    digit_size: int = 12,
+    seed: int = 0,
+) -> datasets.DatasetDict:
+    """100 classes: two real handwritten digits side by side, labelled by the two-digit number they read (00-99).
+
+    Each image of class ``10 * a + b`` pairs a random digit ``a`` and a random digit ``b`` of :func:`digits_dataset`'s
+    split (held-out images are built from held-out digits only, so every test image is new handwriting), each
+    upsampled to ``digit_size`` pixels and placed with a random offset in its half of a ``canvas`` x ``canvas``
+    image. The network must read two digits and their order: a many-class task on which depth matters.
+    Deterministic for a ``seed``.
+    """
+    import numpy as np
+
+    margin = 2  # the evaluation centre crop (87.5%) removes two pixels each side of 32
+    half = canvas // 2
+    if digit_size + margin > half or train_per_class < 1 or test_per_class < 1:
+        raise DataError(
+            f"digit pairs need digit_size + {margin} <= canvas / 2 and at least one image per class; got "
+            f"canvas={canvas}, digit_size={digit_size}, train_per_class={train_per_class}, "
+            f"test_per_class={test_per_class}"
+        )
+    names = [f"{a}{b}" for a in range(10) for b in range(10)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    out = {}
+    for name, split, rng, digits in _resized_splits(digit_size, [seed, 100]):
+        by_label = [np.flatnonzero(np.asarray(split["label"]) == d) for d in range(10)]
+        per_class = train_per_class if name == "train" else test_per_class
+        images, labels = [], []
+        for label in range(100):
+            for _ in range(per_class):
+                image = np.zeros((canvas, canvas), dtype=np.uint8)
+                for place, digit in enumerate(divmod(label, 10)):
+                    top = rng.integers(margin, canvas - digit_size - margin + 1)
+                    lo, hi = (margin, half - digit_size) if place == 0 else (half, canvas - margin - digit_size)
+                    left = rng.integers(lo, hi + 1)
+                    image[top : top + digit_size, left : left + digit_size] = digits[rng.choice(by_label[digit])]
+                images.append(Image.fromarray(image, mode="L"))
+                labels.append(label)
+        out[name] = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+    return datasets.DatasetDict(out)
+
+
+_BUILDERS = {DIGITS: digits_dataset, CLUTTERED_DIGITS: cluttered_digits_dataset, DIGIT_PAIRS: digit_pairs_dataset}
 EMBEDDED_DATASETS = tuple(_BUILDERS)
 
 

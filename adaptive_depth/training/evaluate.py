@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -12,10 +13,11 @@ from tqdm.auto import tqdm
 from ..flops import count_flops
 from ..latency import measure_latency_ms
 from ..model import AdaptiveDepth
+from ..report import DepthResult, TrainingReport
 from ..state import preserved
 from .players import logits_of
 
-__all__ = ["evaluate_accuracy", "measure_costs"]
+__all__ = ["TrainingResult", "evaluate_accuracy", "measure_costs"]
 
 
 @torch.no_grad()
@@ -74,3 +76,40 @@ def measure_costs(
             ms = measure_latency_ms(model, example) if latency else None
             out[s] = (count_flops(model, example) / 1e9, ms)
     return out
+
+
+@dataclass
+class TrainingResult:
+    """What a cooperative run produced: the deployed Teammate and the report saved with it.
+
+    Args:
+        model: the deployed teammate (the better one by mean top-1 over the trained depths).
+        report: every player at every depth (accuracy, FLOPs, latency), the loss per epoch, the settings.
+    """
+
+    model: AdaptiveDepth
+    report: TrainingReport
+
+    @property
+    def deployed(self) -> str:
+        """The deployed Teammate's name, ``"A"`` or ``"B"``."""
+        return self.report.deployed
+
+    @property
+    def results(self) -> list[DepthResult]:
+        """Every player at every depth."""
+        return self.report.results
+
+    @property
+    def history(self) -> list[float]:
+        """The mean loss of every epoch."""
+        return self.report.loss_per_epoch
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken."""
+        return self.report.steps
+
+    def table(self) -> str:
+        """The per-depth table as Markdown, the one the model card shows."""
+        return self.report.table()

@@ -39,12 +39,26 @@ class CooperativeLogits:
     """What one cooperative forward pass produces.
 
     Args:
-        teammates: per teammate, its logits at every trained scaling factor (``{1.0: z(1), 0.5: z(0.5)...}``).
-        leader: the Leader's logits (``None`` without a Leader); a frozen Leader's carry no gradient.
+        teammates: per teammate, its logits at every depth it ran on its batch (``{1.0: z(1), 0.5: z(0.5)...}``).
+        leader: the Leader's logits (``None`` without a Leader; a frozen Leader's carry no gradient): one tensor
+            when the Teammates share their images, or one per Teammate, on that Teammate's batch.
+        peers: per teammate, the other Teammate's full-depth logits on its batch, when the Teammates see different
+            images (``None``: the other Teammate's own full-depth logits are on the same images).
     """
 
     teammates: list[dict[float, torch.Tensor]]
-    leader: torch.Tensor | None = None
+    leader: torch.Tensor | list[torch.Tensor] | None = None
+    peers: list[torch.Tensor] | None = None
+
+    def leader_for(self, teammate: int) -> torch.Tensor | None:
+        """The Leader's logits on ``teammate``'s images."""
+        return self.leader[teammate] if isinstance(self.leader, list) else self.leader
+
+    def peer_for(self, teammate: int, top: float) -> torch.Tensor | None:
+        """The other Teammate's full-depth logits on ``teammate``'s images (``None`` with one Teammate)."""
+        if len(self.teammates) < 2:
+            return None
+        return self.peers[teammate] if self.peers is not None else self.teammates[1 - teammate][top]
 
 
 @dataclass
@@ -87,8 +101,11 @@ def cooperative_loss(
     terms: dict[str, torch.Tensor] = {}
     weights: dict[str, float] = {}
 
-    def ce(z: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(z.float(), labels, label_smoothing=config.label_smoothing)
+    def labels_of(t: int) -> torch.Tensor:  # [B, streams] when each Teammate has its own batch
+        return labels[:, t] if labels.dim() == 2 else labels
+
+    def ce(z: torch.Tensor, t: int = 0) -> torch.Tensor:
+        return F.cross_entropy(z.float(), labels_of(t), label_smoothing=config.label_smoothing)
 
     def add(prefix: str, raw: dict[str, float], values: dict[str, object], scale: float) -> None:
         for name, w in _normalised(raw).items():
@@ -97,15 +114,25 @@ def cooperative_loss(
             weights[key] = w * scale
 
     top = config.top_scaling_factor  # 1.0: the full network
-    fulls = [z[top] for z in logits.teammates]
+    n = len(logits.teammates)
     if logits.leader is not None and config.leader == "joint":
-        share = config.leader_share_back * r
+        # The Leader learns from the labels of each batch it saw, and (share-back) from the Teammates' mean there.
+        batches = list(range(n)) if isinstance(logits.leader, list) else [0]
+
+        def teammates_on(t: int) -> torch.Tensor:
+            if not isinstance(logits.leader, list):
+                return torch.stack([z[top] for z in logits.teammates]).mean(0)
+            peer = logits.peer_for(t, top)  # on Teammate t's batch: t itself and its peer there
+            return torch.stack([logits.teammates[t][top]] + ([peer] if peer is not None else [])).mean(0)
+
         add(
             "leader",
-            {"ce": 1.0, "share_back": share if len(fulls) else 0.0},
+            {"ce": 1.0, "share_back": config.leader_share_back * r if n else 0.0},
             {
-                "ce": lambda: ce(logits.leader),
-                "share_back": lambda: kd_loss(logits.leader, torch.stack(fulls).mean(0), tau),
+                "ce": lambda: torch.stack([ce(logits.leader_for(t), t) for t in batches]).mean(),
+                "share_back": lambda: torch.stack(
+                    [kd_loss(logits.leader_for(t), teammates_on(t), tau) for t in batches]
+                ).mean(),
             },
             1.0,
         )
@@ -113,7 +140,8 @@ def cooperative_loss(
     guided = logits.leader is not None and config.leader != "none"
     for t, by_depth in enumerate(logits.teammates):
         name = TEAMMATE_NAMES[t]
-        other = fulls[1 - t] if len(fulls) > 1 else None
+        other = logits.peer_for(t, top)
+        leader = logits.leader_for(t)
         full = by_depth[top]
         per_depth = 1.0 / len(by_depth)  # the depths run this step: all of S, or a sandwich sample of it
         add(
@@ -124,8 +152,8 @@ def cooperative_loss(
                 "interactive": config.lambda_interactive * r if other is not None else 0.0,
             },
             {
-                "ce": lambda full=full: ce(full),
-                "guided": lambda full=full: kd_loss(full, logits.leader, tau),
+                "ce": lambda full=full, t=t: ce(full, t),
+                "guided": lambda full=full, leader=leader: kd_loss(full, leader, tau),
                 "interactive": lambda full=full, other=other: kd_loss(full, other, tau),
             },
             per_depth,
@@ -144,8 +172,8 @@ def cooperative_loss(
                 {
                     "self": lambda z=z, full=full: kd_loss(z, full, tau),
                     "interactive": lambda z=z, other=other: kd_loss(z, other, tau),
-                    "guided": lambda z=z: kd_loss(z, logits.leader, tau),
-                    "ce": lambda z=z: ce(z),
+                    "guided": lambda z=z, leader=leader: kd_loss(z, leader, tau),
+                    "ce": lambda z=z, t=t: ce(z, t),
                 },
                 sfsl[s] * per_depth,
             )

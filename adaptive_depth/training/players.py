@@ -66,10 +66,13 @@ def reinit_classifier(model: nn.Module, seed: int) -> None:
                 reset()
 
 
-def make_teammates(model: AdaptiveDepth | Sequence[AdaptiveDepth], count: int, seed: int) -> list[AdaptiveDepth]:
-    """``count`` teammates: the models given, or copies of one model whose heads are re-initialised (seed + i).
+def make_teammates(
+    model: AdaptiveDepth | Sequence[AdaptiveDepth], count: int, seed: int, *, fresh_heads: bool = True
+) -> list[AdaptiveDepth]:
+    """``count`` teammates: the models given, or copies of one model (their heads re-initialised, seed + i).
 
-    Two teammates that start identical stay identical; fresh heads make them disagree usefully.
+    Two teammates that start identical stay identical unless they see different data; fresh heads make them
+    disagree. A head already trained for the task (``fresh_heads=False``) is kept: no player loses it.
     """
     models = [model] if isinstance(model, AdaptiveDepth) else list(model)
     if not models or not all(isinstance(m, AdaptiveDepth) for m in models):
@@ -78,15 +81,18 @@ def make_teammates(model: AdaptiveDepth | Sequence[AdaptiveDepth], count: int, s
         raise ConfigError(f"got {len(models)} teammate models but the config trains {count}")
     while len(models) < count:
         twin = copy.deepcopy(models[0])
-        reinit_classifier(twin, seed + len(models))
+        if fresh_heads:
+            reinit_classifier(twin, seed + len(models))
         models.append(twin)
     return models
 
 
-def make_leader(teammate: AdaptiveDepth, seed: int) -> nn.Module:
-    """A plain full-depth copy of ``teammate``'s base model (gates removed) with its own head (``seed``)."""
+def make_leader(teammate: AdaptiveDepth, seed: int, *, fresh_head: bool = True) -> nn.Module:
+    """A plain full-depth copy of ``teammate``'s base model (gates removed), with its own head (``seed``) unless
+    the teammate's head is already trained for the task (``fresh_head=False``)."""
     leader = unwrap_gates(copy.deepcopy(teammate.model))
-    reinit_classifier(leader, seed)
+    if fresh_head:
+        reinit_classifier(leader, seed)
     return leader
 
 
@@ -110,6 +116,8 @@ class CooperativeModel(nn.Module):
         layer_drop: in training mode, the top depth skips random blocks with this probability (LayerDrop-style).
         sampled_depths: in training mode, run the smallest and the top depth plus this many others drawn at random
             (the sandwich rule; ``None``: every depth).
+        own_images: each Teammate's view is of other images (``teammate_data="streams"``): the Leader runs on
+            every Teammate's batch, and each Teammate's peer target is the other Teammate run on its batch.
     """
 
     def __init__(
@@ -121,6 +129,7 @@ class CooperativeModel(nn.Module):
         leader_mode: str = "joint",
         layer_drop: float = 0.0,
         sampled_depths: int | None = None,
+        own_images: bool = False,
     ) -> None:
         super().__init__()
         if leader_mode not in LEADER_ROUTES:
@@ -137,6 +146,7 @@ class CooperativeModel(nn.Module):
         self.scaling_factors = sorted(scaling_factors, reverse=True)
         self.layer_drop = layer_drop
         self.sampled_depths = sampled_depths
+        self.own_images = own_images
 
     def train(self, mode: bool = True) -> CooperativeModel:
         """Train mode for the Teammates (and a joint Leader); a frozen Leader stays in eval mode."""
@@ -209,19 +219,45 @@ class CooperativeModel(nn.Module):
         self.leader_table = table
         return table
 
+    def _run(self, teammate: AdaptiveDepth, x: torch.Tensor, depths: Sequence[float]) -> dict[float, torch.Tensor]:
+        """One Teammate's logits at every depth of this step (random depth at the top one, if asked)."""
+        by_depth = {}
+        with preserved(teammate):
+            for s in depths:
+                if s == self.scaling_factors[0] and self.layer_drop > 0 and self.training:
+                    teammate.drop_blocks(self.layer_drop)
+                else:
+                    teammate.set_scaling_factor(s)
+                by_depth[s] = logits_of(teammate(x))
+        return by_depth
+
+    @torch.no_grad()
+    def _peer(self, teammate: AdaptiveDepth, x: torch.Tensor) -> torch.Tensor:
+        """A Teammate's full-depth logits on another Teammate's batch: a target, so without gradients."""
+        with preserved(teammate):
+            return logits_of(teammate.set_scaling_factor(self.scaling_factors[0])(x))
+
     def forward(self, pixel_values: torch.Tensor, indices: torch.Tensor | None = None) -> CooperativeLogits:
-        leader = self.leader_logits(pixel_values, indices)
-        top = self.scaling_factors[0]
+        """Every player's logits on the batch.
+
+        Args:
+            pixel_values: ``[B, C, H, W]`` (every Teammate sees it), or ``[B, T, C, H, W]``: one view per Teammate
+                (``TrainingConfig.teammate_data``: the same images under their own augmentation, or each
+                Teammate's own images).
+            indices: the images' dataset indices (``[B]`` or ``[B, T]``), for cached Leader logits.
+        """
+        n = len(self.teammates)
+        if pixel_values.dim() == 5:
+            if pixel_values.shape[1] != n:
+                raise ConfigError(f"got {pixel_values.shape[1]} views per image for {n} Teammate(s)")
+            views = list(pixel_values.unbind(1))
+            view_indices = list(indices.unbind(1)) if indices is not None else [None] * n
+        else:
+            views, view_indices = [pixel_values] * n, [indices] * n
         depths = self.depths_to_run()
-        outputs = []
-        for teammate in self.teammates:
-            by_depth = {}
-            with preserved(teammate):
-                for s in depths:
-                    if s == top and self.layer_drop > 0 and self.training:
-                        teammate.drop_blocks(self.layer_drop)
-                    else:
-                        teammate.set_scaling_factor(s)
-                    by_depth[s] = logits_of(teammate(pixel_values))
-            outputs.append(by_depth)
-        return CooperativeLogits(teammates=outputs, leader=leader)
+        outputs = [self._run(teammate, x, depths) for teammate, x in zip(self.teammates, views)]
+        if not self.own_images:  # one set of images (shared, or views of it): one Leader pass, peers as they are
+            return CooperativeLogits(outputs, self.leader_logits(views[0], view_indices[0]))
+        leader = [self.leader_logits(x, i) for x, i in zip(views, view_indices)]
+        peers = [self._peer(self.teammates[1 - t], x) for t, x in enumerate(views)] if n == 2 else None
+        return CooperativeLogits(outputs, None if self.leader_mode == "none" else leader, peers)  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ import json
 import math
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +22,20 @@ from ..model import AdaptiveDepth
 from ..policy import check_scaling_factor
 from ..report import DepthResult, TrainingReport
 from ..state import preserved
-from .checkpoints import Progress, checkpoint_dirs, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoints import (
+    Progress,
+    check_resumable,
+    checkpoint_dirs,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainingConfig
-from .evaluate import evaluate_accuracy, measure_costs
+from .evaluate import TrainingResult, evaluate_accuracy, measure_costs
 from .losses import TEAMMATE_NAMES, CooperativeLoss, cooperative_loss
 from .players import CooperativeModel, logits_of, make_leader, make_teammates
 
 __all__ = ["CooperativeTrainer", "TrainingResult", "accelerator_kwargs"]
-
-# Fields a resumed run may change: they act after training (evaluation) or only extend it.
-RESUMABLE_CHANGES = ("epochs", "per_depth_norms", "recalibration_batches")
 
 
 def accelerator_kwargs(config: TrainingConfig) -> dict[str, Any]:
@@ -41,43 +45,6 @@ def accelerator_kwargs(config: TrainingConfig) -> dict[str, Any]:
     """
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if config.leaves_parameters_unused else []
     return {"gradient_accumulation_steps": config.gradient_accumulation_steps, "kwargs_handlers": handlers}
-
-
-@dataclass
-class TrainingResult:
-    """What a cooperative run produced: the deployed Teammate and the report saved with it.
-
-    Args:
-        model: the deployed teammate (the better one by mean top-1 over the trained depths).
-        report: every player at every depth (accuracy, FLOPs, latency), the loss per epoch, the settings.
-    """
-
-    model: AdaptiveDepth
-    report: TrainingReport
-
-    @property
-    def deployed(self) -> str:
-        """The deployed Teammate's name, ``"A"`` or ``"B"``."""
-        return self.report.deployed
-
-    @property
-    def results(self) -> list[DepthResult]:
-        """Every player at every depth."""
-        return self.report.results
-
-    @property
-    def history(self) -> list[float]:
-        """The mean loss of every epoch."""
-        return self.report.loss_per_epoch
-
-    @property
-    def steps(self) -> int:
-        """Optimizer steps taken."""
-        return self.report.steps
-
-    def table(self) -> str:
-        """The per-depth table as Markdown, the one the model card shows."""
-        return self.report.table()
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int) -> Any:
@@ -144,13 +111,15 @@ class CooperativeTrainer:
         self.config = config
         self.accelerator = acc = accelerator or Accelerator(**accelerator_kwargs(config))
         self._check_accelerator()
-        self.teammates = make_teammates(model, config.num_teammates, config.seed + 1)
+        first = model if isinstance(model, AdaptiveDepth) else next(iter(model), None)
+        fresh = not (isinstance(first, AdaptiveDepth) and first.config.base_model.trained_head)
+        self.teammates = make_teammates(model, config.num_teammates, config.seed + 1, fresh_heads=fresh)
         for t in self.teammates:
             t.config.scaling_factors = list(config.scaling_factors)
         if config.leader == "frozen" and leader is None:
             raise ConfigError("leader='frozen' needs a trained Leader: pass leader=<your trained model>")
         if config.leader == "joint" and leader is None:
-            leader = make_leader(self.teammates[0], config.seed + config.num_teammates + 1)
+            leader = make_leader(self.teammates[0], config.seed + config.num_teammates + 1, fresh_head=fresh)
         module = CooperativeModel(
             self.teammates,
             config.scaling_factors,
@@ -158,6 +127,7 @@ class CooperativeTrainer:
             leader_mode=_leader_mode(config),
             layer_drop=config.layer_drop,
             sampled_depths=config.sampled_depths,
+            own_images=config.teammate_data == "streams" and config.num_teammates > 1,
         )
         self.num_classes = num_classes
         self.top5 = top5
@@ -276,20 +246,7 @@ class CooperativeTrainer:
     def _resume(self, checkpoint: str | Path) -> None:
         path = resolve_checkpoint(self.output_dir, checkpoint)
         state = load_checkpoint(self.accelerator, path)
-        saved = state.get("config", {})
-        changed = sorted(
-            k for k, v in self.config.to_dict().items() if saved.get(k, v) != v and k not in RESUMABLE_CHANGES
-        )
-        if changed:
-            raise ConfigError(
-                f"{path} was written by a run with other settings ({', '.join(f'{k}={saved[k]!r}' for k in changed)}); "
-                "resume with the settings it was trained with, or start a new run"
-            )
-        if state.get("processes", self.accelerator.num_processes) != self.accelerator.num_processes:
-            raise ConfigError(
-                f"{path} was written by {state['processes']} process(es); resume it with the same number "
-                f"(this run has {self.accelerator.num_processes})"
-            )
+        check_resumable(state, self.config.to_dict(), self.accelerator.num_processes, path)
         self.progress = Progress(**state["progress"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.accelerator.print(f"resumed from {path}: epoch {self.progress.epoch}, step {self.progress.step}")
@@ -397,6 +354,7 @@ class CooperativeTrainer:
         means = {n: sum(r.top1 for r in results if r.player == n) / len(depths) for n in names}
         deployed = max(names, key=lambda n: means[n])
         model = self.teammates[names.index(deployed)]
+        model.config.base_model.trained_head = True  # fine-tuned for these classes: a later run keeps its head
         report = TrainingReport(
             config=config.to_dict(),
             deployed=deployed,
