@@ -255,6 +255,16 @@ class DepthTuner(nn.Module):
         self.config.norm_stats = sorted(set(self.config.norm_stats) | set(factors))
         return seen
 
+    def reset_norms(self) -> None:
+        """Forget the per-depth statistics: every depth runs with the statistics of training again.
+
+        For a model that is trained further (its per-depth sets would be stale afterwards); recalibrate after.
+        """
+        if self.depth_norms is not None:
+            self.depth_norms.use(None)
+            self.depth_norms = None
+        self.config.norm_stats = []
+
     # ------------------------------------------------------------------ running
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Call the wrapped model at the current depth (same signature and output)."""

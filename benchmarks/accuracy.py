@@ -1,31 +1,41 @@
-"""Accuracy benchmark: the cooperative method against its ablations and every baseline (issue 4, part 2).
+"""Accuracy benchmark: the cooperative method against its variants and every baseline, where users start.
 
-Same data, model, epochs and optimiser for every method; every method evaluated at every scaling factor with the
-same per-depth BatchNorm recalibration, in one run; output as a Markdown table (mean and spread over seeds), a
-JSON file and an accuracy-vs-FLOPs plot.
+Two regimes, one run each (``--regime``):
 
-    python benchmarks/accuracy.py                                   # digits, regnetx_002, 10 epochs, seeds 0 1
-    python benchmarks/accuracy.py --methods cooperative random-depth plain --seeds 0
-    python benchmarks/accuracy.py --model resnet50 --dataset imagefolder:PATH --image-size 224 --epochs 10  # GPU
+- **r1**, a pretrained checkpoint fine-tuned on a new task: every method starts from ``--model`` (``--weights``).
+- **r2**, a model already fine-tuned on its task made depth-adaptive: a plain fine-tune comes first (``--base-epochs``,
+  its time reported), then every method starts from it, head included (its Leader is that model).
 
-Methods (each a TrainingConfig of the same trainer, see docs/benchmarks.md):
-    cooperative        the full method (Leader, two Teammates, self + interactive + guided learning, SFSL)
-    no-leader          ablation: no guided learning
-    one-teammate       ablation: no interactive learning
-    no-sfsl            ablation: every depth weighted equally
-    sandwich           cheaper mode: the smallest and top depth plus one random depth per step (not in the default)
-    frozen-leader      cheaper mode: the Leader trained first on its own, then a fixed teacher (not in the default)
-    frozen-leader-cached   the same, its logits computed once before training (not in the default)
-    (no per-depth BN)  ablation read off the cooperative run: accuracy with the statistics of training
+Every method is trained with the same data, model, optimiser and epochs, evaluated at every scaling factor with the
+same per-depth BatchNorm recalibration, in one run, over several seeds; random depth and two-path are also run with
+the wall time of the default (more epochs), so a method that costs more is compared at equal compute too. Output:
+a Markdown table (mean ± std over seeds, training time, ratio to plain fine-tuning), a JSON file and a plot.
+
+    python benchmarks/pretrain.py                                                 # the offline pretrained checkpoint
+    HF_HUB_OFFLINE=1 python benchmarks/accuracy.py --model hf-hub:adaptive-depth-offline/regnetx_002.fractal256_32px \\
+        --weights pretrained --dataset digits-cluttered --regime r1 --seeds 0 1 2
+    python benchmarks/accuracy.py --methods default random-depth plain --seeds 0   # from random weights, on digits
+
+Methods (each a TrainingConfig of the same trainer; see docs/benchmarks.md):
+    default            TrainingConfig() as a user gets it
+    paper              the paper's configuration: a joint Leader, two Teammates on the same batches
+    one-teammate       one Teammate (no interactive learning)
+    views, streams     two Teammates on their own augmentation of the same images / on their own images and order
+    sandwich           the paper's, with the sandwich rule (smallest, top and one random depth per step)
+    inplace-sandwich   one network, sandwich rule, sub-networks taught by the full depth only (US-Nets / Once-for-All)
+    frozen-leader      a fixed teacher: in r1 trained plainly first (its time counted), in r2 the fine-tuned model
+    no-leader, no-sfsl ablations; "(no per-depth BN)" is read off the default's run
     plain              the full network fine-tuned alone, then cut to depth s
     random-depth       LayerDrop-style: a random subset of blocks skipped at each step
     two-path           ADN-style: full network on labels, the smallest one distilled from it
     alone              each depth fine-tuned on its own (one run per depth)
+    random-depth@wall, two-path@wall   the same with the default's training time (more epochs)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import statistics
@@ -37,34 +47,45 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from adaptive_depth import AdaptiveDepth
 from adaptive_depth.model import pretrained_or_random
 from adaptive_depth.report import pareto_plot
 from adaptive_depth.training import (
     CooperativeTrainer,
     DepthResult,
     TrainingConfig,
+    accelerator_kwargs,
     load_image_classification_data,
     make_loaders,
 )
 
 SINGLE = {"leader": "none", "interactive": False}  # one network, no peers
 METHODS: dict[str, dict[str, Any]] = {
-    "cooperative": {},
-    "no-leader": {"leader": "none"},
+    "default": {},
+    "paper": {"leader": "joint", "interactive": True, "teammate_data": "shared", "sampled_depths": None},
     "one-teammate": {"interactive": False},
+    "views": {"interactive": True, "teammate_data": "views"},
+    "streams": {"interactive": True, "teammate_data": "streams"},
+    "sandwich": {"leader": "joint", "interactive": True, "teammate_data": "shared", "sampled_depths": 1},
+    "inplace-sandwich": {"sampled_depths": 1, "sub_ce_weight": 0.0, **SINGLE},
+    "frozen-leader": {"leader": "frozen"},
+    "frozen-leader-cached": {"leader": "frozen", "cache_leader_logits": True},
+    "no-leader": {"leader": "none"},
     "no-sfsl": {"sfsl_gamma": 0.0},
-    "sandwich": {"sampled_depths": 1},  # cheaper: smallest and top depth plus one random depth per step
-    "frozen-leader": {"leader": "frozen"},  # cheaper: the Leader trained first (plain), then fixed
-    "frozen-leader-cached": {"leader": "frozen", "cache_leader_logits": True},  # ...and run once, before training
     "plain": {"scaling_factors": [1.0], **SINGLE},
     "random-depth": {"scaling_factors": [1.0], "layer_drop": 0.5, **SINGLE},
     "two-path": {"sub_ce_weight": 0.0, "warmup_epochs": 0.0, **SINGLE},  # scaling factors: smallest and 1
     "alone": {"full_depth": False, **SINGLE},  # one run per depth
 }
-NO_BN = "cooperative, no per-depth BN"
-# The issue's comparison (under 30 minutes on 2 CPU cores); the cheaper modes on request.
-CHEAPER = ("sandwich", "frozen-leader", "frozen-leader-cached")
-DEFAULT_METHODS = [m for m in METHODS if m not in CHEAPER]
+WALL = "@wall"  # suffix: the baseline again with the default's training time
+AT_WALL = ("random-depth", "two-path")
+NO_BN = "default, no per-depth BN"
+DEFAULT_METHODS = [
+    "default", "paper", "one-teammate", "streams", "sandwich", "plain", "random-depth", "two-path", "alone",
+    *(m + WALL for m in AT_WALL),
+]  # fmt: skip
+CHOICES = [*METHODS, *(m + WALL for m in AT_WALL)]
+CHEAPER = ("frozen-leader-cached",)  # on request only
 
 
 @dataclass
@@ -80,6 +101,7 @@ class Run:
     top1: dict[float, float] = field(default_factory=dict)
     gflops: dict[float, float] = field(default_factory=dict)
     seconds: float = 0.0
+    epochs: int = 0
     top1_deployed: dict[float, float] = field(default_factory=dict)
 
 
@@ -100,61 +122,132 @@ def teammate_scores(results: list[DepthResult], deployed: str, depths: list[floa
 def configs(method: str, base: TrainingConfig, depths: list[float]) -> list[tuple[TrainingConfig, list[float]]]:
     """The training configs of a method, in order, and the depths each is evaluated at.
 
-    A frozen-Leader method first trains its Leader (the "plain" config, evaluated at full depth only).
+    A frozen-Leader method of regime r1 first trains its Leader (the "plain" config, evaluated at full depth only).
     """
-    overrides = dict(METHODS[method])
+    overrides = dict(METHODS[method.removesuffix(WALL)])
     if method == "alone":
         return [(replace(base, **overrides, scaling_factors=[s]), [s]) for s in depths if s < 1.0]
-    if method == "two-path":
+    if method.startswith("two-path"):
         overrides["scaling_factors"] = [min(depths), 1.0]
-    if overrides.get("leader") == "frozen":
-        return [(replace(base, **METHODS["plain"]), [1.0]), (replace(base, **overrides), depths)]
     return [(replace(base, **overrides), depths)]
 
 
-def run_method(method: str, seed: int, args: argparse.Namespace, data: Any) -> list[Run]:
-    """Train and evaluate one method with one seed (two runs for the cooperative: with and without per-depth BN)."""
-    base = TrainingConfig(
-        scaling_factors=args.scaling_factors, epochs=args.epochs, learning_rate=args.learning_rate,
-        batch_size=args.batch_size, seed=seed, **args.set,
-    )  # fmt: skip
-    depths = base.scaling_factors
-    run, no_bn = Run(method, seed), Run(NO_BN, seed)
-    leader = None  # a frozen Leader, trained by the first config of a frozen-Leader method
-    for config, eval_depths in configs(method, base, depths):
-        set_seed(seed)
-        model = pretrained_or_random(
-            args.model, weights=args.weights, seed=seed, num_classes=data.num_classes,
-            scaling_factors=config.scaling_factors, input_size=args.input_size, policy=args.policy,
+class Benchmark:
+    """One regime over seeds: each method trained and scored the same way (see the module docstring)."""
+
+    def __init__(self, args: argparse.Namespace, data: Any) -> None:
+        self.args, self.data = args, data
+        # r2: the plain fine-tune every method starts from, its result and its training time, per seed
+        self.bases: dict[int, AdaptiveDepth] = {}
+        self.base_results: dict[int, Any] = {}
+        self.base_seconds: dict[int, float] = {}
+
+    @property
+    def depths(self) -> list[float]:
+        """The depths every method is scored at."""
+        return sorted(set(self.args.scaling_factors) | {1.0})
+
+    def start(self, seed: int, config: TrainingConfig, *, checkpoint: bool) -> AdaptiveDepth:
+        """A fresh model to train: the checkpoint itself, or (r2) a copy of its plain fine-tune."""
+        if not checkpoint:
+            model = copy.deepcopy(self._base(seed))
+            model.reset_norms()  # trained further: its per-depth statistics are estimated again at the end
+            model.config.scaling_factors = list(config.scaling_factors)
+            return model
+        return pretrained_or_random(
+            self.args.model, weights=self.args.weights, seed=seed, num_classes=self.data.num_classes,
+            scaling_factors=config.scaling_factors, input_size=self.args.input_size, policy=self.args.policy,
         )  # fmt: skip
+
+    def train(
+        self, config: TrainingConfig, seed: int, eval_depths: list[float], leader: Any = None, *, checkpoint: bool
+    ) -> tuple[Any, float]:
+        """Train one config from the checkpoint or its fine-tune; returns the trainer's result and the seconds."""
+        set_seed(seed)
+        model = self.start(seed, config, checkpoint=checkpoint)
         loaders = make_loaders(
-            data, model, batch_size=config.batch_size, seed=seed, input_size=model.config.input_size,
-            with_index=config.cache_leader_logits,
+            self.data, model, batch_size=config.batch_size, seed=seed, input_size=model.config.input_size,
+            with_index=config.cache_leader_logits, streams=config.data_streams,
+            own_order=config.teammate_data == "streams",
         )  # fmt: skip
         trainer = CooperativeTrainer(
-            model, config, loaders.train, loaders.eval, accelerator=Accelerator(), leader=leader,
-            num_classes=data.num_classes, top5=False, recalibration_loader=loaders.recalibration,
+            model, config, loaders.train, loaders.eval, accelerator=Accelerator(**accelerator_kwargs(config)),
+            leader=leader, num_classes=self.data.num_classes, top5=False, recalibration_loader=loaders.recalibration,
         )  # fmt: skip
-        start = time.perf_counter()
+        started = time.perf_counter()
         trainer.train()
-        run.seconds += time.perf_counter() - start  # a frozen Leader's own training is part of the cost
-        result = trainer.evaluate(latency=False, scaling_factors=eval_depths)
-        if METHODS[method].get("leader") == "frozen" and config.leader == "none":
-            leader = result.model.export(1.0).eval()  # the trained Leader, as a plain network
-            continue
-        scores = teammate_scores(result.results, result.deployed, eval_depths)
+        seconds = time.perf_counter() - started
+        return trainer.evaluate(latency=False, scaling_factors=eval_depths), seconds
+
+    def _base(self, seed: int) -> AdaptiveDepth:
+        """r2: the plain fine-tune of the checkpoint (``--base-epochs``), once per seed."""
+        if seed not in self.bases:
+            config = self.base_config(seed, METHODS["plain"], epochs=self.args.base_epochs, lr=self.args.base_lr)
+            result, seconds = self.train(config, seed, self.depths, checkpoint=True)
+            self.bases[seed], self.base_results[seed], self.base_seconds[seed] = result.model, result, seconds
+        return self.bases[seed]
+
+    def base_config(self, seed: int, overrides: dict[str, Any], *, epochs: int, lr: float) -> TrainingConfig:
+        return TrainingConfig(
+            **{"scaling_factors": self.args.scaling_factors, "epochs": epochs, "learning_rate": lr,
+               "batch_size": self.args.batch_size, "seed": seed, **self.args.set, **overrides}
+        )  # fmt: skip
+
+    def run_method(self, method: str, seed: int, done: dict[str, Run]) -> list[Run]:
+        """Train and evaluate one method with one seed (the default also reports its accuracy without per-depth BN)."""
+        args = self.args
+        checkpoint = args.regime == "r1"
+        epochs = args.epochs
+        if method.endswith(WALL):  # as many epochs as the default's time buys this baseline
+            plain = done[method.removesuffix(WALL)]
+            epochs = max(1, round(args.epochs * done["default"].seconds / plain.seconds))
+        base = self.base_config(seed, {}, epochs=epochs, lr=args.learning_rate)
+        run, no_bn = Run(method, seed, epochs=epochs), Run(NO_BN, seed, epochs=epochs)
+        if args.regime == "r2" and method == "plain":  # the fine-tuned model itself, cut to each depth
+            self._base(seed)
+            return [self._score(run, self.base_results[seed], self.depths, None)]
+        leader = None
+        if METHODS[method.removesuffix(WALL)].get("leader") == "frozen":
+            if args.regime == "r2":
+                leader = self._base(seed).export(1.0).eval()  # the fine-tuned model: a teacher for free
+            else:  # trained plainly first, its time counted
+                result, seconds = self.train(replace(base, **METHODS["plain"]), seed, [1.0], checkpoint=True)
+                leader, run.seconds = result.model.export(1.0).eval(), seconds
+        for config, eval_depths in configs(method, base, self.depths):
+            result, seconds = self.train(config, seed, eval_depths, leader, checkpoint=checkpoint)
+            run.seconds += seconds
+            self._score(run, result, eval_depths, no_bn)
+        if method == "alone":  # the full depth "alone" is the plain full network
+            run.top1[1.0] = float("nan")
+        logging.info("%s seed %d: %s (%.0f s, %d epochs)", method, seed, run.top1, run.seconds, epochs)
+        if method == "default":
+            no_bn.seconds = run.seconds
+            return [run, no_bn]
+        return [run]
+
+    @staticmethod
+    def _score(run: Run, result: Any, depths: list[float], no_bn: Run | None) -> Run:
+        scores = teammate_scores(result.results, result.deployed, depths)
         run.top1.update(scores["top1"])
         run.top1_deployed.update(scores["deployed"])
         run.gflops.update(scores["gflops"])
-        no_bn.top1.update(scores["trained_norms"])
-        no_bn.gflops.update({s: scores["gflops"][s] for s in scores["trained_norms"]})
-        logging.info("%s seed %d: %s (%.0f s)", method, seed, run.top1, run.seconds)
-    if method == "alone":  # the full depth "alone" is the plain full network
-        run.top1[1.0] = float("nan")
-    if method == "cooperative":
-        no_bn.seconds = run.seconds
-        return [run, no_bn]
-    return [run]
+        if no_bn is not None:
+            no_bn.top1.update(scores["trained_norms"])
+            no_bn.gflops.update({s: scores["gflops"][s] for s in scores["trained_norms"]})
+        return run
+
+    def run(self) -> list[Run]:
+        """Every method over every seed, in the order their dependencies need."""
+        runs = []
+        for seed in self.args.seeds:
+            done: dict[str, Run] = {}
+            # the default first, and each baseline before its @wall run (their times set its epochs)
+            order = sorted(self.args.methods, key=lambda m: (m != "default", m.endswith(WALL)))
+            for method in order:
+                for r in self.run_method(method, seed, done):
+                    done[r.method] = r
+                    runs.append(r)
+        return runs
 
 
 def summary(runs: list[Run], depths: list[float]) -> dict[str, dict[float, tuple[float, float, int]]]:
@@ -171,19 +264,25 @@ def summary(runs: list[Run], depths: list[float]) -> dict[str, dict[float, tuple
     return table
 
 
-def markdown(runs: list[Run], depths: list[float]) -> str:
-    """Top-1 (mean ± std over seeds) per method and depth, the training time, and the gap to the plain network."""
+def markdown(runs: list[Run], depths: list[float], plain_seconds: float | None = None) -> str:
+    """Top-1 (mean ± std over seeds) per method and depth, the training time, and its ratio to plain fine-tuning."""
     table = summary(runs, depths)
     seconds = {m: statistics.mean(r.seconds for r in runs if r.method == m) for m in table}
+    epochs = {m: statistics.mean(r.epochs for r in runs if r.method == m) for m in table}
+    reference = plain_seconds or seconds.get("plain") or None
     head = " | ".join(f"s={s:g}" for s in depths)
-    lines = [f"| method | {head} | training time (s) |", "|---|" + "---|" * len(depths) + "---|"]
+    lines = [
+        f"| method | {head} | epochs | training time (s) | vs plain |",
+        "|---|" + "---|" * len(depths) + "---|---|---|",
+    ]
     for method, cells in table.items():
         row = " | ".join(
             f"{cells[s][0]:.2f} ± {cells[s][1]:.2f}" if s in cells and cells[s][2] > 1 else
             (f"{cells[s][0]:.2f}" if s in cells else "-")
             for s in depths
         )  # fmt: skip
-        lines.append(f"| {method} | {row} | {seconds[method]:.0f} |")
+        ratio = f"{seconds[method] / reference:.2f}x" if reference and seconds[method] else "-"
+        lines.append(f"| {method} | {row} | {epochs[method]:g} | {seconds[method]:.0f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -191,14 +290,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="regnetx_002")
     p.add_argument("--weights", choices=["auto", "pretrained", "random"], default="auto")
+    p.add_argument("--regime", choices=["r1", "r2"], default="r1", help="r1: from the checkpoint; r2: fine-tuned first")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--scaling-factors", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--learning-rate", type=float, default=1e-2)
+    p.add_argument("--base-epochs", type=int, default=10, help="r2: epochs of the plain fine-tune first")
+    p.add_argument("--base-lr", type=float, default=None, help="r2: its learning rate (default: --learning-rate)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
+    p.add_argument("--methods", nargs="+", choices=CHOICES, default=DEFAULT_METHODS)
     p.add_argument("--policy", choices=["last", "spread"], default="last", help="which blocks a stage drops first")
     p.add_argument(
         "--set",
@@ -213,6 +315,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.input_size = [3, args.image_size, args.image_size]
     args.set = dict(_field(item, p) for item in args.set)
+    args.base_lr = args.base_lr or args.learning_rate
+    for method in args.methods:
+        if method.endswith(WALL) and ("default" not in args.methods or method.removesuffix(WALL) not in args.methods):
+            p.error(
+                f"{method} needs 'default' and {method.removesuffix(WALL)!r} in --methods (their times set its epochs)"
+            )
     return args
 
 
@@ -235,21 +343,30 @@ def main(argv: list[str] | None = None) -> list[Run]:
         args.dataset, seed=0, max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples
     )
     start = time.perf_counter()
-    runs = [r for seed in args.seeds for method in args.methods for r in run_method(method, seed, args, data)]
-    depths = sorted(set(args.scaling_factors) | {1.0})
+    bench = Benchmark(args, data)
+    runs = bench.run()
+    depths = bench.depths
+    base = statistics.mean(bench.base_seconds.values()) if bench.base_seconds else None
+    table = markdown(runs, depths, plain_seconds=base)
+    regime = {"r1": "from the checkpoint", "r2": f"from a plain fine-tune of {args.base_epochs} epochs"}[args.regime]
+    title = (
+        f"{args.model} ({args.weights}) on {data.source}, {args.regime} ({regime}): top-1 (%) on {len(data.eval)} "
+        f"held-out images, seeds {args.seeds}, {args.epochs} epochs"
+    )
+    note = (
+        f"\n\nThe plain fine-tune every r2 method starts from took {base:.0f} s (the 'vs plain' reference)."
+        if base
+        else ""
+    )
+    print(f"\n## {title}, {(time.perf_counter() - start) / 60:.1f} min\n\n{table}{note}")
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown(runs, depths)
-    title = f"{args.model} on {data.source}: top-1 (%) on {len(data.eval)} held-out images, seeds {args.seeds}"
-    print(f"\n## {title}, {args.epochs} epochs, {(time.perf_counter() - start) / 60:.1f} min\n\n{table}")
-    (args.output_dir / "accuracy.md").write_text(f"{title}\n\n{table}\n", encoding="utf-8")
-    (args.output_dir / "accuracy.json").write_text(json.dumps([asdict(r) for r in runs], indent=2), encoding="utf-8")
+    (args.output_dir / "accuracy.md").write_text(f"{title}\n\n{table}{note}\n", encoding="utf-8")
+    settings = {k: v if not isinstance(v, Path) else str(v) for k, v in vars(args).items()}
+    report = {"settings": settings, "base_seconds": bench.base_seconds, "runs": [asdict(r) for r in runs]}
+    (args.output_dir / "accuracy.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    gflops = {s: next(r.gflops[s] for r in runs if s in r.gflops) for s in depths}
     points = [
-        {
-            "player": method,
-            "scaling_factor": s,
-            "top1": mean,
-            "gflops": next(r.gflops[s] for r in runs if s in r.gflops),
-        }
+        {"player": method, "scaling_factor": s, "top1": mean, "gflops": gflops[s]}
         for method, cells in summary(runs, depths).items()
         for s, (mean, _, _) in cells.items()
     ]

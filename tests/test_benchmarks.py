@@ -69,30 +69,49 @@ def test_training_config_for_baselines() -> None:
     assert set(loss.terms) == {"A/s=0.5/ce", "A/s=0.25/self", "A/s=0.25/ce"}
 
 
-def test_accuracy_benchmark_runs_every_baseline_at_every_depth(tmp_path: Path) -> None:
-    bench = _script("accuracy")
-    out = tmp_path / "acc"
-    runs = bench.main(
+def _accuracy(out: Path, *extra: str) -> list:
+    return _script("accuracy").main(
         [
             "--model", "regnetx_002", "--weights", "random", "--max-train-samples", "32", "--max-eval-samples",
             "16", "--epochs", "1", "--batch-size", "16", "--seeds", "0", "--scaling-factors", "0.5", "1.0",
-            "--methods", "cooperative", "plain", "random-depth", "two-path", "alone", "frozen-leader-cached",
-            "--output-dir", str(out),
+            "--output-dir", str(out), *extra,
         ]
     )  # fmt: skip
+
+
+def test_accuracy_benchmark_runs_every_baseline_at_every_depth(tmp_path: Path) -> None:
+    bench = _script("accuracy")
+    out = tmp_path / "acc"
+    methods = ["default", "plain", "random-depth", "two-path", "alone", "frozen-leader-cached", "random-depth@wall"]
+    runs = _accuracy(out, "--methods", *methods)
     by_method = {r.method: r for r in runs}
-    assert set(by_method) == {"cooperative", bench.NO_BN, "plain", "random-depth", "two-path", "alone",
-                              "frozen-leader-cached"}  # fmt: skip
-    for method in ("cooperative", bench.NO_BN, "plain", "random-depth", "two-path", "frozen-leader-cached"):
+    assert set(by_method) == {*methods, bench.NO_BN}
+    for method in set(by_method) - {"alone"}:
         assert set(by_method[method].top1) == {0.5, 1.0}, method
         assert all(0 <= v <= 100 for v in by_method[method].top1.values())
     # "alone" trains s=0.5 on its own and leaves the full depth to "plain"
     assert by_method["alone"].top1[0.5] >= 0 and math.isnan(by_method["alone"].top1[1.0])
     assert by_method["plain"].gflops[0.5] < by_method["plain"].gflops[1.0]
+    # random depth again, with as many epochs as the default's training time buys it
+    wall = by_method["random-depth@wall"]
+    expected = round(by_method["default"].seconds / by_method["random-depth"].seconds)
+    assert wall.epochs == max(1, expected) and wall.epochs >= 2
     table = (out / "accuracy.md").read_text()
-    assert "| random-depth |" in table and "| alone |" in table
-    assert len(json.loads((out / "accuracy.json").read_text())) == len(runs)
+    assert "| random-depth |" in table and "| alone |" in table and "vs plain" in table
+    assert len(json.loads((out / "accuracy.json").read_text())["runs"]) == len(runs)
     assert (out / "accuracy.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--methods", "random-depth@wall"])  # its epochs need the default's time
+
+
+def test_accuracy_benchmark_r2_starts_every_method_from_one_fine_tuned_model(tmp_path: Path) -> None:
+    runs = _accuracy(tmp_path, "--regime", "r2", "--base-epochs", "1", "--methods", "plain", "frozen-leader", "streams")
+    by_method = {r.method: r for r in runs}
+    report = json.loads((tmp_path / "accuracy.json").read_text())
+    assert set(report["base_seconds"]) == {"0"} and report["base_seconds"]["0"] > 0
+    assert by_method["plain"].seconds == 0.0  # the fine-tuned model itself, cut to each depth: no more training
+    assert by_method["frozen-leader"].seconds > 0 and set(by_method["streams"].top1) == {0.5, 1.0}
+    assert "took" in (tmp_path / "accuracy.md").read_text()
 
 
 def test_inference_benchmark_reports_every_depth_and_the_targets(tmp_path: Path) -> None:
@@ -120,7 +139,7 @@ def test_accuracy_benchmark_config_overrides_are_checked() -> None:
     assert args.set == {"temperature": 1, "leader": "none", "sampled_depths": None}
     with pytest.raises(SystemExit):
         bench.parse_args(["--set", "temprature=1"])  # a typo is an error, not a silently ignored value
-    assert not set(bench.CHEAPER) & set(bench.DEFAULT_METHODS) and set(bench.CHEAPER) <= set(bench.METHODS)
+    assert not set(bench.CHEAPER) & set(bench.DEFAULT_METHODS) and set(bench.DEFAULT_METHODS) <= set(bench.CHOICES)
 
 
 def test_accuracy_benchmark_reports_the_mean_of_the_teammates_not_the_picked_one() -> None:

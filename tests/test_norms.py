@@ -116,3 +116,13 @@ def test_model_without_batchnorm_is_left_unchanged(tmp_path) -> None:
     assert torch.equal(model(x), reference)
     model.save_pretrained(tmp_path)
     assert not (tmp_path / NORMS_NAME).exists()
+
+
+def test_reset_norms_returns_every_depth_to_the_training_statistics(batches: list[torch.Tensor]) -> None:
+    model = _model()
+    trained = model.model.layer4[0].bn1.running_mean.clone()
+    model.recalibrate_norms(batches)
+    model.set_scaling_factor(0.25).reset_norms()
+    assert model.depth_norms is None and model.config.norm_stats == []
+    torch.testing.assert_close(model.model.layer4[0].bn1.running_mean, trained)
+    assert torch.equal(model.set_scaling_factor(1.0).model.layer4[0].bn1.running_mean, trained)
