@@ -1,7 +1,7 @@
 """Depth policies: which blocks of a stage stay on for a scaling factor.
 
 A stage has ``n`` blocks, ``f`` of them fixed (shape-changing, always on). For a scaling factor ``s`` the
-stage keeps ``k = max(1, f, ceil(s * n))`` blocks (DESIGN.md §2); the policy decides which gateable
+stage keeps ``k = max(1, f, ceil(s * n))`` blocks (docs/concepts.md); the policy decides which gateable
 blocks make up the rest:
 
 * ``"last"`` (default): keep blocks from the start of the stage, switch off from the end.

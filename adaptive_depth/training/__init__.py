@@ -1,4 +1,4 @@
-"""Cooperative training of adaptive-depth models (DESIGN.md section 4): objective, data, Accelerate trainer."""
+"""Cooperative training of adaptive-depth models (docs/training.md): objective, data, Accelerate trainer."""
 
 from ..report import DepthResult, TrainingReport
 from .config import TrainingConfig

@@ -20,7 +20,7 @@ TEAMMATE_DATA = ("shared", "views", "streams")
 
 @dataclass
 class TrainingConfig:
-    """Cooperative training of an adaptive-depth model (DESIGN.md section 4).
+    """Cooperative training of an adaptive-depth model (docs/training.md).
 
     Objective (each network's loss is a weighted mean of its terms; the weights sum to one):
 

@@ -1,4 +1,4 @@
-"""The cooperative objective (DESIGN.md section 4) as pure functions of logits, so each term can be checked by hand."""
+"""The cooperative objective (docs/training.md) as pure functions of logits, so each term can be checked by hand."""
 
 from __future__ import annotations
 
