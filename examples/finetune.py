@@ -35,6 +35,7 @@ from adaptive_depth.training import (
     make_loaders,
 )
 from adaptive_depth.training.checkpoints import check_output_dir, prepare_output_dir
+from adaptive_depth.training.config import LR_SCHEDULERS
 
 DIGITS_IMAGE_SIZE = 32  # digits are 8x8: upsampling them to 224 px would only cost time
 DIGITS_LEARNING_RATE = 1e-2  # measured: regnetx_002 from random init reaches 98% in 10 epochs, 78% at 1e-3
@@ -132,6 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps)
     g.add_argument("--lr-warmup-epochs", type=float, default=d.lr_warmup_epochs)
+    g.add_argument(
+        "--lr-scheduler-type", choices=LR_SCHEDULERS, default=d.lr_scheduler_type, help="transformers.get_scheduler"
+    )
     g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument(

@@ -77,7 +77,7 @@ def _trainer(build, tmp_path: Path | None = None, **config) -> CooperativeTraine
 
 @pytest.mark.parametrize("build", [_timm_model, _hf_model], ids=["timm", "transformers"])
 def test_cooperative_training_lowers_the_loss_and_every_term_contributes(build) -> None:
-    trainer = _trainer(build, epochs=8, warmup_epochs=0, learning_rate=1e-2)
+    trainer = _trainer(build, epochs=8, warmup_epochs=0, lr_warmup_epochs=0, learning_rate=1e-2)
     module = trainer.module
     images, labels = next(iter(trainer.train_loader))
     loss = cooperative_loss(module(images), labels, trainer.config, ramp=1.0)

@@ -16,6 +16,8 @@ __all__ = ["LEADER_MODES", "TEAMMATE_DATA", "TrainingConfig"]
 
 LEADER_MODES = ("joint", "frozen", "none")
 TEAMMATE_DATA = ("shared", "views", "streams")
+# transformers.get_scheduler names that need no extra arguments
+LR_SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
 
 @dataclass
@@ -54,7 +56,10 @@ class TrainingConfig:
         leader_share_back: weight of the teammates' full-depth mean distilled back into the Leader.
         warmup_epochs: epochs over which the distillation terms ramp up (0: full weight from the start).
         epochs, learning_rate, weight_decay, batch_size (per process), gradient_accumulation_steps,
-        lr_warmup_epochs, max_grad_norm: optimisation (AdamW, linear warm-up then cosine decay).
+        lr_warmup_epochs, max_grad_norm: optimisation (AdamW from ``timm.optim.create_optimizer_v2``: no weight
+            decay on norms, biases and the parameters timm models exempt).
+        lr_scheduler_type: ``transformers.get_scheduler`` name: linear warm-up, then ``"cosine"`` decay (default),
+            ``"linear"``, ``"constant_with_warmup"``...
         label_smoothing: of every cross-entropy term.
         seed: everything random (heads, data order, augmentation) derives from it.
         per_depth_norms: recalibrate BatchNorm statistics for every trained depth after training.
@@ -95,6 +100,7 @@ class TrainingConfig:
     batch_size: int = 64
     gradient_accumulation_steps: int = 1
     lr_warmup_epochs: float = 1.0
+    lr_scheduler_type: str = "cosine"
     max_grad_norm: float | None = 5.0
     label_smoothing: float = 0.0
     seed: int = 0
@@ -128,6 +134,8 @@ class TrainingConfig:
         self._check_number("weight_decay", minimum=0.0)
         self._check_number("label_smoothing", minimum=0.0)
         self._check_number("layer_drop", minimum=0.0)
+        if self.lr_scheduler_type not in LR_SCHEDULERS:
+            raise ConfigError(f"lr_scheduler_type must be one of {LR_SCHEDULERS}, got {self.lr_scheduler_type!r}")
         if self.teammate_data not in TEAMMATE_DATA:
             raise ConfigError(f"teammate_data must be one of {TEAMMATE_DATA}, got {self.teammate_data!r}")
         if self.cache_leader_logits and self.leader != "frozen":

@@ -155,6 +155,19 @@ class CooperativeModel(nn.Module):
             self.leader.eval()
         return self
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names its timm players exempt from weight decay (position embeddings, class tokens...).
+
+        ``timm.optim.create_optimizer_v2`` reads this, as it does from a timm model; 1-D parameters (norms, biases)
+        are exempt anyway.
+        """
+        names: set[str] = set()
+        for prefix, module in self.named_modules():
+            exempt = getattr(module, "no_weight_decay", None)
+            if module is not self and callable(exempt) and not isinstance(module, CooperativeModel):
+                names |= {f"{prefix}.{name}" for name in exempt()}
+        return names
+
     def depths_to_run(self) -> list[float]:
         """This step's depths, largest first: all of them, or (training, sandwich rule) top, smallest and a sample.
 

@@ -13,9 +13,11 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
+from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from ..errors import ConfigError
 from ..model import AdaptiveDepth
@@ -45,16 +47,6 @@ def accelerator_kwargs(config: TrainingConfig) -> dict[str, Any]:
     """
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if config.leaves_parameters_unused else []
     return {"gradient_accumulation_steps": config.gradient_accumulation_steps, "kwargs_handlers": handlers}
-
-
-def _lr_lambda(total_steps: int, warmup_steps: int) -> Any:
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 def _leader_mode(config: TrainingConfig) -> str:
@@ -136,8 +128,8 @@ class CooperativeTrainer:
         self.log_every = log_every
         self.progress = Progress()
 
-        trainable = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+        # timm's factory: AdamW without weight decay on norms, biases and the parameters timm models exempt
+        optimizer = create_optimizer_v2(module, opt="adamw", lr=config.learning_rate, weight_decay=config.weight_decay)
         self.module, self.optimizer, self.train_loader = acc.prepare(module, optimizer, train_loader)
         self.players: CooperativeModel = acc.unwrap_model(self.module)
         self.eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
@@ -152,7 +144,9 @@ class CooperativeTrainer:
         self.steps_per_epoch = math.ceil(len(self.train_loader) / config.gradient_accumulation_steps)
         total = self.steps_per_epoch * config.epochs
         warmup = round(self.steps_per_epoch * config.lr_warmup_epochs)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(total, warmup))
+        self.scheduler = get_scheduler(
+            config.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup, num_training_steps=total
+        )
 
     def _check_accelerator(self) -> None:
         acc, config = self.accelerator, self.config
