@@ -33,10 +33,15 @@ __all__ = ["Corpus", "CorpusSettings", "generate", "load_or_generate", "render_c
 
 logger = logging.getLogger(__name__)
 
-VERSION = 1  # part of the cache file name: bump when the rendering changes, so stale caches are not reused
+VERSION = 2  # part of the cache file name: bump when the rendering changes, so stale caches are not reused
 MIN_MAPS, MAX_MAPS = 2, 4
 PARTICLES, STEPS, BURN_IN = 256, 40, 12  # 7,168 points per image, after the particles have reached the attractor
 FILL_RANGE = (0.06, 0.6)  # occupied share of the attractor's bounding square at 32 px: below, dust; above, a blob
+# Per-instance pose: a rotation within +-15 degrees, a horizontal flip, a scale of 0.7 to 1 and a position. Measured
+# (regnetx_002, 32 classes x 400 images, 800 steps): +-45 degrees halved held-out accuracy (42% against 72%), the
+# network spending its capacity on rotation invariance rather than on shape.
+MAX_ROTATION = np.pi / 12
+FLIP_PROBABILITY = 0.5
 MARGIN = 0.08  # of the canvas on each side, so that the evaluation centre crop (87.5%) keeps the whole fractal
 
 
@@ -191,10 +196,9 @@ def render_class(system: np.ndarray, count: int, image_size: int, rng: np.random
     systems[..., 2:4] = np.minimum(systems[..., 2:4] * np.exp(rng.normal(0.0, 0.05, (count, num_maps, 2))), 1.0)
     systems[..., 5:] += rng.normal(0.0, 0.05, (count, num_maps, 2))
     x, y, k = _chaos_game(systems, rng)
-    # Per-instance pose: rotation, horizontal flip, then fit the robust bounding box into the canvas at a random
-    # scale and position.
-    angle = rng.uniform(-np.pi / 4, np.pi / 4, (count, 1))
-    flip = rng.choice([-1.0, 1.0], (count, 1))
+    # Pose: rotation, flip, then the robust bounding box fitted into the canvas at a random scale and position.
+    angle = rng.uniform(-MAX_ROTATION, MAX_ROTATION, (count, 1))
+    flip = np.where(rng.random((count, 1)) < FLIP_PROBABILITY, -1.0, 1.0)
     x, y = flip * (np.cos(angle) * x - np.sin(angle) * y), np.sin(angle) * x + np.cos(angle) * y
     (x_lo, x_hi), (y_lo, y_hi) = np.quantile(x, [0.005, 0.995], axis=1), np.quantile(y, [0.005, 0.995], axis=1)
     canvas = 2 * image_size
