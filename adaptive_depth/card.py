@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .budget import LatencyProfile
 from .config import AdaptiveDepthConfig, BaseModelRef
@@ -51,11 +51,18 @@ def build_model_card(
     tags = ["adaptive-depth", "image-classification", "dynamic-depth"]
     if base.source in ("timm", "transformers"):
         tags.append(base.source)
+    training = config.extra.get("training")
+    report = TrainingReport.from_dict(training) if training else None
+    dataset = report.dataset if report is not None else None
     data = ModelCardData(
         library_name="adaptive-depth",
         pipeline_tag="image-classification",
         tags=tags,
         base_model=_base_model_id(base),
+        license=base.license,
+        datasets=[dataset] if dataset and _hub_id(dataset) else None,
+        model_name=repo_id or base.name or base.architecture,
+        eval_results=_eval_results(report) or None,
     )
     full = flops.get(1.0) or max(flops.values())
     profile = LatencyProfile.from_dict(config.latency_profile) if config.latency_profile is not None else None
@@ -91,12 +98,19 @@ A depth-switchable version of `{base.name or base.architecture}` ({base.source}{
 [adaptive-depth](https://pypi.org/project/adaptive-depth/): its residual blocks have depth gates, and
 `set_scaling_factor(s)` runs about a fraction `s` of each stage's blocks. Skipped blocks are not computed.
 
+```bash
+pip install adaptive-depth
+```
+
 ```python
+from PIL import Image
 from adaptive_depth import AdaptiveDepth
 
-model = AdaptiveDepth.from_pretrained("{load_id}")
+model = AdaptiveDepth.from_pretrained("{load_id}").eval()
 model.set_scaling_factor(0.5)   # trained depths: {", ".join(f"{s:g}" for s in config.scaling_factors)}
-logits = model(images)
+image = model.create_transform()(Image.open("image.png")).unsqueeze(0)  # this model's own preprocessing
+index = model(image).argmax(-1).item()  # logits as the base model returns them ({base.source})
+print(model.id2label.get(index, index))
 ```
 
 ## Depths
@@ -116,12 +130,34 @@ Discovery: `{config.discovery}`, depth policy: `{config.policy}`.
 |---|---|---|
 {stages}
 """
-    training = config.extra.get("training")
-    if training:
-        content += _training_section(TrainingReport.from_dict(training))
+    if report is not None:
+        content += _training_section(report)
+    if config.id2label:
+        names = ", ".join(f"`{name}`" for _, name in sorted(config.id2label.items(), key=lambda kv: int(kv[0])))
+        content += f"\n## Classes\n\n{len(config.id2label)} classes, in the order of the logits: {names}\n"
     if extra:
         content += f"\n## Metadata\n\n{extra}\n"
     return ModelCard(content)
+
+
+def _eval_results(report: TrainingReport | None) -> list[EvalResult]:
+    """Top-1 of the deployed model at every depth, as ``model-index`` entries of the card's metadata."""
+    if report is None:
+        return []
+    dataset = report.dataset or "held-out split"
+    return [
+        EvalResult(
+            task_type="image-classification",
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_split="evaluation",
+            metric_type="accuracy",
+            metric_name=f"top-1 accuracy at scaling factor {r.scaling_factor:g}",
+            metric_value=round(r.top1, 2),
+        )
+        for r in report.results
+        if r.player == report.deployed
+    ]
 
 
 def _training_section(report: TrainingReport) -> str:

@@ -97,6 +97,9 @@ class BaseModelRef:
         trained_head: whether the classifier is already trained for the model's classes (it came with the pretrained
             weights, or the model was fine-tuned): training then keeps it in every copy (Leader, second Teammate)
             instead of starting them from fresh heads.
+        pretrained_cfg: timm only: the preprocessing of the weights (mean, std, interpolation, crop, the input size
+            the model was fine-tuned at) and the class names, restored on the rebuilt model.
+        license: the licence of the base weights (timm's ``pretrained_cfg``), for the model card.
     """
 
     source: str
@@ -106,6 +109,8 @@ class BaseModelRef:
     hf_config: dict[str, Any] | None = None
     pretrained: bool = True
     trained_head: bool = False
+    pretrained_cfg: dict[str, Any] | None = None
+    license: str | None = None
 
     def __post_init__(self) -> None:
         if self.source not in BASE_SOURCES:
@@ -128,6 +133,8 @@ class AdaptiveDepthConfig:
         norm_stats: scaling factors with their own BatchNorm statistics (saved in ``depth_norms.safetensors``).
         latency_profile: latency per trained depth measured by ``AdaptiveDepth.profile`` on a device
             (a :class:`~adaptive_depth.budget.LatencyProfile` as a dict), used by ``set_budget``.
+        id2label: class index (as a string, JSON keys are strings) -> class name, set by ``set_labels``.
+        image_processor: a transformers image processor is saved beside the model (``preprocessor_config.json``).
         extra: free-form metadata (training report, latency profile...).
     """
 
@@ -141,6 +148,8 @@ class AdaptiveDepthConfig:
     flops: dict[str, float] = field(default_factory=dict)
     norm_stats: list[float] = field(default_factory=list)
     latency_profile: dict[str, Any] | None = None
+    id2label: dict[str, str] = field(default_factory=dict)
+    image_processor: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     library_name: str = LIBRARY_NAME
     format_version: int = FORMAT_VERSION

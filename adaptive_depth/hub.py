@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
@@ -28,17 +29,20 @@ from .loading import HubOptions, Resolved
 
 __all__ = [
     "NORMS_NAME",
+    "PROCESSOR_NAME",
     "STRUCTURE_KEY",
     "WEIGHTS_NAME",
     "check_weights",
     "fetch",
     "is_ours",
+    "load_image_processor",
     "read_safetensors",
     "replace_files_atomically",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
 NORMS_NAME = "depth_norms.safetensors"
+PROCESSOR_NAME = "preprocessor_config.json"  # a transformers base's image processor, as transformers writes it
 STRUCTURE_KEY = "adaptive_depth.structure"  # safetensors metadata: the config digest the weights were saved with
 
 
@@ -57,6 +61,16 @@ def fetch(resolved: Resolved, filename: str, hub: HubOptions) -> str:
         ) from e
     except EntryNotFoundError as e:
         raise CheckpointError(f"Hub repo {resolved.location!r} has no {filename}; the upload is incomplete") from e
+
+
+def load_image_processor(path: str | os.PathLike[str]) -> Any:
+    """The transformers image processor saved as ``path`` (a ``preprocessor_config.json``)."""
+    import transformers
+
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(str(Path(path).parent))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a valid image processor config ({e}); save the model again") from e
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -14,7 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import timm
 import transformers
@@ -32,6 +32,8 @@ from .config import AdaptiveDepthConfig, BaseModelRef
 from .errors import CheckpointError, UnknownModelError, WeightsUnavailableError
 
 __all__ = [
+    "PREPROCESSING_KEYS",
+    "BaseModel",
     "HubOptions",
     "Resolved",
     "describe_base_model",
@@ -70,6 +72,30 @@ class HubOptions:
             local_files_only=self.local_files_only,
             force_download=self.force_download,
         )
+
+
+# The parts of a timm pretrained_cfg that describe how to feed the weights (not where they came from).
+PREPROCESSING_KEYS = (
+    "input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "fixed_input_size", "test_input_size",
+    "test_crop_pct", "label_names",
+)  # fmt: skip
+
+
+def timm_preprocessing(pretrained_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-safe preprocessing part of a timm ``pretrained_cfg`` (tuples as lists)."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in pretrained_cfg.items()
+        if k in PREPROCESSING_KEYS and v is not None
+    }
+
+
+class BaseModel(NamedTuple):
+    """A base model as loaded: the module, how to rebuild it, and (transformers) its image processor."""
+
+    model: nn.Module
+    ref: BaseModelRef
+    processor: Any = None
 
 
 @dataclass
@@ -171,7 +197,9 @@ def _timm_kwargs(num_classes: int | None, kwargs: dict[str, Any]) -> dict[str, A
     return {**kwargs, **({"num_classes": num_classes} if num_classes is not None else {})}
 
 
-def _load_timm(resolved: Resolved, pretrained: bool, num_classes: int | None, kwargs: dict[str, Any], hub: HubOptions):
+def _load_timm(
+    resolved: Resolved, pretrained: bool, num_classes: int | None, kwargs: dict[str, Any], hub: HubOptions
+) -> BaseModel:
     name = resolved.location
     if resolved.local and not name.startswith("local-dir:"):
         name = f"local-dir:{name}"
@@ -199,8 +227,10 @@ def _load_timm(resolved: Resolved, pretrained: bool, num_classes: int | None, kw
         pretrained=pretrained,
         # timm keeps the checkpoint's classifier only when the class count is the checkpoint's own
         trained_head=pretrained and getattr(model, "num_classes", None) == model.pretrained_cfg.get("num_classes"),
+        pretrained_cfg=timm_preprocessing(model.pretrained_cfg),
+        license=model.pretrained_cfg.get("license") if pretrained else None,
     )
-    return model, ref
+    return BaseModel(model, ref)
 
 
 def _timm_rebuild_args(model: nn.Module, model_args: dict[str, Any]) -> dict[str, Any]:
@@ -221,7 +251,7 @@ def _transformers_class(config: transformers.PretrainedConfig) -> type[transform
 
 def _load_transformers(
     resolved: Resolved, pretrained: bool, num_classes: int | None, kwargs: dict[str, Any], hub: HubOptions
-):
+) -> BaseModel:
     hub_args = {
         "revision": hub.revision,
         "cache_dir": hub.cache_dir,
@@ -252,7 +282,22 @@ def _load_transformers(
     ref = describe_base_model(model, name=resolved.location)
     ref.pretrained = pretrained
     ref.trained_head = pretrained and config.num_labels == saved_labels
-    return model, ref
+    return BaseModel(model, ref, _image_processor(resolved.location, hub_args, pretrained))
+
+
+def _image_processor(location: str, hub_args: dict[str, Any], pretrained: bool) -> Any:
+    """The image processor saved with a transformers model, fetched like its weights (``None`` if it has none)."""
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(location, **hub_args)
+    except (OSError, ValueError) as e:  # no preprocessor_config.json in the repo or folder (or not cached)
+        if pretrained:
+            logger.warning(
+                "%s has no image processor (%s): its images are preprocessed with ImageNet mean and std and the "
+                "config's image_size; pass your own statistics through a processor if the weights expect others",
+                location,
+                type(e).__name__,
+            )
+        return None
 
 
 def load_base_model(
@@ -262,7 +307,7 @@ def load_base_model(
     num_classes: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
     hub: HubOptions | None = None,
-) -> tuple[nn.Module, BaseModelRef]:
+) -> BaseModel:
     """Build the timm / transformers model ``resolved`` points to, with its pretrained weights unless told not to."""
     hub = hub or HubOptions()
     kwargs = dict(model_kwargs or {})
@@ -291,6 +336,7 @@ def describe_base_model(model: nn.Module, name: str | None = None) -> BaseModelR
             name=name or (f"{arch}.{tag}" if tag else arch),
             architecture=arch,
             model_args=_timm_rebuild_args(model, {}),
+            pretrained_cfg=timm_preprocessing(pretrained_cfg),
         )
     return BaseModelRef(source="module", name=name, architecture=type(model).__name__)
 
@@ -307,8 +353,11 @@ def rebuild_base_model(ref: BaseModelRef, model: nn.Module | None = None) -> nn.
                 f"the saved config names timm architecture {ref.architecture!r}, which this timm "
                 f"({timm.__version__}) does not have{hint}; upgrade timm or fix base_model.architecture"
             )
+        overlay = {k: tuple(v) if isinstance(v, list) else v for k, v in (ref.pretrained_cfg or {}).items()}
         try:
-            return timm.create_model(ref.architecture, pretrained=False, **ref.model_args)
+            return timm.create_model(
+                ref.architecture, pretrained=False, pretrained_cfg_overlay=overlay, **ref.model_args
+            )
         except (TypeError, ValueError, RuntimeError, AssertionError, KeyError) as e:
             raise CheckpointError(
                 f"cannot rebuild timm model {ref.architecture!r} with the saved model_args {ref.model_args}: "

@@ -25,10 +25,12 @@ from .errors import CheckpointError, ConfigError, WeightsUnavailableError
 from .gates import is_gated, unwrap_gates
 from .hub import (
     NORMS_NAME,
+    PROCESSOR_NAME,
     STRUCTURE_KEY,
     WEIGHTS_NAME,
     check_weights,
     fetch,
+    load_image_processor,
     read_safetensors,
     replace_files_atomically,
 )
@@ -40,9 +42,11 @@ from .loading import (
     load_base_model,
     rebuild_base_model,
     resolve,
+    timm_preprocessing,
 )
 from .norms import DepthNorms, batchnorm_layers
 from .policy import depth_key
+from .preprocessing import PreprocessingMixin
 from .report import PLOT_NAME, TrainingReport, pareto_plot
 from .tuner import DepthTuner, check_structure
 
@@ -67,6 +71,7 @@ def _default_input_size(model: nn.Module) -> list[int]:
 
 class AdaptiveDepth(
     DepthTuner,
+    PreprocessingMixin,
     ModelHubMixin,
     library_name="adaptive-depth",
     tags=["adaptive-depth", "image-classification"],
@@ -144,6 +149,11 @@ class AdaptiveDepth(
             **config_kwargs,
         )
         logger.info("found %d gateable blocks in %d stages (%s)", config.num_gateable, len(config.stages), found.method)
+        cfg = getattr(model, "pretrained_cfg", None)
+        if isinstance(cfg, dict) and config.base_model.source == "timm":
+            # the resolution the model is used at becomes its data config (timm.data reads it from here)
+            model.pretrained_cfg = {**cfg, "input_size": tuple(config.input_size)}
+            config.base_model.pretrained_cfg = timm_preprocessing(model.pretrained_cfg)
         return cls(model, config)
 
     @classmethod
@@ -196,10 +206,10 @@ class AdaptiveDepth(
             size = model_kwargs["img_size"]
             h, w = (size, size) if isinstance(size, int) else size
             input_size = [int(model_kwargs.get("in_chans", 3)), h, w]
-        base, ref = load_base_model(
+        base, ref, processor = load_base_model(
             resolved, pretrained=pretrained, num_classes=num_classes, model_kwargs=model_kwargs, hub=hub
         )
-        return cls.wrap(
+        wrapped = cls.wrap(
             base,
             policy=policy,
             scaling_factors=scaling_factors,
@@ -207,6 +217,8 @@ class AdaptiveDepth(
             input_size=input_size,
             base_model=ref,
         )
+        wrapped.image_processor = processor
+        return wrapped
 
     @classmethod
     def _from_pretrained(  # type: ignore[override]
@@ -249,7 +261,11 @@ class AdaptiveDepth(
                 f"{resolved.location} holds {NORMS_NAME} but its config.json lists no recalibrated depths "
                 "(norm_stats is empty): the config was edited; save the model again"
             )
+        processor = None
+        if config.image_processor:
+            processor = load_image_processor(fetch(resolved, PROCESSOR_NAME, hub))
         instance = cls(base, config)  # the first change to a model the caller passed
+        instance.image_processor = processor
         try:
             instance.model.load_state_dict(tensors, strict=False)  # complete: check_weights counted shared names
             if norms is not None:
@@ -303,6 +319,9 @@ class AdaptiveDepth(
         norms = self.depth_norms
         if norms is None:
             self.config.norm_stats = []
+        self.config.image_processor = self.image_processor is not None
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(save_directory)  # preprocessor_config.json, as transformers reads it
         self.config.save(save_directory / CONFIG_NAME)
         metadata = {"format": "pt", STRUCTURE_KEY: self.config.structure_digest()}
         if norms is not None:

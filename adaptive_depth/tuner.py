@@ -61,6 +61,7 @@ class DepthTuner(nn.Module):
         self._norms_key: tuple[int, ...] | None = None  # whose BatchNorm statistics run: blocks per stage, or default
         self._lock = threading.RLock()
         self.depth_norms: DepthNorms | None = None  # per-depth BatchNorm statistics, after recalibration
+        self.image_processor: Any = None  # a transformers base's image processor (saved and loaded with the model)
         # state_dict() holds the statistics of training whatever the depth, and load_state_dict() writes them.
         register_training_statistics_hooks(self)
         self.set_scaling_factor(config.default_scaling_factor)

@@ -240,13 +240,15 @@ def main(argv: list[str] | None = None) -> int:
         leader = None
         if args.leader_model:
             hub = HubOptions()
-            leader, _ = load_base_model(
+            leader = load_base_model(
                 resolve(args.leader_model, hub),
                 pretrained=True,
                 hub=hub,
                 model_kwargs={},
                 num_classes=None if args.leader == "frozen" else data.num_classes,
-            )
+            ).model
+    for teammate in teammates:  # class names travel with the saved model (config.json, card, exports)
+        teammate.set_labels(data.class_names)
     size = teammates[0].config.input_size
     if accelerator.is_main_process:
         print(teammates[0].depth_summary())

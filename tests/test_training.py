@@ -14,6 +14,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -256,6 +257,12 @@ def test_script_pushes_the_deployed_model_with_its_report_to_the_hub(tmp_path: P
     assert pushed == ["README.md", "config.json", "model.safetensors", "pareto.png"]
     card = (uploaded / "README.md").read_text()
     assert "## Training results" in card and "me/digits-adaptive" in card
+    parsed = ModelCard(card)  # metadata as the Hub reads it: top-1 of the deployed model at every depth
+    assert parsed.data.base_model is None and parsed.data.model_name == "me/digits-adaptive"
+    assert sorted(r.metric_name for r in parsed.data.eval_results) == [
+        f"top-1 accuracy at scaling factor {s}" for s in ("0.25", "0.5", "0.75", "1")
+    ]
+    assert "## Classes" in card and "`0`, `1`" in card
     # What was pushed is what was saved locally, and loads back from the Hub id.
     # (safetensors writes its metadata in hash order, so equal files need not be equal bytes: compare contents)
     assert (uploaded / "config.json").read_bytes() == (out / "config.json").read_bytes()

@@ -12,13 +12,15 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
 from PIL import Image
 from torch import nn
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
+from ..preprocessing import create_transform, data_config
 from .embedded import DIGITS, EMBEDDED_DATASETS, load_embedded
 
 __all__ = ["ImageClassificationData", "build_transform", "find_bad_images", "load_image_classification_data"]
@@ -225,49 +227,21 @@ def _without_bad_images(ds: datasets.Dataset, image_column: str, where: str, ski
 
 
 def build_transform(
-    model: nn.Module, *, train: bool, input_size: Sequence[int] | None = None
+    model: nn.Module, *, train: bool, input_size: Sequence[int] | None = None, processor: Any = None
 ) -> Callable[[Image.Image], torch.Tensor]:
     """The model's own preprocessing (timm data config or transformers image processor), with training augmentation.
 
     Training: random resized crop (scale 0.5 to 1) and no flips (digits and many labels depend on orientation).
     Evaluation: resize and centre crop. Images are first converted to the model's channel count.
+
+    Args:
+        model: the base model (timm or transformers).
+        train: with training augmentation.
+        input_size: ``[C, H, W]`` instead of the model's own.
+        processor: the transformers image processor that came with the model (``AdaptiveDepth.image_processor``).
     """
-    import timm.data
-    from torchvision import transforms as T
-
-    channels = int(input_size[0]) if input_size is not None else 3
-    if isinstance(getattr(model, "pretrained_cfg", None), dict):
-        cfg = timm.data.resolve_model_data_config(model)
-        if input_size is not None:
-            cfg["input_size"] = tuple(int(v) for v in input_size)
-        channels = cfg["input_size"][0]
-        extra = {"scale": (0.5, 1.0), "hflip": 0.0, "color_jitter": None} if train else {}
-        tf = timm.data.create_transform(**cfg, is_training=train, **extra)
-    else:
-        mean, std, size = timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD, None
-        config = getattr(model, "config", None)
-        if config is not None:
-            try:
-                from transformers import AutoImageProcessor
-
-                processor = AutoImageProcessor.from_pretrained(config._name_or_path, local_files_only=True)
-                mean, std = processor.image_mean, processor.image_std
-            except Exception:  # no processor saved with the model: ImageNet statistics, as its config has none
-                pass
-            image_size = getattr(config, "image_size", None)
-            size = image_size if isinstance(image_size, int) else None
-            channels = int(getattr(config, "num_channels", channels))
-        if input_size is not None:
-            size = int(input_size[-1])
-        if size is None:
-            raise DataError(f"cannot tell the input size of {type(model).__name__}; pass input_size=[C, H, W]")
-        if channels == 1:
-            mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
-        crop = (
-            T.RandomResizedCrop(size, scale=(0.5, 1.0))
-            if train
-            else T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size)])
-        )
-        tf = T.Compose([crop, T.ToTensor(), T.Normalize(mean, std)])
-    mode = "L" if channels == 1 else "RGB"
-    return T.Compose([T.Lambda(lambda img: img.convert(mode)), tf])
+    try:
+        config = data_config(model, processor, input_size)
+    except ConfigError as e:
+        raise DataError(str(e)) from e
+    return create_transform(config, training=train)

@@ -158,8 +158,9 @@ def make_loaders(
             images, each stream with its own augmentation).
     """
     inner = getattr(model, "model", model)
-    train_tf = build_transform(inner, train=True, input_size=input_size)
-    eval_tf = build_transform(inner, train=False, input_size=input_size)
+    processor = getattr(model, "image_processor", None)
+    train_tf = build_transform(inner, train=True, input_size=input_size, processor=processor)
+    eval_tf = build_transform(inner, train=False, input_size=input_size, processor=processor)
     cols = (data.image_column, data.label_column)
 
     def loader(

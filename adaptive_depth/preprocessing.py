@@ -1,0 +1,146 @@
+"""A model's own preprocessing: timm's data config, or a transformers image processor, as one data config and one
+torchvision transform.
+
+The data config travels with a saved model (timm: the ``pretrained_cfg`` of its base, with the fine-tuned input
+size; transformers: ``preprocessor_config.json``), so the model that is loaded again preprocesses exactly as the one
+that was trained.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .errors import ConfigError
+from .loading import timm_preprocessing
+
+__all__ = ["PreprocessingMixin", "create_transform", "data_config"]
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL resample codes in processor configs
+
+
+def data_config(model: nn.Module, processor: Any = None, input_size: Sequence[int] | None = None) -> dict[str, Any]:
+    """``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode`` of a model.
+
+    Args:
+        model: a timm model (its ``pretrained_cfg``) or a transformers model.
+        processor: the transformers image processor that came with the model (its statistics and size).
+        input_size: ``[C, H, W]`` to use instead of the model's (a model fine-tuned at another resolution).
+    """
+    if isinstance(getattr(model, "pretrained_cfg", None), dict):
+        import timm.data
+
+        cfg = dict(timm.data.resolve_model_data_config(model))
+    else:
+        config = getattr(model, "config", None)
+        size = _processor_size(processor) or getattr(config, "image_size", None)
+        if isinstance(size, Sequence):
+            size = int(size[-1])
+        if size is None and input_size is None:
+            raise ConfigError(f"cannot tell the input size of {type(model).__name__}; pass input_size=[C, H, W]")
+        channels = int(getattr(config, "num_channels", 3))
+        cfg = {
+            "input_size": (channels, int(size or 0), int(size or 0)),
+            "mean": tuple(getattr(processor, "image_mean", None) or IMAGENET_MEAN),
+            "std": tuple(getattr(processor, "image_std", None) or IMAGENET_STD),
+            "interpolation": _RESAMPLE.get(getattr(processor, "resample", 2), "bilinear"),
+            "crop_pct": float(getattr(processor, "crop_pct", None) or 0.875),
+            "crop_mode": "center",
+        }
+    if input_size is not None:
+        cfg["input_size"] = tuple(int(v) for v in input_size)
+    return cfg
+
+
+def _processor_size(processor: Any) -> int | None:
+    size = getattr(processor, "crop_size", None) or getattr(processor, "size", None)
+    if isinstance(size, dict):
+        size = size.get("height") or size.get("shortest_edge")
+    return int(size) if isinstance(size, int | float) else None
+
+
+def create_transform(
+    config: dict[str, Any],
+    *,
+    training: bool = False,
+    scale: tuple[float, float] = (0.5, 1.0),
+    hflip: float = 0.0,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """A PIL image -> tensor transform for ``config`` (:func:`data_config`), built by ``timm.data.create_transform``.
+
+    Evaluation: resize and centre crop (``crop_pct``). Training: random resized crop (``scale``) and horizontal flips
+    with probability ``hflip`` (none by default: digits and many labels depend on orientation). Images are first
+    converted to the model's channel count; a one-channel model gets the mean of the three channels' statistics.
+    """
+    import timm.data
+    from torchvision import transforms as T
+
+    cfg = dict(config)
+    channels = int(cfg["input_size"][0])
+    if channels == 1 and len(cfg["mean"]) == 3:
+        cfg["mean"], cfg["std"] = (sum(cfg["mean"]) / 3,), (sum(cfg["std"]) / 3,)
+    extra = {"scale": scale, "hflip": hflip, "color_jitter": None} if training else {}
+    tf = timm.data.create_transform(**cfg, is_training=training, **extra)
+    mode = "L" if channels == 1 else "RGB"
+    return T.Compose([T.Lambda(lambda img: img.convert(mode)), tf])
+
+
+class PreprocessingMixin:
+    """Preprocessing and class names of a wrapped model (``AdaptiveDepth`` has them).
+
+    Needs ``self.model`` (the base model), ``self.config`` (an ``AdaptiveDepthConfig``) and ``self.image_processor``.
+    """
+
+    model: nn.Module
+    config: Any
+    image_processor: Any
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any] | None:
+        """The timm base model's ``pretrained_cfg`` (so that ``timm.data.resolve_model_data_config(model)`` works)."""
+        cfg = getattr(self.model, "pretrained_cfg", None)
+        return cfg if isinstance(cfg, dict) else None
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """How to preprocess images for this model: input size, mean, std, interpolation, crop."""
+        return data_config(self.model, self.image_processor, self.config.input_size)
+
+    def create_transform(self, training: bool = False) -> Callable[[Any], torch.Tensor]:
+        """A PIL image -> tensor transform with this model's preprocessing (evaluation, or training augmentation)."""
+        return create_transform(self.data_config, training=training)
+
+    def set_labels(self, names: Sequence[str]) -> Any:
+        """Name the classes (index ``i`` is ``names[i]``); saved in ``config.json``, the card and every export."""
+        names = [str(n) for n in names]
+        hf_config = getattr(self.model, "config", None)
+        classes = getattr(self.model, "num_classes", None) or getattr(hf_config, "num_labels", None)
+        if classes is not None and len(names) != classes:
+            raise ConfigError(f"got {len(names)} class names for a model with {classes} classes")
+        self.config.id2label = {str(i): n for i, n in enumerate(names)}
+        if hf_config is not None and hasattr(hf_config, "id2label"):
+            hf_config.id2label = dict(enumerate(names))
+            hf_config.label2id = {n: i for i, n in enumerate(names)}
+        if self.pretrained_cfg is not None:
+            self.model.pretrained_cfg = {**self.pretrained_cfg, "label_names": names}
+            self.config.base_model.pretrained_cfg = timm_preprocessing(self.model.pretrained_cfg)
+        return self
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """Class index -> name (empty if the classes were never named)."""
+        return {int(i): n for i, n in self.config.id2label.items()}
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        """Class name -> index."""
+        return {n: i for i, n in self.id2label.items()}
