@@ -22,6 +22,7 @@ from .card import build_model_card
 from .config import AdaptiveDepthConfig, BaseModelRef
 from .discovery import discover
 from .errors import CheckpointError, ConfigError, WeightsUnavailableError
+from .export_repo import ExportMixin
 from .gates import is_gated, unwrap_gates
 from .hub import (
     NORMS_NAME,
@@ -72,6 +73,7 @@ def _default_input_size(model: nn.Module) -> list[int]:
 class AdaptiveDepth(
     DepthTuner,
     PreprocessingMixin,
+    ExportMixin,
     ModelHubMixin,
     library_name="adaptive-depth",
     tags=["adaptive-depth", "image-classification"],

@@ -371,6 +371,16 @@ class DepthTuner(nn.Module):
         return s
 
     # ------------------------------------------------------------------ export
+    def resolve_depth(
+        self, scaling_factor: float | None = None, depth: Sequence[int] | None = None
+    ) -> tuple[list[int], float | None]:
+        """Blocks per stage and scaling factor named by ``depth``, else ``scaling_factor``, else the current depth."""
+        if depth is not None:
+            return self._check_depth(depth), None
+        if scaling_factor is not None:
+            return self.depth_for(scaling_factor), check_scaling_factor(scaling_factor)
+        return self.active_depth, self._scaling_factor
+
     def export(self, scaling_factor: float | None = None, *, depth: Sequence[int] | None = None) -> nn.Module:
         """A plain timm / transformers module of one depth, with the skipped blocks removed.
 
@@ -380,12 +390,7 @@ class DepthTuner(nn.Module):
             scaling_factor: the depth to export (default: the current one).
             depth: explicit blocks per stage instead of a scaling factor.
         """
-        if depth is not None:
-            counts, s = self._check_depth(depth), None
-        elif scaling_factor is not None:
-            counts, s = self.depth_for(scaling_factor), check_scaling_factor(scaling_factor)
-        else:
-            counts, s = self.active_depth, self._scaling_factor
+        counts, s = self.resolve_depth(scaling_factor, depth)
         with preserved(self):
             self._activate(counts, s)  # the BatchNorm statistics of that depth go into the copy
             return export_depth(self.model, self.stages, self._masks_for(counts))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,65 @@ def test_class_names_travel_to_the_config_the_card_and_the_base_model(tmp_path: 
     card = ModelCard.load(tmp_path / "README.md")
     assert "`cat`, `dog`, `fish`" in card.text and "pip install adaptive-depth" in card.text
     assert card.data.library_name == "adaptive-depth"
+
+
+def _run_without_the_library(code: str, **env: str) -> str:
+    """Run ``code`` in a fresh Python that never imports adaptive_depth (checked), offline."""
+    check = "\nimport sys\nassert not any(m.startswith('adaptive_depth') for m in sys.modules), 'imported the plugin'\n"
+    done = subprocess.run(
+        [sys.executable, "-c", code + check],
+        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_a_timm_export_loads_with_timm_alone_from_a_folder_and_the_hub_cache(tmp_path: Path, hub_repo) -> None:
+    model = AdaptiveDepth.from_pretrained("resnet18", pretrained=False, num_classes=3, input_size=(3, 32, 32)).eval()
+    model.set_labels(["cat", "dog", "fish"])
+    folder = model.save_export(tmp_path / "half", 0.5)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        expected = model.set_scaling_factor(0.5)(x)
+    snapshot = hub_repo("me/resnet18-half", folder)
+    code = f"""
+import timm, torch
+x = torch.load({str(tmp_path / "x.pt")!r})
+for name in ("local-dir:{folder}", "hf-hub:me/resnet18-half"):
+    m = timm.create_model(name, pretrained=True).eval()
+    print(name, [len(layer) for layer in (m.layer1, m.layer2, m.layer3, m.layer4)], m.pretrained_cfg["label_names"])
+    torch.save(m(x), {str(tmp_path / "out.pt")!r})
+"""
+    out = _run_without_the_library(code, HF_HOME=os.environ["HF_HOME"])
+    assert out.count("[1, 1, 1, 1] ['cat', 'dog', 'fish']") == 2, out
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=1e-4, atol=1e-5)
+    assert snapshot.is_dir()
+
+
+def test_a_timm_architecture_without_a_depth_argument_is_a_clear_error(tmp_path: Path) -> None:
+    model = AdaptiveDepth.from_pretrained("regnetx_002", pretrained=False, num_classes=3, input_size=(3, 32, 32))
+    with pytest.raises(ConfigError, match="no per-stage depth argument"):
+        model.save_export(tmp_path / "x", 0.5)
+
+
+def test_a_transformers_export_loads_with_automodel_and_pipeline(tmp_path: Path) -> None:
+    config = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[3, 3], num_labels=3, image_size=32
+    )
+    model = AdaptiveDepth.wrap(transformers.ResNetForImageClassification(config), input_size=[3, 32, 32]).eval()
+    model.set_labels(["cat", "dog", "fish"])
+    folder = model.save_export(tmp_path / "half", 0.5)
+    IMAGE.save(tmp_path / "image.png")
+    code = f"""
+import transformers
+m = transformers.AutoModelForImageClassification.from_pretrained({str(folder)!r})
+print("depths", m.config.depths)
+classify = transformers.pipeline("image-classification", model={str(folder)!r})
+print("labels", sorted(p["label"] for p in classify({str(tmp_path / "image.png")!r}, top_k=3)))
+"""
+    out = _run_without_the_library(code)
+    assert "depths [2, 2]" in out and "labels ['cat', 'dog', 'fish']" in out, out
