@@ -14,17 +14,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import datasets
+import transformers
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
+from transformers import HfArgumentParser
 
 from adaptive_depth import AdaptiveDepth, AdaptiveDepthError, ConfigError
 from adaptive_depth.loading import HubOptions, load_base_model, resolve
 from adaptive_depth.model import pretrained_or_random
+from adaptive_depth.policy import POLICIES
+from adaptive_depth.report import PLOT_NAME
 from adaptive_depth.training import (
     DIGITS,
     EMBEDDED_DATASETS,
@@ -35,154 +41,93 @@ from adaptive_depth.training import (
     make_loaders,
 )
 from adaptive_depth.training.checkpoints import check_output_dir, prepare_output_dir
-from adaptive_depth.training.config import LR_SCHEDULERS
+from adaptive_depth.training.evaluate import TrainingResult
 
 DIGITS_IMAGE_SIZE = 32  # digits are 8x8: upsampling them to 224 px would only cost time
 DIGITS_LEARNING_RATE = 1e-2  # measured: regnetx_002 from random init reaches 98% in 10 epochs, 78% at 1e-3
 DIGITS_MODEL = "regnetx_002"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=DIGITS_MODEL, help="timm name, Hub id or local folder (default: regnetx_002)")
-    init = g.add_mutually_exclusive_group()
-    init.add_argument("--pretrained", action="store_true", help="pretrained weights are required (missing: error)")
-    init.add_argument("--random-init", action="store_true", help="start from random weights on purpose")
-    g.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help="input height = width (default: the model's; 32 for the digits data)",
+@dataclass
+class ScriptArguments:
+    """The script's own flags; the training ones are the fields of ``TrainingConfig`` (both spellings work:
+    ``--learning-rate`` and ``--learning_rate``; ``--no-interactive`` switches a default-on field off)."""
+
+    model: str = field(default=DIGITS_MODEL, metadata={"help": "timm name, Hub id or local folder"})
+    pretrained: bool = field(default=False, metadata={"help": "pretrained weights are required (missing: error)"})
+    random_init: bool = field(default=False, metadata={"help": "start from random weights on purpose"})
+    image_size: int | None = field(default=None, metadata={"help": "input size (default: the model's; 32 on digits)"})
+    policy: str = field(default="last", metadata={"help": "which blocks a stage drops first", "choices": POLICIES})
+    leader_model: str | None = field(default=None, metadata={"help": "a different Leader (same labels)"})
+    dataset: str = field(
+        default=DIGITS, metadata={"help": f"{' / '.join(EMBEDDED_DATASETS)}, a Hub id, imagefolder:PATH"}
     )
-    g.add_argument("--policy", choices=["last", "spread"], default="last", help="which blocks a stage drops first")
-    g.add_argument("--leader-model", default=None, help="a different Leader (timm / transformers, same labels)")
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--dataset",
-        default=DIGITS,
-        help="'digits' or 'digits-cluttered' (embedded), a Hub dataset id, or imagefolder:PATH",
+    image_column: str | None = field(default=None, metadata={"help": "default: detected"})
+    label_column: str | None = field(default=None, metadata={"help": "default: detected"})
+    train_split: str | None = field(default=None, metadata={"help": "default: train"})
+    eval_split: str | None = field(
+        default=None, metadata={"help": "default: validation/valid/val/test, or 20%% held out"}
     )
-    g.add_argument("--image-column", default=None)
-    g.add_argument("--label-column", default=None)
-    g.add_argument("--train-split", default=None)
-    g.add_argument("--eval-split", default=None)
-    g.add_argument("--max-train-samples", type=int, default=None)
-    g.add_argument("--max-eval-samples", type=int, default=None)
-    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    g.add_argument(
-        "--skip-bad-images", action="store_true", help="leave undecodable images out (named in a warning), not stop"
+    max_train_samples: int | None = field(default=None, metadata={"help": "a seeded subset"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "a seeded subset"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    skip_bad_images: bool = field(default=False, metadata={"help": "leave undecodable images out (named)"})
+    image_check: bool = field(default=True, metadata={"help": "decode every image once before training"})
+    metrics: list[str] | None = field(
+        default=None, metadata={"help": "top1, top5 (default: top-5 too with more than 5 classes)"}
     )
-    g.add_argument("--no-image-check", action="store_true", help="do not decode every image once before training")
-    g.add_argument(
-        "--metrics",
-        nargs="+",
-        choices=["top1", "top5"],
-        default=None,
-        help="default: top-1, plus top-5 when there are more than 5 classes",
+    mixed_precision: str | None = field(
+        default=None, metadata={"help": "no, fp16, bf16 (default: accelerate's)", "choices": ["no", "fp16", "bf16"]}
     )
-    g = p.add_argument_group("cooperative objective (docs/training.md)")
-    d = TrainingConfig()
-    g.add_argument("--scaling-factors", type=float, nargs="+", default=d.scaling_factors)
-    g.add_argument("--leader", choices=["joint", "frozen", "none"], default=d.leader)
-    g.add_argument("--no-interactive", action="store_true", help="one Teammate (ablation)")
-    g.add_argument(
-        "--teammate-data",
-        choices=["shared", "views", "streams"],
-        default=d.teammate_data,
-        help="what the Teammates see: the same batch, their own augmentation of it, or their own images and order",
-    )
-    g.add_argument("--no-self-distillation", action="store_true", help="sub-networks learn from labels (ablation)")
-    g.add_argument("--sfsl-gamma", type=float, default=d.sfsl_gamma, help="0 turns SFSL off (ablation)")
-    g.add_argument("--temperature", type=float, default=d.temperature)
-    g.add_argument("--lambda-guided", type=float, default=d.lambda_guided)
-    g.add_argument(
-        "--lambda-guided-sub",
-        type=float,
-        default=d.lambda_guided_sub,
-        help="the sub-networks learn from the Leader too (not in the paper; 0: off)",
-    )
-    g.add_argument("--lambda-interactive", type=float, default=d.lambda_interactive)
-    g.add_argument("--sub-ce-weight", type=float, default=d.sub_ce_weight)
-    g.add_argument("--leader-share-back", type=float, default=d.leader_share_back)
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="distillation ramp-up")
-    g.add_argument("--no-per-depth-norms", action="store_true", help="skip per-depth BatchNorm recalibration")
-    g = p.add_argument_group("cheaper training (docs/benchmarks.md, training cost)")
-    g.add_argument(
-        "--sampled-depths",
-        type=int,
-        default=None,
-        help="sandwich rule: smallest and top depth plus this many random ones per step (default: every depth)",
-    )
-    g.add_argument(
-        "--cache-leader-logits",
-        action="store_true",
-        help="with --leader frozen: compute the Leader's logits once, before training, and reuse them",
-    )
-    g.add_argument("--layer-drop", type=float, default=d.layer_drop, help="random-depth probability (a baseline)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
-    g.add_argument(
-        "--learning-rate",
-        "--lr",
-        type=float,
-        default=None,
-        help=f"default {d.learning_rate:g}; {DIGITS_LEARNING_RATE:g} on the digits data (small images, random init)",
-    )
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps)
-    g.add_argument("--lr-warmup-epochs", type=float, default=d.lr_warmup_epochs)
-    g.add_argument(
-        "--lr-scheduler-type", choices=LR_SCHEDULERS, default=d.lr_scheduler_type, help="transformers.get_scheduler"
-    )
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument(
-        "--mixed-precision",
-        choices=["no", "fp16", "bf16"],
-        default=None,
-        help="default: what `accelerate launch --mixed_precision` / `accelerate config` set",
-    )
-    g = p.add_argument_group("output")
-    g.add_argument("--output-dir", type=Path, default=Path("out/finetune"))
-    g.add_argument("--overwrite-output-dir", action="store_true", help="write into a folder that holds a model")
-    g.add_argument(
-        "--checkpointing-steps", type=checkpointing_steps, default="epoch", help="'epoch', a number of steps, or 'no'"
-    )
-    g.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint folder, or 'latest'")
-    g.add_argument("--keep-checkpoints", action="store_true", help="keep training states after a finished run")
-    g.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="push the deployed model to this repo")
-    g.add_argument(
-        "--report-to", default="all", help="accelerate trackers: all (installed ones), tensorboard, wandb, none"
-    )
-    g.add_argument("--no-latency", action="store_true", help="skip latency measurement in the report")
-    return p.parse_args(argv)
+    output_dir: Path = field(default=Path("out/finetune"), metadata={"help": "where the model is saved"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace what adaptive-depth wrote there"})
+    checkpointing_steps: str = field(default="epoch", metadata={"help": "'epoch', a number of steps, or 'no'"})
+    save_total_limit: int | None = field(default=None, metadata={"help": "keep at most this many checkpoints"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint folder, or 'latest'"})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "keep this run's checkpoints after it finished"})
+    push_to_hub: str | None = field(default=None, metadata={"help": "push the deployed model to this repo id"})
+    report_to: str = field(default="none", metadata={"help": "accelerate trackers: none, all, tensorboard, wandb..."})
+    latency: bool = field(default=True, metadata={"help": "measure latency at batch 1 in the report"})
+    verbose: bool = field(default=False, metadata={"help": "show the libraries' INFO logs too"})
 
 
-def training_config(args: argparse.Namespace) -> TrainingConfig:
-    """The config from the flags: each ``--x-y`` flag sets the field ``x_y``; ``--no-x`` flags switch ``x`` off."""
-    values = {f.name: getattr(args, f.name) for f in fields(TrainingConfig) if getattr(args, f.name, None) is not None}
-    if args.learning_rate is None and args.dataset in EMBEDDED_DATASETS:
-        values["learning_rate"] = DIGITS_LEARNING_RATE
-    switches = {
-        "interactive": args.no_interactive,
-        "self_distillation": args.no_self_distillation,
-        "per_depth_norms": args.no_per_depth_norms,
-    }
-    return TrainingConfig(**values | {name: not off for name, off in switches.items()})
+def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, TrainingConfig]:
+    """The script's arguments and the training config, every field of both from the command line."""
+    parser = HfArgumentParser(
+        (ScriptArguments, TrainingConfig), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.set_defaults(learning_rate=None)  # unset: the dataset's default (1e-2 on the embedded data)
+    namespace = parser.parse_args(argv)
+    values = vars(namespace)
+    script = ScriptArguments(**{f.name: values.pop(f.name) for f in fields(ScriptArguments)})
+    if script.pretrained and script.random_init:
+        parser.error("--pretrained and --random-init exclude each other")
+    try:
+        script.checkpointing_steps = checkpointing_steps(script.checkpointing_steps)  # type: ignore[assignment]
+    except ValueError as e:
+        parser.error(f"--checkpointing-steps: {e}")
+    unknown = sorted(set(script.metrics or []) - {"top1", "top5"})
+    if unknown:
+        parser.error(f"--metrics takes top1 and top5, got {unknown}")
+    if values["learning_rate"] is None:
+        values["learning_rate"] = (
+            DIGITS_LEARNING_RATE if script.dataset in EMBEDDED_DATASETS else TrainingConfig.learning_rate
+        )
+    return script, TrainingConfig(**values)
 
 
-def checkpointing_steps(value: str) -> str | int:
+def checkpointing_steps(value: str | int) -> str | int:
     """``--checkpointing-steps``: ``epoch``, ``no`` or a positive number of optimizer steps."""
-    if value in ("epoch", "no"):
+    if value in ("epoch", "no") or (isinstance(value, int) and value > 0):
         return value
-    if value.isdigit() and int(value) > 0:
+    if isinstance(value, str) and value.isdigit() and int(value) > 0:
         return int(value)
-    raise argparse.ArgumentTypeError(f"expected 'epoch', 'no' or a positive number of steps, got {value!r}")
+    raise ValueError(f"expected 'epoch', 'no' or a positive number of steps, got {value!r}")
 
 
-def build_model(args: argparse.Namespace, num_classes: int, seed: int, input_size: list[int] | None) -> AdaptiveDepth:
+def build_model(
+    args: ScriptArguments, config: TrainingConfig, num_classes: int, seed: int, input_size: list[int] | None
+) -> AdaptiveDepth:
     """One teammate: pretrained weights when they can be had (required with --pretrained), else random init."""
     weights = "pretrained" if args.pretrained else "random" if args.random_init else "auto"
     return pretrained_or_random(
@@ -191,16 +136,16 @@ def build_model(args: argparse.Namespace, num_classes: int, seed: int, input_siz
         seed=seed,  # the new head's initialisation
         num_classes=num_classes,
         policy=args.policy,
-        scaling_factors=args.scaling_factors,
+        scaling_factors=config.scaling_factors,
         input_size=input_size,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args, config = parse_args(argv)
+    configure_logging(args.verbose)
+    work_offline_if_the_hub_is_unreachable()
     # Every bad input is an error here, before any model is built or any step is taken.
-    config = training_config(args)
     if config.leader == "frozen" and not args.leader_model:
         raise ConfigError("--leader frozen needs --leader-model: a model already trained on this dataset's labels")
     resume = args.resume_from_checkpoint is not None
@@ -211,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         label_column=args.label_column,
         train_split=args.train_split,
         eval_split=args.eval_split,
-        seed=args.seed,
+        seed=config.seed,
         max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples,
-        check_images=not args.no_image_check,
+        check_images=args.image_check,
         skip_bad_images=args.skip_bad_images,
     )
     top5 = "top5" in args.metrics if args.metrics else None
@@ -229,14 +174,15 @@ def main(argv: list[str] | None = None) -> int:
             project_dir=str(args.output_dir), logging_dir=str(args.output_dir / "logs")
         ),
     )
+    configure_logging(args.verbose, accelerator.is_main_process)
     set_seed(config.seed)
     image_size = args.image_size or (DIGITS_IMAGE_SIZE if data.source in EMBEDDED_DATASETS else None)
     input_size = [3, image_size, image_size] if image_size else None
     with accelerator.main_process_first():  # one process downloads, the others read the cache
-        teammates = [build_model(args, data.num_classes, config.seed, input_size)]
+        teammates = [build_model(args, config, data.num_classes, config.seed, input_size)]
         if config.num_teammates > 1:  # same weights source as the first, its own head initialisation
             args.random_init = args.random_init or not teammates[0].config.base_model.pretrained
-            teammates.append(build_model(args, data.num_classes, config.seed + 1, input_size))
+            teammates.append(build_model(args, config, data.num_classes, config.seed + 1, input_size))
         leader = None
         if args.leader_model:
             hub = HubOptions()
@@ -277,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         output_dir=None if args.checkpointing_steps == "no" else args.output_dir,
         checkpoint_steps=checkpoint_steps,
         recalibration_loader=loaders.recalibration,
+        save_total_limit=args.save_total_limit,
     )
     if accelerator.is_main_process:  # everything checked: now clear what --overwrite-output-dir replaces
         prepare_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resume=resume)
@@ -285,11 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.init_trackers("adaptive-depth-finetune", config=config.to_dict() | {"model": args.model})
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    result = trainer.evaluate(latency=not args.no_latency)
+    result = trainer.evaluate(latency=args.latency)
     wall = time.perf_counter() - start
     result.report.wall_time_s = round(wall, 1)
     result.report.dataset = data.source
     trainer.save(result, args.output_dir, push_to_hub=args.push_to_hub)
+    if args.report_to != "none":
+        log_results(accelerator, result, args.output_dir)
     if not args.keep_checkpoints:
         trainer.remove_checkpoints()
     accelerator.end_training()
@@ -304,6 +253,56 @@ def main(argv: list[str] | None = None) -> int:
             f"AdaptiveDepth.from_pretrained({str(args.output_dir)!r})"
         )
     return 0
+
+
+def work_offline_if_the_hub_is_unreachable() -> None:
+    """One quick look at the Hub; if it cannot be reached, every library reads its cache only (no retries)."""
+    import huggingface_hub.constants
+    from huggingface_hub.utils import get_session
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return
+    try:
+        get_session().head(huggingface_hub.constants.ENDPOINT, timeout=5)
+    except Exception as e:  # DNS, refused, timeout: whatever it is, the Hub is not there
+        if os.environ.get("RANK", "0") == "0":  # launched processes: one notice (the processes are not set up yet)
+            logging.getLogger("finetune").warning(
+                "the Hugging Face Hub cannot be reached (%s): working offline, from the local cache only",
+                type(e).__name__,
+            )
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        datasets.config.HF_HUB_OFFLINE = True
+
+
+def configure_logging(verbose: bool, main_process: bool = True) -> None:
+    """Progress, warnings and the results on screen; the libraries' INFO chatter only with ``--verbose``.
+
+    Called again once the processes are known: only the main one speaks (the random-init notice, warnings).
+    """
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not verbose:
+        transformers.logging.set_verbosity_error()
+        datasets.logging.set_verbosity_error()
+    if not main_process:
+        logging.getLogger().setLevel(logging.ERROR)
+        logging.getLogger("adaptive_depth").setLevel(logging.ERROR)
+
+
+def log_results(accelerator: Accelerator, result: TrainingResult, output_dir: Path) -> None:
+    """Per-depth accuracy (and the accuracy-vs-FLOPs plot, where a tracker takes images) to the trackers."""
+    accelerator.log({f"eval/top1/{r.player}/s={r.scaling_factor:g}": r.top1 for r in result.results}, step=result.steps)
+    plot = output_dir / PLOT_NAME
+    if accelerator.is_main_process and plot.is_file():
+        import numpy as np
+        from PIL import Image
+
+        image = np.asarray(Image.open(plot).convert("RGB"))
+        for tracker in accelerator.trackers:
+            if hasattr(tracker, "log_images"):
+                tracker.log_images({"accuracy_vs_flops": image[None]}, step=result.steps, dataformats="NHWC")
 
 
 if __name__ == "__main__":

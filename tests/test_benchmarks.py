@@ -5,10 +5,8 @@ No timing is asserted here: timings belong to the benchmarks' output (docs/bench
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,16 +15,13 @@ import torch
 
 from adaptive_depth import AdaptiveDepth, ConfigError
 from adaptive_depth.training import CooperativeLogits, DepthResult, TrainingConfig, cooperative_loss
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/{name}.py")
 
 
 def _regnet() -> AdaptiveDepth:

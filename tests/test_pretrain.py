@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from adaptive_depth import AdaptiveDepth, ConfigError
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/{name}.py")
 
 
 def test_fractal_corpus_is_deterministic_per_seed_and_classes_differ(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from adaptive_depth.training import (
     cooperative_loss,
     digits_dataset,
 )
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "finetune.py"
@@ -163,10 +163,7 @@ def test_trainer_rejects_bad_setup(tmp_path: Path) -> None:
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("finetune", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/finetune.py")
 
 
 @pytest.mark.parametrize(

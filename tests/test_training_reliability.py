@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -30,15 +29,13 @@ from adaptive_depth.training.checkpoints import (
     prepare_output_dir,
     resolve_checkpoint,
 )
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("finetune", ROOT / "examples" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/finetune.py")
 
 
 def _trainer(out: Path | None, samples: int = 48, **config) -> CooperativeTrainer:
@@ -176,7 +173,10 @@ def test_bad_checkpointing_steps_is_an_argument_error(capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit):
         _script().parse_args(["--checkpointing-steps", "abc"])
     assert "expected 'epoch', 'no' or a positive number of steps, got 'abc'" in capsys.readouterr().err
-    assert _script().parse_args(["--checkpointing-steps", "5"]).checkpointing_steps == 5
+    args, config = _script().parse_args(["--checkpointing-steps", "5", "--learning_rate", "0.5", "--no-interactive"])
+    assert args.checkpointing_steps == 5 and config.learning_rate == 0.5 and not config.interactive
+    args, config = _script().parse_args(["--dataset", "imagefolder:x"])  # the embedded data's 1e-2 only on them
+    assert config.learning_rate == 1e-3 and args.report_to == "none"
 
 
 # ---------------------------------------------------------------------- DDP

@@ -81,35 +81,39 @@ class TrainingConfig:
             Teammate's batch, which costs a Leader pass and a no-gradient peer pass per Teammate).
     """
 
-    scaling_factors: list[float] = field(default_factory=lambda: list(DEFAULT_SCALING_FACTORS))
-    full_depth: bool = True
-    leader: str = "joint"
-    interactive: bool = True
-    self_distillation: bool = True
-    sfsl_gamma: float = 1.0
-    temperature: float = 2.0
-    lambda_guided: float = 1.0
-    lambda_interactive: float = 1.0
-    lambda_guided_sub: float = 0.0
-    sub_ce_weight: float = 1.0
-    leader_share_back: float = 0.0
-    warmup_epochs: float = 1.0
-    epochs: int = 10
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.05
-    batch_size: int = 64
-    gradient_accumulation_steps: int = 1
-    lr_warmup_epochs: float = 1.0
-    lr_scheduler_type: str = "cosine"
-    max_grad_norm: float | None = 5.0
-    label_smoothing: float = 0.0
-    seed: int = 0
-    per_depth_norms: bool = True
-    recalibration_batches: int = 20
-    cache_leader_logits: bool = False
-    sampled_depths: int | None = None
-    layer_drop: float = 0.0
-    teammate_data: str = "shared"
+    scaling_factors: list[float] = field(
+        default_factory=lambda: list(DEFAULT_SCALING_FACTORS), metadata={"help": "trained depths (1.0 is added)"}
+    )
+    full_depth: bool = field(default=True, metadata={"help": "train the full network too"})
+    leader: str = field(default="joint", metadata={"help": "the Leader", "choices": LEADER_MODES})
+    interactive: bool = field(default=True, metadata={"help": "two Teammates that learn from each other"})
+    self_distillation: bool = field(default=True, metadata={"help": "sub-networks learn from their full depth"})
+    sfsl_gamma: float = field(default=1.0, metadata={"help": "SFSL exponent, w(s) = s^-gamma (0: off)"})
+    temperature: float = field(default=2.0, metadata={"help": "distillation temperature tau"})
+    lambda_guided: float = field(default=1.0, metadata={"help": "weight of KD from the Leader (full depth)"})
+    lambda_interactive: float = field(default=1.0, metadata={"help": "weight of KD from the other Teammate"})
+    lambda_guided_sub: float = field(default=0.0, metadata={"help": "weight of KD from the Leader, sub-networks"})
+    sub_ce_weight: float = field(default=1.0, metadata={"help": "weight of the labels for the sub-networks"})
+    leader_share_back: float = field(default=0.0, metadata={"help": "weight of the Teammates' KD into the Leader"})
+    warmup_epochs: float = field(default=1.0, metadata={"help": "epochs over which distillation ramps up"})
+    epochs: int = field(default=10, metadata={"help": "training epochs"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms, biases)"})
+    batch_size: int = field(default=64, metadata={"help": "images per step and process"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
+    lr_warmup_epochs: float = field(default=1.0, metadata={"help": "linear learning-rate warm-up"})
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "transformers.get_scheduler name", "choices": LR_SCHEDULERS}
+    )
+    max_grad_norm: float | None = field(default=5.0, metadata={"help": "gradient clipping (none: off)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "of every cross-entropy"})
+    seed: int = field(default=0, metadata={"help": "heads, data order, augmentation"})
+    per_depth_norms: bool = field(default=True, metadata={"help": "recalibrate BatchNorm per depth after training"})
+    recalibration_batches: int = field(default=20, metadata={"help": "batches per depth for the recalibration"})
+    cache_leader_logits: bool = field(default=False, metadata={"help": "frozen Leader: logits computed once"})
+    sampled_depths: int | None = field(default=None, metadata={"help": "sandwich rule: random depths per step"})
+    layer_drop: float = field(default=0.0, metadata={"help": "random depth: probability to skip a block"})
+    teammate_data: str = field(default="shared", metadata={"help": "what the Teammates see", "choices": TEAMMATE_DATA})
 
     def __post_init__(self) -> None:
         if not isinstance(self.scaling_factors, list | tuple) or not self.scaling_factors:

@@ -75,6 +75,7 @@ class CooperativeTrainer:
         recalibration_loader: un-augmented training batches for per-depth BatchNorm statistics (default:
             ``train_loader``).
         log_every: optimizer steps between tracker logs.
+        save_total_limit: keep at most this many of this run's checkpoints (the newest); ``None``: all.
 
     Raises:
         ConfigError: a setup that could not train (no full batch, an Accelerator that DDP would fail with...).
@@ -95,11 +96,14 @@ class CooperativeTrainer:
         checkpoint_steps: int | None = None,
         recalibration_loader: DataLoader | None = None,
         log_every: int = 10,
+        save_total_limit: int | None = None,
     ) -> None:
         if not isinstance(config, TrainingConfig):
             raise ConfigError(f"config must be a TrainingConfig, got {type(config).__name__}")
-        if checkpoint_steps is not None and (isinstance(checkpoint_steps, bool) or checkpoint_steps < 1):
-            raise ConfigError(f"checkpoint_steps must be a positive integer, got {checkpoint_steps!r}")
+        for name, value in (("checkpoint_steps", checkpoint_steps), ("save_total_limit", save_total_limit)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        self.save_total_limit = save_total_limit
         self.config = config
         self.accelerator = acc = accelerator or Accelerator(**accelerator_kwargs(config))
         self._check_accelerator()
@@ -235,7 +239,13 @@ class CooperativeTrainer:
         """Save the full training state (models, optimizer, scheduler, RNG, progress) on the way."""
         if self.output_dir is None:
             return None
-        return save_checkpoint(self.accelerator, self.output_dir, self._state(), self.progress.step)
+        path = save_checkpoint(self.accelerator, self.output_dir, self._state(), self.progress.step)
+        if self.save_total_limit is not None and self.accelerator.is_main_process:
+            own = checkpoint_dirs(self.output_dir, run_id=self.progress.run_id)
+            for old in own[: max(0, len(own) - self.save_total_limit)]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return path
 
     def _resume(self, checkpoint: str | Path) -> None:
         path = resolve_checkpoint(self.output_dir, checkpoint)
