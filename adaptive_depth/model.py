@@ -54,6 +54,7 @@ from .tuner import DepthTuner, check_structure
 __all__ = ["AdaptiveDepth", "pretrained_or_random"]
 
 logger = logging.getLogger(__name__)
+MIN_SAVING = 0.2  # a wrap whose fewest blocks save less than this share of the FLOPs warns
 
 
 def _default_input_size(model: nn.Module) -> list[int]:
@@ -156,7 +157,18 @@ class AdaptiveDepth(
             # the resolution the model is used at becomes its data config (timm.data reads it from here)
             model.pretrained_cfg = {**cfg, "input_size": tuple(config.input_size)}
             config.base_model.pretrained_cfg = timm_preprocessing(model.pretrained_cfg)
-        return cls(model, config)
+        wrapped = cls(model, config)
+        saving = 1 - wrapped.fewest_blocks_flops_ratio()
+        if saving < MIN_SAVING:
+            logger.warning(
+                "only %.0f%% of %s's FLOPs can be skipped (gateable blocks: %s): the gateable blocks hold little of "
+                "its compute (a stem, head or blocks without a residual path hold the rest); depth_summary() shows "
+                "them, and block_patterns=... can name other blocks",
+                100 * saving,
+                type(model).__name__,
+                ", ".join(f"{st.name} {st.num_blocks - st.num_fixed}/{st.num_blocks}" for st in config.stages),
+            )
+        return wrapped
 
     @classmethod
     def from_pretrained(  # type: ignore[override]

@@ -295,6 +295,16 @@ class DepthTuner(nn.Module):
             table[s] = int(self.config.flops[key])
         return table
 
+    def fewest_blocks_flops_ratio(self) -> float:
+        """FLOPs with the fewest blocks that can run (every gateable block off but one per stage) over s = 1.
+
+        ``1 - ratio`` is the most any depth can save: small when the gateable blocks hold little of the compute.
+        """
+        full = self.flops_table().get(1.0) or self.flops(1.0)
+        with preserved(self):
+            self.set_depth([max(1, st.num_fixed) for st in self.stages])
+            return count_flops(self.model, self.example_input()) / full
+
     def depth_summary(self) -> str:
         """A table of stages and blocks, and the blocks and FLOPs at each trained scaling factor."""
         lines = [
@@ -311,6 +321,8 @@ class DepthTuner(nn.Module):
         lines.append(f"{'s':>6} {'blocks per stage':<30} {'GFLOPs':>9} {'vs s=1':>7}")
         for s, flops in table.items():
             lines.append(f"{s:>6.3g} {self.depth_for(s)!s:<30} {flops / 1e9:>9.4f} {flops / full:>7.3f}")
+        ratio = self.fewest_blocks_flops_ratio()
+        lines.append(f"the fewest blocks run {ratio:.3f} of the s=1 FLOPs: at most {1 - ratio:.0%} can be saved")
         current = "custom" if self._scaling_factor is None else f"{self._scaling_factor:g}"
         lines.append(f"\ncurrent: s = {current}, blocks per stage {self.active_depth}")
         return "\n".join(lines)

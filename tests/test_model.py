@@ -174,6 +174,19 @@ def test_generic_probe_finds_blocks_of_a_custom_module(tmp_path: Path) -> None:
     assert torch.equal(again(x), expected)
 
 
+def test_a_wrap_that_can_save_little_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="adaptive_depth"):
+        model = AdaptiveDepth.wrap(_Custom(), input_size=(1, 2, 2))
+    assert not caplog.records
+    assert "at most 68% can be saved" in model.depth_summary()  # the three residual blocks off: embed runs
+    heavy = _Custom()
+    heavy.head = nn.Sequential(nn.Linear(16, 4096), nn.Linear(4096, 3))  # the compute sits outside the blocks
+    with caplog.at_level("WARNING", logger="adaptive_depth"):
+        model = AdaptiveDepth.wrap(heavy, input_size=(1, 2, 2))
+    assert "only 1% of _Custom's FLOPs can be skipped (gateable blocks: <root> 3/4)" in caplog.text
+    assert model.fewest_blocks_flops_ratio() == pytest.approx(0.99, abs=0.005)
+
+
 def test_block_patterns_override_discovery() -> None:
     model = AdaptiveDepth.wrap(_Custom(), input_size=(1, 2, 2), block_patterns=[r"a|b"])
     assert model.config.discovery == "override"
