@@ -137,8 +137,17 @@ class PreprocessingMixin:
 
     @property
     def id2label(self) -> dict[int, str]:
-        """Class index -> name (empty if the classes were never named)."""
-        return {int(i): n for i, n in self.config.id2label.items()}
+        """Class index -> name: those of :meth:`set_labels`, else the base model's own (transformers ``id2label``,
+        timm ``label_names``); empty if the classes were never named."""
+        if self.config.id2label:
+            return {int(i): n for i, n in self.config.id2label.items()}
+        hf_names = getattr(getattr(self.model, "config", None), "id2label", None) or {}
+        if hf_names and any(n != f"LABEL_{i}" for i, n in hf_names.items()):  # LABEL_i: transformers' placeholders
+            return {int(i): str(n) for i, n in hf_names.items()}
+        timm_names = (self.pretrained_cfg or {}).get("label_names") or []
+        if len(timm_names) == getattr(self.model, "num_classes", None):  # not a replaced head's
+            return dict(enumerate(timm_names))
+        return {}
 
     @property
     def label2id(self) -> dict[str, int]:

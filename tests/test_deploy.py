@@ -127,3 +127,46 @@ print("labels", sorted(p["label"] for p in classify({str(tmp_path / "image.png")
 """
     out = _run_without_the_library(code)
     assert "depths [2, 2]" in out and "labels ['cat', 'dog', 'fish']" in out, out
+
+
+def test_predict_script_names_the_classes_at_the_chosen_depth(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scripts import load_script
+
+    predict = load_script("examples/predict.py")
+    torch.manual_seed(0)
+    model = AdaptiveDepth.from_pretrained("test_convnext", pretrained=False, num_classes=3, input_size=(3, 32, 32))
+    model.set_labels(["cat", "dog", "fish"]).save_pretrained(tmp_path / "model")
+    IMAGE.save(tmp_path / "a.png")
+    Image.new("L", (20, 30), 90).save(tmp_path / "b.png")  # grayscale is converted, as any user image would be
+    assert predict.main([str(tmp_path / "model"), str(tmp_path / "a.png"), str(tmp_path / "b.png"),
+                         "--scaling-factor", "0.5", "--top-k", "2"]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    model.eval().set_scaling_factor(0.5)
+    assert lines[0].startswith(f"s = 0.5, blocks per stage {model.active_depth}")
+    with torch.no_grad():  # the printed classes are the model's own top-2 at s = 0.5, by name
+        probs = model(model.create_transform()(IMAGE.convert("RGB")).unsqueeze(0)).softmax(-1)[0]
+    top = probs.topk(2)
+    expected = ", ".join(f"{model.id2label[int(i)]} ({float(p):.1%})" for p, i in zip(top.values, top.indices))
+    assert lines[1] == f"{tmp_path / 'a.png'}: {expected}"
+    assert lines[2].startswith(f"{tmp_path / 'b.png'}: ")
+    (tmp_path / "c.png").write_text("not an image")
+    with pytest.raises(SystemExit, match="c.png is not an image PIL can read"):
+        predict.main([str(tmp_path / "model"), str(tmp_path / "c.png")])
+
+
+def test_predict_reads_a_transformers_models_logits(tmp_path: Path) -> None:
+    from scripts import load_script
+
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=64, num_labels=2, id2label={0: "no", 1: "yes"}, label2id={"no": 0, "yes": 1},
+    )  # fmt: skip
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    model = AdaptiveDepth.from_pretrained(tmp_path).eval().set_scaling_factor(0.5)
+    [[(name, p)]] = load_script("examples/predict.py").predict(model, [IMAGE])
+    with torch.no_grad():
+        logits = model(model.create_transform()(IMAGE).unsqueeze(0)).logits[0]
+    assert name == ("no", "yes")[int(logits.argmax())] and p == pytest.approx(float(logits.softmax(-1).max()))
