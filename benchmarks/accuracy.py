@@ -17,11 +17,11 @@ a Markdown table (mean ± std over seeds, training time, ratio to plain fine-tun
     python benchmarks/accuracy.py --methods default random-depth plain --seeds 0   # from random weights, on digits
 
 Methods (each a TrainingConfig of the same trainer; see docs/benchmarks.md):
-    default            TrainingConfig() as a user gets it
+    default            TrainingConfig() as a user gets it: a joint Leader and one Teammate
     paper              the paper's configuration: a joint Leader, two Teammates on the same batches
-    one-teammate       one Teammate (no interactive learning)
+    one-teammate       one Teammate (no interactive learning), whatever the default is
     views, streams     two Teammates on their own augmentation of the same images / on their own images and order
-    sandwich           the paper's, with the sandwich rule (smallest, top and one random depth per step)
+    sandwich           the default with the sandwich rule (smallest, top and one random depth per step)
     inplace-sandwich   one network, sandwich rule, sub-networks taught by the full depth only (US-Nets / Once-for-All)
     frozen-leader      a fixed teacher: in r1 trained plainly first (its time counted), in r2 the fine-tuned model
     no-leader, no-sfsl ablations; "(no per-depth BN)" is read off the default's run
@@ -66,7 +66,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "one-teammate": {"interactive": False},
     "views": {"interactive": True, "teammate_data": "views"},
     "streams": {"interactive": True, "teammate_data": "streams"},
-    "sandwich": {"leader": "joint", "interactive": True, "teammate_data": "shared", "sampled_depths": 1},
+    "sandwich": {"sampled_depths": 1},  # the default, with the smallest, the top and one random depth per step
     "inplace-sandwich": {"sampled_depths": 1, "sub_ce_weight": 0.0, **SINGLE},
     "frozen-leader": {"leader": "frozen"},
     "frozen-leader-cached": {"leader": "frozen", "cache_leader_logits": True},
@@ -81,7 +81,7 @@ WALL = "@wall"  # suffix: the baseline again with the default's training time
 AT_WALL = ("random-depth", "two-path")
 NO_BN = "default, no per-depth BN"
 DEFAULT_METHODS = [
-    "default", "paper", "one-teammate", "streams", "sandwich", "plain", "random-depth", "two-path", "alone",
+    "default", "paper", "streams", "sandwich", "plain", "random-depth", "two-path", "alone",
     *(m + WALL for m in AT_WALL),
 ]  # fmt: skip
 CHOICES = [*METHODS, *(m + WALL for m in AT_WALL)]

@@ -47,6 +47,7 @@ from torch import nn
 
 from adaptive_depth import AdaptiveDepth, CheckpointError, ConfigError
 from adaptive_depth.training import CooperativeTrainer, ImageClassificationData, TrainingConfig, make_loaders
+from adaptive_depth.training.checkpoints import checkpoint_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module, also when imported by path in tests
 from fractals import Corpus, CorpusSettings, load_or_generate, save_grid
@@ -185,6 +186,7 @@ def model_card(args: argparse.Namespace, metrics: dict[str, Any]) -> ModelCard:
         held_out_top1=round(ev["top1"], 2),
     )
     hours = tr["seconds"] / 3600
+    resumed = f" for the last {tr['steps_this_process']} steps, resumed from a checkpoint" if tr["resumed"] else ""
     top5 = f"top-5 {ev['top5']:.2f}%, " if ev["top5"] is not None else ""
     body = f"""
 # {args.repo_id}
@@ -210,7 +212,7 @@ each image a chaos-game rendering with jittered maps, random pose, a colour per 
 Held-out top-1 on the {c.num_classes} fractal classes: **{ev["top1"]:.2f}%** ({top5}chance
 {100 / c.num_classes:.2f}%), after {tr["steps"]} steps ({tr["epochs"]} epochs, batch {tr["batch_size"]}, AdamW lr
 {tr["learning_rate"]:g}, cosine) trained plainly at full depth with labels only. Training time: {tr["seconds"]:.0f} s
-({hours:.2f} h, {tr["seconds_per_step"]:.3f} s per step, {tr["threads"]} torch threads on {tr["device"]}).
+({hours:.2f} h{resumed}, {tr["seconds_per_step"]:.3f} s per step, {tr["threads"]} torch threads on {tr["device"]}).
 
 ## Reproduce
 
@@ -301,8 +303,11 @@ def verify_offline(repo_id: str, plain: nn.Module, images: torch.Tensor) -> floa
     return diff
 
 
-def train(args: argparse.Namespace, data: ImageClassificationData) -> tuple[Any, Any, float]:
-    """Train the plain network with the project's trainer; returns the trainer, its result and the seconds."""
+def train(args: argparse.Namespace, data: ImageClassificationData) -> tuple[Any, Any, float, int]:
+    """Train the plain network with the project's trainer.
+
+    Returns the trainer, its result, and the seconds and steps of this process (after a resume: since it).
+    """
     config = TrainingConfig(**_training_fields(args))
     set_seed(args.seed)
     base = timm.create_model(args.model, pretrained=False, num_classes=data.num_classes)
@@ -321,12 +326,13 @@ def train(args: argparse.Namespace, data: ImageClassificationData) -> tuple[Any,
         recalibration_loader=loaders.recalibration, output_dir=args.output_dir,
     )  # fmt: skip
     resume = "latest" if args.resume and trainer.checkpoint_dirs() else None
+    first_step = (checkpoint_step(trainer.checkpoint_dirs()[-1]) or 0) if resume else 0
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
     result = trainer.evaluate(latency=False)
     trainer.remove_checkpoints()
-    return trainer, result, seconds
+    return trainer, result, seconds, trainer.progress.step - first_step
 
 
 def main(argv: list[str] | None = None) -> PretrainResult:
@@ -354,7 +360,7 @@ def _run(args: argparse.Namespace) -> PretrainResult:
     data = to_data(corpus, args.eval_fraction, args.seed)
     logger.info("training %s on %d images, %d held out, %d threads", args.model, len(data.train), len(data.eval),
                 torch.get_num_threads())  # fmt: skip
-    trainer, result, seconds = train(args, data)
+    trainer, result, seconds, steps_here = train(args, data)
     full = next(r for r in result.results if r.player == result.deployed and r.scaling_factor == 1.0)
     steps = trainer.progress.step
     plain = export_plain(result.model, f"fractal{args.classes}_{args.image_size}px", args.image_size)
@@ -365,7 +371,8 @@ def _run(args: argparse.Namespace) -> PretrainResult:
         "split": {"train": len(data.train), "eval": len(data.eval), "eval_fraction": args.eval_fraction},
         "training": trainer.config.to_dict()
         | {
-            "steps": steps, "seconds": seconds, "seconds_per_step": seconds / max(1, steps), "resumed": args.resume,
+            "steps": steps, "seconds": seconds, "seconds_per_step": seconds / max(1, steps_here),
+            "steps_this_process": steps_here, "resumed": args.resume,
             "loss_per_epoch": result.history, "threads": torch.get_num_threads(),
             "device": f"{trainer.accelerator.device} ({platform.processor() or platform.machine()})",
         },
@@ -375,7 +382,7 @@ def _run(args: argparse.Namespace) -> PretrainResult:
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "numpy": np.__version__},
     }  # fmt: skip
     logger.info("held-out top-1 %.2f%% (top-5 %s, chance %.2f%%) after %d steps in %.0f s (%.3f s/step)",
-                full.top1, full.top5, 100 / data.num_classes, steps, seconds, seconds / max(1, steps))  # fmt: skip
+                full.top1, full.top5, 100 / data.num_classes, steps, seconds, seconds / max(1, steps_here))  # fmt: skip
     data_config = {"input_size": plain.pretrained_cfg["input_size"]}
     save_for_hf(plain, str(args.output_dir), safe_serialization=True, data_config=data_config)
     model_card(args, metrics).save(args.output_dir / "README.md")

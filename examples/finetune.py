@@ -5,9 +5,10 @@
         --scaling-factors 0.25 0.5 0.75 1.0 --epochs 10 --output-dir out/ [--push-to-hub me/resnet50-adaptive]
     accelerate launch --multi_gpu --num_processes 8 examples/finetune.py ...   # the same script on many GPUs
 
-Trains a Leader and two Teammates together (docs/training.md), recalibrates BatchNorm statistics for every
-trained depth, evaluates every player at every depth, and saves the better Teammate with a model card, the
-per-depth table and an accuracy-vs-FLOPs plot: ``AdaptiveDepth.from_pretrained(output_dir)`` loads it.
+Trains a Leader and a depth-switchable Teammate together (``--interactive``: two Teammates, the paper's
+configuration; docs/training.md), recalibrates BatchNorm statistics for every trained depth, evaluates every
+player at every depth, and saves the (better) Teammate with a model card, the per-depth table and an
+accuracy-vs-FLOPs plot: ``AdaptiveDepth.from_pretrained(output_dir)`` loads it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ DIGITS_MODEL = "regnetx_002"
 @dataclass
 class ScriptArguments:
     """The script's own flags; the training ones are the fields of ``TrainingConfig`` (both spellings work:
-    ``--learning-rate`` and ``--learning_rate``; ``--no-interactive`` switches a default-on field off)."""
+    ``--learning-rate`` and ``--learning_rate``; ``--no-self-distillation`` switches a default-on field off)."""
 
     model: str = field(default=DIGITS_MODEL, metadata={"help": "timm name, Hub id or local folder"})
     pretrained: bool = field(default=False, metadata={"help": "pretrained weights are required (missing: error)"})

@@ -26,15 +26,15 @@ from adaptive_depth.training import (
 
 SINGLE = {"leader": "none", "interactive": False}
 MODES = {
-    "two-teammates": {},
+    "two-teammates": {"interactive": True},
     "one-teammate": {"interactive": False},
     "random-depth": {"scaling_factors": [1.0], "layer_drop": 0.5, **SINGLE},
     "sandwich": {"sampled_depths": 1, "scaling_factors": [0.25, 0.5, 0.75, 1.0]},
     "frozen-leader": {"leader": "frozen"},
     "frozen-leader-cached": {"leader": "frozen", "cache_leader_logits": True},
     "alone": {"scaling_factors": [0.5], "full_depth": False, **SINGLE},
-    "views": {"teammate_data": "views"},
-    "streams": {"teammate_data": "streams"},
+    "views": {"interactive": True, "teammate_data": "views"},
+    "streams": {"interactive": True, "teammate_data": "streams"},
 }
 
 

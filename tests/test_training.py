@@ -78,7 +78,7 @@ def _trainer(build, tmp_path: Path | None = None, **config) -> CooperativeTraine
 
 @pytest.mark.parametrize("build", [_timm_model, _hf_model], ids=["timm", "transformers"])
 def test_cooperative_training_lowers_the_loss_and_every_term_contributes(build) -> None:
-    trainer = _trainer(build, epochs=8, warmup_epochs=0, lr_warmup_epochs=0, learning_rate=1e-2)
+    trainer = _trainer(build, epochs=8, warmup_epochs=0, lr_warmup_epochs=0, learning_rate=1e-2, interactive=True)
     module = trainer.module
     images, labels = next(iter(trainer.train_loader))
     loss = cooperative_loss(module(images), labels, trainer.config, ramp=1.0)
@@ -133,7 +133,9 @@ def test_resume_with_teammate_streams_equals_an_uninterrupted_run(tmp_path: Path
     def trainer(out: Path) -> CooperativeTrainer:
         set_seed(0)
         model = _timm_model()
-        config = TrainingConfig(epochs=2, batch_size=16, scaling_factors=[0.5, 1.0], teammate_data=teammate_data)
+        config = TrainingConfig(
+            epochs=2, batch_size=16, scaling_factors=[0.5, 1.0], teammate_data=teammate_data, interactive=True
+        )
         loaders = make_loaders(
             data, model, batch_size=16, seed=0, input_size=[3, 32, 32], streams=2,
             own_order=teammate_data == "streams",

@@ -70,7 +70,8 @@ def _logits(leader: bool = True, teammates: int = 2) -> CooperativeLogits:
 
 
 def _config(**kw: object) -> TrainingConfig:
-    return TrainingConfig(scaling_factors=[0.5, 1.0], temperature=2.0, **kw)  # type: ignore[arg-type]
+    """The paper's full objective (two Teammates), with ``kw`` switched."""
+    return TrainingConfig(**{"scaling_factors": [0.5, 1.0], "temperature": 2.0, "interactive": True} | kw)  # type: ignore[arg-type]
 
 
 def test_full_objective_matches_hand_computed_total() -> None:
@@ -207,7 +208,7 @@ def test_guided_learning_for_the_sub_networks_is_an_option() -> None:
 
 
 def test_each_teammate_learns_from_its_own_batch_its_leader_and_its_peer_there() -> None:
-    config = TrainingConfig(scaling_factors=[0.5, 1.0], teammate_data="streams", warmup_epochs=0)
+    config = TrainingConfig(scaling_factors=[0.5, 1.0], teammate_data="streams", warmup_epochs=0, interactive=True)
     g = torch.Generator().manual_seed(0)
     z = {name: torch.randn(4, 3, generator=g) for name in ("A1", "A.5", "B1", "B.5", "LA", "LB", "PA", "PB")}
     logits = CooperativeLogits(

@@ -173,8 +173,9 @@ def test_bad_checkpointing_steps_is_an_argument_error(capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit):
         _script().parse_args(["--checkpointing-steps", "abc"])
     assert "expected 'epoch', 'no' or a positive number of steps, got 'abc'" in capsys.readouterr().err
-    args, config = _script().parse_args(["--checkpointing-steps", "5", "--learning_rate", "0.5", "--no-interactive"])
-    assert args.checkpointing_steps == 5 and config.learning_rate == 0.5 and not config.interactive
+    args, config = _script().parse_args(["--checkpointing-steps", "5", "--learning_rate", "0.5", "--interactive"])
+    assert args.checkpointing_steps == 5 and config.learning_rate == 0.5 and config.interactive
+    assert not _script().parse_args([])[1].interactive  # one Teammate unless asked (docs/benchmarks.md)
     args, config = _script().parse_args(["--dataset", "imagefolder:x"])  # the embedded data's 1e-2 only on them
     assert config.learning_rate == 1e-3 and args.report_to == "none"
 

@@ -67,7 +67,8 @@ class Progress:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the run that wrote a checkpoint
 
 
-def _step_of(path: Path) -> int | None:
+def checkpoint_step(path: Path) -> int | None:
+    """The optimizer step a ``step_N`` checkpoint folder holds, or ``None`` for any other name."""
     suffix = path.name.removeprefix(CHECKPOINT_PREFIX)
     return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
 
@@ -83,7 +84,7 @@ def checkpoint_dirs(output_dir: Path | None, *, run_id: str | None = None) -> li
         return []
     found = []
     for path in root.iterdir():
-        if _step_of(path) is None or not path.is_dir():
+        if checkpoint_step(path) is None or not path.is_dir():
             continue
         if not (path / STATE_NAME).is_file():
             logger.warning("skipping %s: an incomplete checkpoint (no %s)", path, STATE_NAME)
@@ -91,7 +92,7 @@ def checkpoint_dirs(output_dir: Path | None, *, run_id: str | None = None) -> li
         if run_id is not None and _read_state(path).get("progress", {}).get("run_id") != run_id:
             continue
         found.append(path)
-    return sorted(found, key=lambda p: _step_of(p) or 0)
+    return sorted(found, key=lambda p: checkpoint_step(p) or 0)
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -208,7 +209,7 @@ def prepare_output_dir(output_dir: Path, *, overwrite: bool = False, resume: boo
                 path.unlink()
         if not resume:
             for path in (output_dir / CHECKPOINTS_DIR).glob(f"*{CHECKPOINT_PREFIX}*"):
-                if path.is_dir() and (_step_of(path) is not None or path.name.endswith(".incomplete")):
+                if path.is_dir() and (checkpoint_step(path) is not None or path.name.endswith(".incomplete")):
                     shutil.rmtree(path)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,9 @@ class TrainingConfig:
             in the full network's role (the "each depth trained alone" baseline: one depth, labels only).
         leader: ``"joint"`` (trained with the teammates), ``"frozen"`` (a fixed teacher, evaluation mode) or
             ``"none"`` (no guided learning: an ablation).
-        interactive: two teammates that learn from each other; ``False`` trains one (an ablation).
+        interactive: two Teammates that learn from each other, as in the paper (``--interactive``). Default
+            ``False``: one Teammate, which was as accurate or more at every depth in the measurements, at about
+            half the cost (docs/benchmarks.md).
         self_distillation: sub-networks learn from their own full network; ``False``: from the labels.
         sfsl_gamma: SFSL exponent; 0 weights every depth equally (SFSL off).
         temperature: distillation temperature ``tau``.
@@ -86,7 +88,9 @@ class TrainingConfig:
     )
     full_depth: bool = field(default=True, metadata={"help": "train the full network too"})
     leader: str = field(default="joint", metadata={"help": "the Leader", "choices": LEADER_MODES})
-    interactive: bool = field(default=True, metadata={"help": "two Teammates that learn from each other"})
+    interactive: bool = field(
+        default=False, metadata={"help": "two Teammates that learn from each other (the paper's configuration)"}
+    )
     self_distillation: bool = field(default=True, metadata={"help": "sub-networks learn from their full depth"})
     sfsl_gamma: float = field(default=1.0, metadata={"help": "SFSL exponent, w(s) = s^-gamma (0: off)"})
     temperature: float = field(default=2.0, metadata={"help": "distillation temperature tau"})
@@ -105,7 +109,7 @@ class TrainingConfig:
     lr_scheduler_type: str = field(
         default="cosine", metadata={"help": "transformers.get_scheduler name", "choices": LR_SCHEDULERS}
     )
-    max_grad_norm: float | None = field(default=5.0, metadata={"help": "gradient clipping (none: off)"})
+    max_grad_norm: float | None = field(default=5.0, metadata={"help": "gradient clipping norm"})
     label_smoothing: float = field(default=0.0, metadata={"help": "of every cross-entropy"})
     seed: int = field(default=0, metadata={"help": "heads, data order, augmentation"})
     per_depth_norms: bool = field(default=True, metadata={"help": "recalibrate BatchNorm per depth after training"})
@@ -142,6 +146,11 @@ class TrainingConfig:
             raise ConfigError(f"lr_scheduler_type must be one of {LR_SCHEDULERS}, got {self.lr_scheduler_type!r}")
         if self.teammate_data not in TEAMMATE_DATA:
             raise ConfigError(f"teammate_data must be one of {TEAMMATE_DATA}, got {self.teammate_data!r}")
+        if self.teammate_data != "shared" and not self.interactive:
+            raise ConfigError(
+                f"teammate_data={self.teammate_data!r} gives each of two Teammates its own data: it needs "
+                "interactive=True (--interactive)"
+            )
         if self.cache_leader_logits and self.leader != "frozen":
             raise ConfigError(
                 f"cache_leader_logits needs leader='frozen' (a fixed teacher), got leader={self.leader!r}"
