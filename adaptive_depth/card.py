@@ -109,7 +109,7 @@ from adaptive_depth import AdaptiveDepth
 model = AdaptiveDepth.from_pretrained("{load_id}").eval()
 model.set_scaling_factor(0.5)   # trained depths: {", ".join(f"{s:g}" for s in config.scaling_factors)}
 image = model.create_transform()(Image.open("image.png")).unsqueeze(0)  # this model's own preprocessing
-index = model(image).argmax(-1).item()  # logits as the base model returns them ({base.source})
+index = model(image){".logits" if base.source == "transformers" else ""}.argmax(-1).item()
 print(model.id2label.get(index, index))
 ```
 

@@ -55,6 +55,7 @@ __all__ = ["AdaptiveDepth", "pretrained_or_random"]
 
 logger = logging.getLogger(__name__)
 MIN_SAVING = 0.2  # a wrap whose fewest blocks save less than this share of the FLOPs warns
+OPTIONAL_FILES = (NORMS_NAME, PROCESSOR_NAME, PLOT_NAME)  # written only by the models that have them
 
 
 def _default_input_size(model: nn.Module) -> list[int]:
@@ -320,9 +321,9 @@ class AdaptiveDepth(
         folder = Path(save_directory)
         with replace_files_atomically(folder, keep_foreign=("README.md",)) as staging:
             super().save_pretrained(staging, model_card_kwargs=model_card_kwargs)
-            new_norms = (staging / NORMS_NAME).exists()
-        if not new_norms:
-            (folder / NORMS_NAME).unlink(missing_ok=True)  # a stale file from an earlier save of another model
+            stale = [name for name in OPTIONAL_FILES if not (staging / name).exists()]
+        for name in stale:  # left by an earlier save of another model: it would describe that model
+            (folder / name).unlink(missing_ok=True)
         if push_to_hub:
             return self.push_to_hub(repo_id or folder.name, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
         return None

@@ -106,7 +106,19 @@ class PreprocessingMixin:
 
     @property
     def pretrained_cfg(self) -> dict[str, Any] | None:
-        """The timm base model's ``pretrained_cfg`` (so that ``timm.data.resolve_model_data_config(model)`` works)."""
+        """This model's preprocessing as timm reads it, so ``timm.data.resolve_model_data_config(model)`` gives it.
+
+        A timm base: its ``pretrained_cfg`` (with the fine-tuned input size); a transformers base: its
+        :attr:`data_config` (from its image processor), never timm's ImageNet defaults; a custom module: ``None``.
+        """
+        cfg = self._timm_cfg
+        if cfg is None and self.config.base_model.source == "transformers":
+            return self.data_config
+        return cfg
+
+    @property
+    def _timm_cfg(self) -> dict[str, Any] | None:
+        """The timm base model's own ``pretrained_cfg`` (``None`` for other bases)."""
         cfg = getattr(self.model, "pretrained_cfg", None)
         return cfg if isinstance(cfg, dict) else None
 
@@ -130,8 +142,8 @@ class PreprocessingMixin:
         if hf_config is not None and hasattr(hf_config, "id2label"):
             hf_config.id2label = dict(enumerate(names))
             hf_config.label2id = {n: i for i, n in enumerate(names)}
-        if self.pretrained_cfg is not None:
-            self.model.pretrained_cfg = {**self.pretrained_cfg, "label_names": names}
+        if self._timm_cfg is not None:
+            self.model.pretrained_cfg = {**self._timm_cfg, "label_names": names}
             self.config.base_model.pretrained_cfg = timm_preprocessing(self.model.pretrained_cfg)
         return self
 
@@ -144,7 +156,7 @@ class PreprocessingMixin:
         hf_names = getattr(getattr(self.model, "config", None), "id2label", None) or {}
         if hf_names and any(n != f"LABEL_{i}" for i, n in hf_names.items()):  # LABEL_i: transformers' placeholders
             return {int(i): str(n) for i, n in hf_names.items()}
-        timm_names = (self.pretrained_cfg or {}).get("label_names") or []
+        timm_names = (self._timm_cfg or {}).get("label_names") or []
         if len(timm_names) == getattr(self.model, "num_classes", None):  # not a replaced head's
             return dict(enumerate(timm_names))
         return {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from adaptive_depth import AdaptiveDepth, ConfigError
+from adaptive_depth.report import DepthResult, TrainingReport
+from adaptive_depth.training import load_image_classification_data, make_loaders
 
 IMAGE = Image.new("RGB", (50, 40), (200, 30, 90))
 
@@ -46,11 +49,62 @@ def test_a_transformers_processor_is_saved_and_restored(tmp_path: Path) -> None:
     processor.save_pretrained(source)
     model = AdaptiveDepth.from_pretrained(source)
     assert model.data_config["mean"] == (0.1, 0.1, 0.1) and model.data_config["input_size"] == (3, 32, 32)
+    assert timm.data.resolve_model_data_config(model) == model.data_config  # not timm's ImageNet defaults
+    data = load_image_classification_data("digits", max_train_samples=4, max_eval_samples=4)
+    loaders = make_loaders(data, model, batch_size=2, seed=0)  # the training pipeline: the processor's statistics
+    for loader in (loaders.eval, loaders.recalibration):
+        assert torch.equal(loader.dataset.transform(IMAGE), model.create_transform()(IMAGE))
     model.save_pretrained(tmp_path / "adaptive")
     assert (tmp_path / "adaptive" / "preprocessor_config.json").is_file()
     again = AdaptiveDepth.from_pretrained(tmp_path / "adaptive")
     assert again.image_processor is not None and again.data_config == model.data_config
     assert torch.equal(again.create_transform()(IMAGE), model.create_transform()(IMAGE))
+    # Another model saved over it takes nothing of the first along: no processor describing someone else's inputs.
+    AdaptiveDepth.wrap(timm.create_model("test_vit", num_classes=3)).save_pretrained(tmp_path / "adaptive")
+    assert not (tmp_path / "adaptive" / "preprocessor_config.json").exists()
+    assert AdaptiveDepth.from_pretrained(tmp_path / "adaptive").image_processor is None
+
+
+def test_a_pretrained_transformers_model_without_a_processor_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=3,
+    )  # fmt: skip
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path)  # no preprocessor_config.json
+    with caplog.at_level(logging.WARNING, logger="adaptive_depth"):
+        AdaptiveDepth.from_pretrained(tmp_path, pretrained=False)  # random weights: no statistics to match
+        assert "has no image processor" not in caplog.text
+        model = AdaptiveDepth.from_pretrained(tmp_path)
+    assert "has no image processor" in caplog.text and "ImageNet mean and std" in caplog.text
+    assert model.image_processor is None and model.data_config["input_size"] == (3, 32, 32)
+
+
+def test_the_cards_metadata_and_its_snippet_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = AdaptiveDepth.from_pretrained("resnet18", pretrained=False, num_classes=3, input_size=(3, 32, 32))
+    base = model.config.base_model
+    base.name, base.pretrained, base.license = "resnet18.a1_in1k", True, "apache-2.0"  # as if from the Hub
+    results = [DepthResult("A", 0.5, 70.0), DepthResult("A", 1.0, 80.0), DepthResult("B", 1.0, 60.0)]
+    report = TrainingReport(config={}, deployed="A", results=results, dataset="uoft-cs/cifar10")
+    model.config.extra["training"] = report.to_dict()
+    card = ModelCard(str(model.generate_model_card()))  # parsed as the Hub parses it
+    assert card.data.base_model == "timm/resnet18.a1_in1k" and card.data.license == "apache-2.0"
+    assert card.data.datasets == ["uoft-cs/cifar10"]
+    assert [(r.metric_name, r.metric_value) for r in card.data.eval_results] == [
+        ("top-1 accuracy at scaling factor 0.5", 70.0),
+        ("top-1 accuracy at scaling factor 1", 80.0),
+    ]
+    # The one-image snippet runs as written, for a timm and a transformers base.
+    hf = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[2, 2], num_labels=2, image_size=32)
+    hf_model = AdaptiveDepth.wrap(transformers.ResNetForImageClassification(hf), input_size=[3, 32, 32])
+    monkeypatch.chdir(tmp_path)
+    IMAGE.save("image.png")
+    for name, wrapped in (("timm", model), ("transformers", hf_model)):
+        wrapped.save_pretrained(tmp_path / name)
+        text = (tmp_path / name / "README.md").read_text()
+        snippet = text.split("```python\n")[1].split("```")[0].replace("path/to/this/folder", str(tmp_path / name))
+        exec(compile(snippet, f"{name} card", "exec"), {})  # our own card's code
 
 
 def test_class_names_travel_to_the_config_the_card_and_the_base_model(tmp_path: Path) -> None:
@@ -110,23 +164,31 @@ def test_a_timm_architecture_without_a_depth_argument_is_a_clear_error(tmp_path:
         model.save_export(tmp_path / "x", 0.5)
 
 
-def test_a_transformers_export_loads_with_automodel_and_pipeline(tmp_path: Path) -> None:
+def test_a_transformers_export_loads_with_automodel_and_pipeline(tmp_path: Path, hub_repo, fake_hub_upload) -> None:
+    calls, uploaded = fake_hub_upload
     config = transformers.ResNetConfig(
         embedding_size=8, hidden_sizes=[8, 16], depths=[3, 3], num_labels=3, image_size=32
     )
     model = AdaptiveDepth.wrap(transformers.ResNetForImageClassification(config), input_size=[3, 32, 32]).eval()
     model.set_labels(["cat", "dog", "fish"])
     folder = model.save_export(tmp_path / "half", 0.5)
+    model.push_export("me/resnet-half", 0.5)  # the same files, uploaded
+    assert calls == {"create_repo": "me/resnet-half", "upload_folder": "me/resnet-half"}
+    assert sorted(p.name for p in uploaded.iterdir()) == sorted(p.name for p in folder.iterdir())
+    hub_repo("me/resnet-half", uploaded)
     IMAGE.save(tmp_path / "image.png")
     code = f"""
 import transformers
-m = transformers.AutoModelForImageClassification.from_pretrained({str(folder)!r})
-print("depths", m.config.depths)
-classify = transformers.pipeline("image-classification", model={str(folder)!r})
-print("labels", sorted(p["label"] for p in classify({str(tmp_path / "image.png")!r}, top_k=3)))
+for name in ({str(folder)!r}, "me/resnet-half"):  # a folder, and a Hub id read from the cache (offline)
+    m = transformers.AutoModelForImageClassification.from_pretrained(name)
+    p = transformers.AutoImageProcessor.from_pretrained(name)
+    print("depths", m.config.depths, "mean", [round(v, 3) for v in p.image_mean])
+    classify = transformers.pipeline("image-classification", model=name)
+    print("labels", sorted(p["label"] for p in classify({str(tmp_path / "image.png")!r}, top_k=3)))
 """
-    out = _run_without_the_library(code)
-    assert "depths [2, 2]" in out and "labels ['cat', 'dog', 'fish']" in out, out
+    out = _run_without_the_library(code, HF_HOME=os.environ["HF_HOME"])
+    mean = [round(v, 3) for v in model.data_config["mean"]]
+    assert out.count(f"depths [2, 2] mean {mean}") == 2 and out.count("labels ['cat', 'dog', 'fish']") == 2, out
 
 
 def test_predict_script_names_the_classes_at_the_chosen_depth(

@@ -16,6 +16,7 @@ from torch import nn
 import adaptive_depth.model as model_module
 from adaptive_depth import AdaptiveDepth, AdaptiveDepthError, CheckpointError, ConfigError, UnknownModelError
 from adaptive_depth.gates import is_gated
+from adaptive_depth.policy import depth_key
 
 
 def _resnet(scaling_factors=(0.25, 0.5, 0.75, 1.0)) -> AdaptiveDepth:
@@ -38,6 +39,16 @@ def _recalibrated(scaling_factors=(0.25, 0.5, 0.75, 1.0)) -> AdaptiveDepth:
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
+def _is_statistic(key: str) -> bool:
+    return key.endswith(("running_mean", "running_var"))
+
+
+def _half_statistics(model: AdaptiveDepth) -> dict[str, torch.Tensor]:
+    """The statistics that run at s = 0.5, read from the base model (which holds the active depth's set)."""
+    with model.scaled(0.5):
+        return {f"model.{k}": v.clone() for k, v in model.model.state_dict().items() if _is_statistic(k)}
+
+
 # ---------------------------------------------------------------------- state dicts
 
 
@@ -56,21 +67,22 @@ def test_state_dict_holds_the_training_statistics_whatever_the_depth() -> None:
     model.set_scaling_factor(0.5).load_state_dict(sd)  # at 0.5: must not overwrite the 0.5 statistics either
     assert torch.equal(model(X), half)
     assert model.scaling_factor == 0.5
-    # A fresh wrap loading it gets the training statistics as its default, not those of 0.5.
+    # A fresh wrap loading it gets the training statistics as its default, not those of 0.5 (every layer: those
+    # of blocks that run at 0.5 differ between the two sets).
+    assert any(not torch.equal(v, trained[k]) for k, v in _half_statistics(model).items())
     fresh = _resnet()
     fresh.load_state_dict(sd)
-    assert torch.equal(
-        fresh.state_dict()["model.layer4.1.bn1.running_mean"], trained["model.layer4.1.bn1.running_mean"]
-    )
+    assert all(torch.equal(v, trained[k]) for k, v in fresh.state_dict().items() if _is_statistic(k))
+    assert torch.equal(fresh.set_scaling_factor(1.0)(X), _resnet().set_scaling_factor(1.0)(X))
 
 
 def test_nested_state_dict_of_a_module_holding_the_model_is_depth_independent() -> None:
     model = _recalibrated().set_scaling_factor(0.25)
     holder = nn.ModuleDict({"player": model})
     sd = holder.state_dict()
-    torch.testing.assert_close(
-        sd["player.model.layer4.1.bn1.running_mean"], _resnet().state_dict()["model.layer4.1.bn1.running_mean"]
-    )
+    trained = _resnet().state_dict()
+    for key in (k for k in trained if _is_statistic(k)):  # every layer, those that run at 0.25 included
+        torch.testing.assert_close(sd[f"player.{key}"], trained[key])
     quarter = model(X)
     holder.load_state_dict(sd)
     assert torch.equal(model(X), quarter)
@@ -80,17 +92,24 @@ def test_nested_state_dict_of_a_module_holding_the_model_is_depth_independent() 
 
 
 @pytest.mark.parametrize(
-    "value",
-    [np.float32(0.6), 0.2 * 3, np.linspace(0.1, 1, 10)[5] + 0.0, torch.tensor(0.6).item()],
-    ids=["float32", "0.2*3", "linspace", "tensor.item"],
+    ("value", "depth"),
+    [
+        (np.float32(0.6), 0.6),
+        (0.2 * 3, 0.6),
+        (np.linspace(0.1, 1, 10)[2], 0.3),  # 0.30000000000000004
+        (torch.tensor(0.3).item(), 0.3),  # 0.30000001192092896
+        (0.1 * 3, 0.3),
+    ],
+    ids=["float32", "0.2*3", "linspace", "tensor.item", "0.1*3"],
 )
-def test_float_noise_finds_the_depth_and_its_statistics(value: float) -> None:
+def test_float_noise_finds_the_depth_and_its_statistics(value: float, depth: float) -> None:
     model = _recalibrated((0.3, 0.6, 1.0))
-    reference = model.set_scaling_factor(0.6)(X)
+    reference = model.set_scaling_factor(depth)(X)
     model.set_scaling_factor(1.0)
-    assert model.set_scaling_factor(value).scaling_factor == 0.6
+    assert model.set_scaling_factor(value).scaling_factor == depth
     assert torch.equal(model(X), reference)
-    assert model.flops(value) == model.flops_table()[0.6]
+    assert model.flops(value) == model.flops_table()[depth]
+    assert depth_key(value) == str(depth)  # the one key of every JSON entry and statistics file
 
 
 def test_numpy_integers_are_block_counts() -> None:

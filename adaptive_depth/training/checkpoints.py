@@ -29,6 +29,7 @@ __all__ = [
     "Progress",
     "check_output_dir",
     "check_resumable",
+    "check_resume",
     "checkpoint_dirs",
     "load_checkpoint",
     "prepare_output_dir",
@@ -163,6 +164,14 @@ def check_resumable(state: dict[str, Any], config: dict[str, Any], processes: in
             f"{path} was written by {state['processes']} process(es); resume it with the same number "
             f"(this run has {processes})"
         )
+
+
+def check_resume(output_dir: Path | None, checkpoint: str | Path, config: dict[str, Any], processes: int) -> Path:
+    """The checkpoint a resumed run would load, checked (complete, this run's settings and processes) without
+    loading it: call it before anything in the output folder is removed."""
+    path = resolve_checkpoint(output_dir, checkpoint)
+    check_resumable(_read_state(path), config, processes, path)
+    return path
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
