@@ -24,12 +24,14 @@ Methods (each a TrainingConfig of the same trainer; see docs/benchmarks.md):
     sandwich           the default with the sandwich rule (smallest, top and one random depth per step)
     inplace-sandwich   one network, sandwich rule, sub-networks taught by the full depth only (US-Nets / Once-for-All)
     frozen-leader      a fixed teacher: in r1 trained plainly first (its time counted), in r2 the fine-tuned model
+    frozen-sandwich    the same fixed teacher, with the sandwich rule
     no-leader, no-sfsl ablations; "(no per-depth BN)" is read off the default's run
     plain              the full network fine-tuned alone, then cut to depth s
     random-depth       LayerDrop-style: a random subset of blocks skipped at each step
+    random-depth-kd    the same, also distilled from the frozen-leader teacher (labels and teacher, one pass a step)
     two-path           ADN-style: full network on labels, the smallest one distilled from it
     alone              each depth fine-tuned on its own (one run per depth)
-    random-depth@wall, two-path@wall   the same with the default's training time (more epochs)
+    random-depth@wall, two-path@wall, random-depth-kd@wall   the same with the default's training time (more epochs)
 """
 
 from __future__ import annotations
@@ -58,31 +60,34 @@ from adaptive_depth.training import (
     load_image_classification_data,
     make_loaders,
 )
+from adaptive_depth.training.recipes import DEFAULT_RECIPE, RECIPES
 
 SINGLE = {"leader": "none", "interactive": False}  # one network, no peers
 METHODS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "paper": {"leader": "joint", "interactive": True, "teammate_data": "shared", "sampled_depths": None},
+    "default": RECIPES[DEFAULT_RECIPE].overrides,
+    "paper": RECIPES["paper"].overrides,
     "one-teammate": {"interactive": False},
     "views": {"interactive": True, "teammate_data": "views"},
     "streams": {"interactive": True, "teammate_data": "streams"},
-    "sandwich": {"sampled_depths": 1},  # the default, with the smallest, the top and one random depth per step
+    "sandwich": RECIPES["sandwich"].overrides,  # the default, with the smallest, the top and one random depth
     "inplace-sandwich": {"sampled_depths": 1, "sub_ce_weight": 0.0, **SINGLE},
     "frozen-leader": {"leader": "frozen"},
+    "frozen-sandwich": {"leader": "frozen", "sampled_depths": 1},
     "frozen-leader-cached": {"leader": "frozen", "cache_leader_logits": True},
     "no-leader": {"leader": "none"},
     "no-sfsl": {"sfsl_gamma": 0.0},
-    "plain": {"scaling_factors": [1.0], **SINGLE},
-    "random-depth": {"scaling_factors": [1.0], "layer_drop": 0.5, **SINGLE},
+    "plain": RECIPES["plain"].overrides,  # trained at full depth only, cut to (and recalibrated at) every depth
+    "random-depth": RECIPES["random-depth"].overrides,
+    "random-depth-kd": {**RECIPES["random-depth"].overrides, "leader": "frozen"},  # and a fixed teacher's logits
     "two-path": {"sub_ce_weight": 0.0, "warmup_epochs": 0.0, **SINGLE},  # scaling factors: smallest and 1
     "alone": {"full_depth": False, **SINGLE},  # one run per depth
 }
 WALL = "@wall"  # suffix: the baseline again with the default's training time
-AT_WALL = ("random-depth", "two-path")
+AT_WALL = ("random-depth", "two-path", "random-depth-kd")
 NO_BN = "default, no per-depth BN"
 DEFAULT_METHODS = [
     "default", "paper", "streams", "sandwich", "plain", "random-depth", "two-path", "alone",
-    *(m + WALL for m in AT_WALL),
+    "random-depth@wall", "two-path@wall",
 ]  # fmt: skip
 CHOICES = [*METHODS, *(m + WALL for m in AT_WALL)]
 CHEAPER = ("frozen-leader-cached",)  # on request only
@@ -312,6 +317,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-train-samples", type=int, default=None)
     p.add_argument("--max-eval-samples", type=int, default=None)
     p.add_argument("--output-dir", type=Path, default=Path("out/benchmarks/accuracy"))
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="train nothing: one table from the accuracy.json of runs made apart (e.g. one process per seed)",
+    )
     args = p.parse_args(argv)
     args.input_size = [3, args.image_size, args.image_size]
     args.set = dict(_field(item, p) for item in args.set)
@@ -336,42 +349,92 @@ def _field(item: str, parser: argparse.ArgumentParser) -> tuple[str, Any]:
         return name, raw
 
 
+PER_PART = ("seeds", "methods", "output_dir", "merge")  # settings that may differ between the files of a merge
+
+
+def load_runs(paths: list[Path]) -> tuple[list[Run], dict[str, Any], dict[int, float]]:
+    """The runs, the settings of the first file and the r2 base times of several ``accuracy.json`` files.
+
+    Raises:
+        SystemExit: the files disagree on a setting other than the seeds, methods and output folder (their
+            numbers would not be comparable), or a method and seed appears twice.
+    """
+    runs: list[Run] = []
+    settings: dict[str, Any] = {}
+    bases: dict[int, float] = {}
+    for path in paths:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        these = {k: v for k, v in report["settings"].items() if k not in PER_PART}
+        if settings and these != settings:
+            differ = sorted(k for k in these.keys() | settings.keys() if these.get(k) != settings.get(k))
+            raise SystemExit(f"{path} was run with other settings ({', '.join(differ)}): its numbers do not compare")
+        settings = these
+        bases.update({int(seed): seconds for seed, seconds in report.get("base_seconds", {}).items()})
+        for raw in report["runs"]:
+            per_depth = {k: {float(s): v for s, v in raw[k].items()} for k in ("top1", "gflops", "top1_deployed")}
+            runs.append(Run(raw["method"], raw["seed"], seconds=raw["seconds"], epochs=raw["epochs"], **per_depth))
+    seen = [(r.method, r.seed) for r in runs]
+    twice = sorted({key for key in seen if seen.count(key) > 1})
+    if twice:
+        raise SystemExit(f"method and seed appear in more than one file: {twice}")
+    return runs, settings, bases
+
+
 def main(argv: list[str] | None = None) -> list[Run]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.merge:
+        return merge(args)
     data = load_image_classification_data(
         args.dataset, seed=0, max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples
     )
     start = time.perf_counter()
     bench = Benchmark(args, data)
     runs = bench.run()
-    depths = bench.depths
-    base = statistics.mean(bench.base_seconds.values()) if bench.base_seconds else None
+    settings = {k: v if not isinstance(v, Path) else str(v) for k, v in vars(args).items()}
+    settings |= {"dataset_source": data.source, "eval_images": len(data.eval)}
+    write_report(args.output_dir, runs, settings, bench.base_seconds, minutes=(time.perf_counter() - start) / 60)
+    return runs
+
+
+def merge(args: argparse.Namespace) -> list[Run]:
+    """``--merge``: one report from the JSON files of separate runs (same settings, other seeds)."""
+    runs, settings, bases = load_runs(args.merge)
+    settings["seeds"] = sorted({r.seed for r in runs})
+    write_report(args.output_dir, runs, settings, bases)
+    return runs
+
+
+def write_report(
+    output_dir: Path, runs: list[Run], settings: dict[str, Any], base_seconds: dict[int, float], minutes: float = 0
+) -> None:
+    """Print the table and write it (accuracy.md), the runs (accuracy.json) and the plot (accuracy.png)."""
+    depths = sorted({s for r in runs for s in r.gflops})
+    base = statistics.mean(base_seconds.values()) if base_seconds else None
     table = markdown(runs, depths, plain_seconds=base)
-    regime = {"r1": "from the checkpoint", "r2": f"from a plain fine-tune of {args.base_epochs} epochs"}[args.regime]
+    regime = settings["regime"]
+    start = {"r1": "from the checkpoint", "r2": f"from a plain fine-tune of {settings['base_epochs']} epochs"}[regime]
     title = (
-        f"{args.model} ({args.weights}) on {data.source}, {args.regime} ({regime}): top-1 (%) on {len(data.eval)} "
-        f"held-out images, seeds {args.seeds}, {args.epochs} epochs"
+        f"{settings['model']} ({settings['weights']}) on {settings['dataset_source']}, {regime} ({start}): top-1 (%) "
+        f"on {settings['eval_images']} held-out images, seeds {settings['seeds']}, {settings['epochs']} epochs"
     )
     note = (
         f"\n\nThe plain fine-tune every r2 method starts from took {base:.0f} s (the 'vs plain' reference)."
         if base
         else ""
     )
-    print(f"\n## {title}, {(time.perf_counter() - start) / 60:.1f} min\n\n{table}{note}")
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "accuracy.md").write_text(f"{title}\n\n{table}{note}\n", encoding="utf-8")
-    settings = {k: v if not isinstance(v, Path) else str(v) for k, v in vars(args).items()}
-    report = {"settings": settings, "base_seconds": bench.base_seconds, "runs": [asdict(r) for r in runs]}
-    (args.output_dir / "accuracy.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    print(f"\n## {title}" + (f", {minutes:.1f} min" if minutes else "") + f"\n\n{table}{note}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "accuracy.md").write_text(f"{title}\n\n{table}{note}\n", encoding="utf-8")
+    report = {"settings": settings, "base_seconds": base_seconds, "runs": [asdict(r) for r in runs]}
+    (output_dir / "accuracy.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     gflops = {s: next(r.gflops[s] for r in runs if s in r.gflops) for s in depths}
     points = [
         {"player": method, "scaling_factor": s, "top1": mean, "gflops": gflops[s]}
         for method, cells in summary(runs, depths).items()
         for s, (mean, _, _) in cells.items()
     ]
-    pareto_plot(points, args.output_dir / "accuracy.png", title=title.split(":")[0])
-    return runs
+    pareto_plot(points, output_dir / "accuracy.png", title=title.split(":")[0])
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ from adaptive_depth.training import (
     load_image_classification_data,
     make_loaders,
 )
-from adaptive_depth.training.checkpoints import check_output_dir, prepare_output_dir
+from adaptive_depth.training.checkpoints import check_output_dir, check_resume, prepare_output_dir
 from adaptive_depth.training.evaluate import TrainingResult
+from adaptive_depth.training.recipes import DEFAULT_RECIPE, RECIPES
 
 DIGITS_IMAGE_SIZE = 32  # digits are 8x8: upsampling them to 224 px would only cost time
 DIGITS_LEARNING_RATE = 1e-2  # measured: regnetx_002 from random init reaches 98% in 10 epochs, 78% at 1e-3
@@ -55,6 +56,14 @@ class ScriptArguments:
     ``--learning-rate`` and ``--learning_rate``; ``--no-self-distillation`` switches a default-on field off)."""
 
     model: str = field(default=DIGITS_MODEL, metadata={"help": "timm name, Hub id or local folder"})
+    recipe: str = field(
+        default=DEFAULT_RECIPE,
+        metadata={
+            "help": "training recipe, defaults for the training flags (a flag given too wins): "
+            + "; ".join(f"{name}: {r.summary}" for name, r in RECIPES.items()),
+            "choices": list(RECIPES),
+        },
+    )
     pretrained: bool = field(default=False, metadata={"help": "pretrained weights are required (missing: error)"})
     random_init: bool = field(default=False, metadata={"help": "start from random weights on purpose"})
     image_size: int | None = field(default=None, metadata={"help": "input size (default: the model's; 32 on digits)"})
@@ -98,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, Training
         (ScriptArguments, TrainingConfig), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.set_defaults(learning_rate=None)  # unset: the dataset's default (1e-2 on the embedded data)
+    chosen, _ = parser.parse_known_args(argv)  # the recipe first: its values are the other flags' defaults
+    parser.set_defaults(**RECIPES[chosen.recipe].overrides)
     namespace = parser.parse_args(argv)
     values = vars(namespace)
     script = ScriptArguments(**{f.name: values.pop(f.name) for f in fields(ScriptArguments)})
@@ -176,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     configure_logging(args.verbose, accelerator.is_main_process)
+    checkpoints_in = None if args.checkpointing_steps == "no" else args.output_dir
+    if resume:  # the checkpoint exists, is complete and fits these settings: checked before anything is removed
+        check_resume(checkpoints_in, args.resume_from_checkpoint, config.to_dict(), accelerator.num_processes)
     set_seed(config.seed)
     image_size = args.image_size or (DIGITS_IMAGE_SIZE if data.source in EMBEDDED_DATASETS else None)
     input_size = [3, image_size, image_size] if image_size else None
@@ -221,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerator=accelerator,
         num_classes=data.num_classes,
         top5=top5,
-        output_dir=None if args.checkpointing_steps == "no" else args.output_dir,
+        output_dir=checkpoints_in,
         checkpoint_steps=checkpoint_steps,
         recalibration_loader=loaders.recalibration,
         save_total_limit=args.save_total_limit,
@@ -281,9 +295,9 @@ def configure_logging(verbose: bool, main_process: bool = True) -> None:
 
     Called again once the processes are known: only the main one speaks (the random-init notice, warnings).
     """
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)  # also where a library configured logging first (basicConfig: a no-op)
     if not verbose:
         transformers.logging.set_verbosity_error()
         datasets.logging.set_verbosity_error()

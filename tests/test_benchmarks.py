@@ -150,3 +150,26 @@ def test_accuracy_benchmark_reports_the_mean_of_the_teammates_not_the_picked_one
     # B was deployed (picked on these held-out images): reporting it would credit the method with the better draw
     assert scores["top1"] == {0.5: 85.0, 1.0: 89.0} and scores["deployed"] == {0.5: 90.0, 1.0: 94.0}
     assert scores["trained_norms"] == {0.5: 70.0, 1.0: 85.0} and scores["gflops"] == {0.5: 1.0, 1.0: 2.0}
+
+
+def test_accuracy_runs_made_apart_merge_into_one_table(tmp_path: Path) -> None:
+    bench = _script("accuracy")
+    for seed in ("0", "1"):
+        _accuracy(tmp_path / seed, "--methods", "plain", "random-depth", "--seeds", seed)
+    parts = [tmp_path / seed / "accuracy.json" for seed in ("0", "1")]
+    runs = bench.main(["--merge", *map(str, parts), "--output-dir", str(tmp_path / "all")])
+    assert sorted((r.method, r.seed) for r in runs) == [
+        ("plain", 0),
+        ("plain", 1),
+        ("random-depth", 0),
+        ("random-depth", 1),
+    ]
+    table = (tmp_path / "all" / "accuracy.md").read_text()
+    assert "seeds [0, 1]" in table and "| plain |" in table and " ± " in table  # a spread needs two seeds
+    separate = {r.method: r.top1 for r in bench.load_runs(parts[:1])[0]}
+    assert {r.method: r.top1 for r in runs if r.seed == 0} == separate  # the numbers pass through unchanged
+    with pytest.raises(SystemExit, match="more than one file"):
+        bench.main(["--merge", str(parts[0]), str(parts[0]), "--output-dir", str(tmp_path / "twice")])
+    _accuracy(tmp_path / "other", "--methods", "plain", "--seeds", "2", "--epochs", "2")
+    with pytest.raises(SystemExit, match=r"other settings \(epochs\)"):
+        bench.main(["--merge", str(parts[0]), str(tmp_path / "other" / "accuracy.json"), "--output-dir", str(tmp_path)])

@@ -12,10 +12,11 @@ from ..config import DEFAULT_SCALING_FACTORS
 from ..errors import ConfigError
 from ..policy import check_scaling_factor
 
-__all__ = ["LEADER_MODES", "TEAMMATE_DATA", "TrainingConfig"]
+__all__ = ["LEADER_MODES", "TEAMMATE_DATA", "TRAIN_DEPTHS", "TrainingConfig"]
 
 LEADER_MODES = ("joint", "frozen", "none")
 TEAMMATE_DATA = ("shared", "views", "streams")
+TRAIN_DEPTHS = ("all", "top")
 # transformers.get_scheduler names that need no extra arguments
 LR_SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
@@ -76,6 +77,9 @@ class TrainingConfig:
             gateable block with this probability (one block per stage always runs). 0: off. With
             ``scaling_factors=[1.0]`` and no peers it is the random-depth baseline. Under DDP the skipped blocks
             differ per step, so the trainer's own Accelerator finds unused parameters.
+        train_depths: which depths run at each training step: ``"all"`` (every trained depth, or the sandwich
+            sample) or ``"top"`` (the top depth alone: plain fine-tuning, or random depth with ``layer_drop``). The
+            other ``scaling_factors`` still get their BatchNorm statistics, evaluation and a place in the card.
         recalibration_batches: training batches read per depth by the recalibration.
         teammate_data: what the Teammates see at each step: ``"shared"`` (the same batch), ``"views"`` (the same
             images, each Teammate with its own augmentation draws) or ``"streams"`` (each Teammate its own images
@@ -118,6 +122,9 @@ class TrainingConfig:
     sampled_depths: int | None = field(default=None, metadata={"help": "sandwich rule: random depths per step"})
     layer_drop: float = field(default=0.0, metadata={"help": "random depth: probability to skip a block"})
     teammate_data: str = field(default="shared", metadata={"help": "what the Teammates see", "choices": TEAMMATE_DATA})
+    train_depths: str = field(
+        default="all", metadata={"help": "depths run per step: all, or the top one alone", "choices": TRAIN_DEPTHS}
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.scaling_factors, list | tuple) or not self.scaling_factors:
@@ -146,6 +153,8 @@ class TrainingConfig:
             raise ConfigError(f"lr_scheduler_type must be one of {LR_SCHEDULERS}, got {self.lr_scheduler_type!r}")
         if self.teammate_data not in TEAMMATE_DATA:
             raise ConfigError(f"teammate_data must be one of {TEAMMATE_DATA}, got {self.teammate_data!r}")
+        if self.train_depths not in TRAIN_DEPTHS:
+            raise ConfigError(f"train_depths must be one of {TRAIN_DEPTHS}, got {self.train_depths!r}")
         if self.teammate_data != "shared" and not self.interactive:
             raise ConfigError(
                 f"teammate_data={self.teammate_data!r} gives each of two Teammates its own data: it needs "
@@ -168,7 +177,7 @@ class TrainingConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.max_grad_norm is not None:
             self._check_number("max_grad_norm", minimum=0.0, inclusive=False)
-        has_sub = len(self.scaling_factors) > 1
+        has_sub = len(self.scaling_factors) > 1 and self.train_depths == "all"
         if has_sub and not (self.self_distillation or self.interactive or self.sub_ce_weight > 0):
             raise ConfigError(
                 "the sub-networks would get no loss: enable self_distillation or interactive, or set sub_ce_weight > 0"

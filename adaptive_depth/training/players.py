@@ -116,6 +116,8 @@ class CooperativeModel(nn.Module):
         layer_drop: in training mode, the top depth skips random blocks with this probability (LayerDrop-style).
         sampled_depths: in training mode, run the smallest and the top depth plus this many others drawn at random
             (the sandwich rule; ``None``: every depth).
+        top_only: in training mode, run the top depth alone (``TrainingConfig.train_depths="top"``): plain
+            fine-tuning, or random depth with ``layer_drop``; the other depths are for evaluation.
         own_images: each Teammate's view is of other images (``teammate_data="streams"``): the Leader runs on
             every Teammate's batch, and each Teammate's peer target is the other Teammate run on its batch.
     """
@@ -130,6 +132,7 @@ class CooperativeModel(nn.Module):
         layer_drop: float = 0.0,
         sampled_depths: int | None = None,
         own_images: bool = False,
+        top_only: bool = False,
     ) -> None:
         super().__init__()
         if leader_mode not in LEADER_ROUTES:
@@ -147,6 +150,7 @@ class CooperativeModel(nn.Module):
         self.layer_drop = layer_drop
         self.sampled_depths = sampled_depths
         self.own_images = own_images
+        self.top_only = top_only
 
     def train(self, mode: bool = True) -> CooperativeModel:
         """Train mode for the Teammates (and a joint Leader); a frozen Leader stays in eval mode."""
@@ -169,11 +173,13 @@ class CooperativeModel(nn.Module):
         return names
 
     def depths_to_run(self) -> list[float]:
-        """This step's depths, largest first: all of them, or (training, sandwich rule) top, smallest and a sample.
+        """This step's depths, largest first: all of them, or (training) the top one alone or the sandwich sample.
 
         The sample comes from torch's random number generator: seeded, checkpointed, the same on every process.
         """
         depths = self.scaling_factors
+        if self.top_only and self.training:
+            return depths[:1]
         k = self.sampled_depths
         if k is None or not self.training or len(depths) <= k + 2:
             return list(depths)

@@ -26,10 +26,9 @@ from ..report import DepthResult, TrainingReport
 from ..state import preserved
 from .checkpoints import (
     Progress,
-    check_resumable,
+    check_resume,
     checkpoint_dirs,
     load_checkpoint,
-    resolve_checkpoint,
     save_checkpoint,
 )
 from .config import TrainingConfig
@@ -124,6 +123,7 @@ class CooperativeTrainer:
             layer_drop=config.layer_drop,
             sampled_depths=config.sampled_depths,
             own_images=config.teammate_data == "streams" and config.num_teammates > 1,
+            top_only=config.train_depths == "top",
         )
         self.num_classes = num_classes
         self.top5 = top5
@@ -248,9 +248,9 @@ class CooperativeTrainer:
         return path
 
     def _resume(self, checkpoint: str | Path) -> None:
-        path = resolve_checkpoint(self.output_dir, checkpoint)
+        # refused (other settings, another number of processes) before anything is loaded into the players
+        path = check_resume(self.output_dir, checkpoint, self.config.to_dict(), self.accelerator.num_processes)
         state = load_checkpoint(self.accelerator, path)
-        check_resumable(state, self.config.to_dict(), self.accelerator.num_processes, path)
         self.progress = Progress(**state["progress"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.accelerator.print(f"resumed from {path}: epoch {self.progress.epoch}, step {self.progress.step}")

@@ -1,0 +1,81 @@
+"""Named recipes (``--recipe``) and training the top depth alone (``train_depths="top"``)."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from test_training import ROOT, _loader
+
+from adaptive_depth import AdaptiveDepth, ConfigError
+from adaptive_depth.training import CooperativeTrainer, TrainingConfig
+from adaptive_depth.training.recipes import DEFAULT_RECIPE, RECIPES, recipe_config
+from scripts import load_script
+
+
+def _model() -> AdaptiveDepth:
+    return AdaptiveDepth.wrap(
+        timm.create_model("regnetx_002", num_classes=10, zero_init_last=False), input_size=[3, 32, 32]
+    )
+
+
+def test_every_recipe_is_a_valid_config_and_values_win_over_it() -> None:
+    for name in RECIPES:
+        assert isinstance(recipe_config(name), TrainingConfig)
+    assert recipe_config(DEFAULT_RECIPE) == TrainingConfig()
+    rd = recipe_config("random-depth")
+    assert (rd.train_depths, rd.layer_drop, rd.leader, rd.interactive) == ("top", 0.5, "none", False)
+    assert rd.scaling_factors == [0.25, 0.5, 0.75, 1.0]  # still recalibrated and evaluated at every depth
+    assert recipe_config("random-depth", layer_drop=0.2).layer_drop == 0.2
+    with pytest.raises(ConfigError, match=r"unknown recipe 'layerdrop'; choose one of"):
+        recipe_config("layerdrop")
+    with pytest.raises(ConfigError, match=r"unknown training config fields \['layer_dorp'\]"):
+        recipe_config("random-depth", layer_dorp=0.2)
+    with pytest.raises(ConfigError, match="train_depths must be one of"):
+        TrainingConfig(train_depths="middle")
+
+
+def test_the_script_takes_a_recipe_as_defaults_for_its_flags() -> None:
+    script = load_script(ROOT / "examples" / "finetune.py")
+    _, config = script.parse_args(["--recipe", "random-depth"])
+    assert config == recipe_config("random-depth", learning_rate=config.learning_rate)
+    _, config = script.parse_args(["--recipe", "random-depth", "--layer-drop", "0.3", "--leader", "joint"])
+    assert (config.layer_drop, config.leader, config.train_depths) == (0.3, "joint", "top")
+    _, config = script.parse_args(["--recipe", "paper"])
+    assert config.interactive and config.leader == "joint"
+    args, config = script.parse_args([])
+    assert args.recipe == DEFAULT_RECIPE and not config.interactive and config.train_depths == "all"
+    with pytest.raises(SystemExit):
+        script.parse_args(["--recipe", "nope"])
+
+
+def test_top_depth_alone_trains_one_forward_and_evaluates_every_depth() -> None:
+    set_seed(0)
+    model = _model()
+    config = recipe_config("random-depth", epochs=1, batch_size=16, learning_rate=3e-3)
+    trainer = CooperativeTrainer(model, config, _loader(model), _loader(model, n=32), accelerator=Accelerator())
+    images, _ = next(iter(trainer.train_loader))
+    trainer.module.train()
+    assert trainer.module.depths_to_run() == [1.0]
+    logits = trainer.module(images)
+    assert list(logits.teammates[0]) == [1.0] and logits.leader is None
+    trainer.module.eval()
+    assert trainer.module.depths_to_run() == [1.0, 0.75, 0.5, 0.25]
+
+    calls: list[int] = []
+    handle = trainer.teammates[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    trainer.train()
+    handle.remove()
+    assert len(calls) == len(trainer.train_loader)  # one forward per step, not one per depth
+    result = trainer.evaluate(latency=False)
+    assert sorted({r.scaling_factor for r in result.results}) == [0.25, 0.5, 0.75, 1.0]
+    saved = result.model
+    assert saved.config.scaling_factors == [0.25, 0.5, 0.75, 1.0]
+    norms = [m for m in saved.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    means = {}
+    for s in (0.25, 1.0):  # each depth got its own BatchNorm statistics
+        saved.set_scaling_factor(s)
+        means[s] = [bn.running_mean.clone() for bn in norms]
+    assert any(not torch.equal(a, b) for a, b in zip(means[0.25], means[1.0]))
