@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import datasets
+import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -153,13 +154,27 @@ def build_model(
     )
 
 
+def own_teacher(model: AdaptiveDepth, name: str) -> torch.nn.Module:
+    """``--leader frozen`` without ``--leader-model``: the starting model itself, at full depth, as the fixed teacher.
+
+    This is the user with a model already fine-tuned on the task who makes it depth-switchable: the teacher costs one
+    forward without gradient per step and needs no training (docs/benchmarks.md, R2). It needs a head trained for
+    these classes; a new head would teach noise.
+    """
+    if not model.config.base_model.trained_head:
+        raise ConfigError(
+            f"--leader frozen without --leader-model makes {name!r} its own teacher, but its head is new (not trained "
+            "for this dataset's classes); start from a model fine-tuned on this dataset, or name a trained teacher "
+            "with --leader-model NAME"
+        )
+    return model.export(1.0).eval()
+
+
 def main(argv: list[str] | None = None) -> int:
     args, config = parse_args(argv)
     configure_logging(args.verbose)
     work_offline_if_the_hub_is_unreachable()
     # Every bad input is an error here, before any model is built or any step is taken.
-    if config.leader == "frozen" and not args.leader_model:
-        raise ConfigError("--leader frozen needs --leader-model: a model already trained on this dataset's labels")
     resume = args.resume_from_checkpoint is not None
     check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resume=resume)
     data = load_image_classification_data(
@@ -208,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                 model_kwargs={},
                 num_classes=None if args.leader == "frozen" else data.num_classes,
             ).model
+    if config.leader == "frozen" and leader is None:
+        leader = own_teacher(teammates[0], args.model)
     for teammate in teammates:  # class names travel with the saved model (config.json, card, exports)
         teammate.set_labels(data.class_names)
     size = teammates[0].config.input_size

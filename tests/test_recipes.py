@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -79,3 +82,27 @@ def test_top_depth_alone_trains_one_forward_and_evaluates_every_depth() -> None:
         saved.set_scaling_factor(s)
         means[s] = [bn.running_mean.clone() for bn in norms]
     assert any(not torch.equal(a, b) for a, b in zip(means[0.25], means[1.0]))
+
+
+def test_a_fine_tuned_model_is_its_own_frozen_teacher(tmp_path: Path) -> None:
+    """The user with a model fine-tuned on the task: ``--leader frozen`` alone makes that model the fixed teacher."""
+    finetuned = timm.create_model("test_convnext", num_classes=10)  # digits has 10 classes: the head is kept
+    timm.models.save_for_hf(finetuned, tmp_path / "finetuned")
+    script = load_script("examples/finetune.py")
+    common = ["--epochs", "1", "--max-train-samples", "32", "--max-eval-samples", "16", "--batch-size", "16",
+              "--no-latency", "--checkpointing-steps", "no", "--image-size", "32"]  # fmt: skip
+    out = tmp_path / "out"
+    assert (
+        script.main(["--model", str(tmp_path / "finetuned"), "--leader", "frozen", *common, "--output-dir", str(out)])
+        == 0
+    )
+    results = json.loads((out / "results.json").read_text())
+    leader = [r for r in results if r["player"] == "leader"]
+    assert len(leader) == 1 and json.loads((out / "training_config.json").read_text())["leader"] == "frozen"
+    with torch.no_grad():  # the teacher was the fine-tuned model, unchanged: its accuracy is that model's
+        x = torch.randn(2, 3, 32, 32)
+        teacher = script.own_teacher(AdaptiveDepth.from_pretrained(tmp_path / "finetuned", input_size=[3, 32, 32]), "x")
+        torch.testing.assert_close(teacher(x), finetuned.eval()(x))
+    fresh = AdaptiveDepth.from_pretrained(tmp_path / "finetuned", num_classes=4, input_size=[3, 32, 32])
+    with pytest.raises(ConfigError, match="its head is new"):
+        script.own_teacher(fresh, "finetuned")
