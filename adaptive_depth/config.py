@@ -26,11 +26,12 @@ LIBRARY_NAME = "adaptive-depth"
 FORMAT_VERSION = 1
 DEFAULT_SCALING_FACTORS = (0.25, 0.5, 0.75, 1.0)
 BASE_SOURCES = ("timm", "transformers", "module")
+UNIT_KINDS = ("block", "branch")
 
 
 @dataclass
 class BlockSpec:
-    """One block of a stage.
+    """One gate unit of a stage: a residual block, or a residual branch inside a block.
 
     Args:
         name: qualified module name inside the base model (``model.get_submodule(name)``).
@@ -41,6 +42,9 @@ class BlockSpec:
         output: what the block returns, ``"tensor"`` or ``"tuple"``; a skipped block returns its input
             in the same structure.
         output_len: length of the tuple a ``"tuple"`` block returns.
+        kind: ``"block"``: a module that is residual as a whole (skipped: it returns its input); ``"branch"``: a
+            module whose output its block only adds to a shortcut (``x = shortcut + attn(x)``; skipped: it returns
+            zeros, so the add gives the shortcut). Configs saved before branches existed load as ``"block"``.
     """
 
     name: str
@@ -48,10 +52,29 @@ class BlockSpec:
     input_kwarg: str | None = None
     output: str = "tensor"
     output_len: int = 1
+    kind: str = "block"
 
     def __post_init__(self) -> None:
         if self.output not in ("tensor", "tuple"):
             raise ConfigError(f"block {self.name!r}: output must be 'tensor' or 'tuple', got {self.output!r}")
+        if self.kind not in UNIT_KINDS:
+            raise ConfigError(f"block {self.name!r}: kind must be one of {UNIT_KINDS}, got {self.kind!r}")
+        if self.kind == "branch" and (not self.gateable or self.output != "tensor"):
+            raise ConfigError(
+                f"branch {self.name!r} must be gateable and return a tensor (a skipped branch returns zeros of its "
+                "output's shape); the config was edited by hand: wrap the model again"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        """The fields as a dict, ``kind`` left out for blocks.
+
+        :meth:`AdaptiveDepthConfig.structure_digest` hashes this form, so that the digests of models saved before
+        branches existed stay valid.
+        """
+        described = asdict(self)
+        if self.kind == "block":
+            del described["kind"]
+        return described
 
 
 @dataclass
@@ -65,6 +88,16 @@ class StageSpec:
         self.blocks = [b if isinstance(b, BlockSpec) else BlockSpec(**b) for b in self.blocks]
         if not any(b.gateable for b in self.blocks):
             raise ConfigError(f"stage {self.name!r} has no gateable block; drop it from the stage list")
+        kinds = sorted({b.kind for b in self.blocks})
+        if len(kinds) > 1:
+            raise ConfigError(
+                f"stage {self.name!r} mixes blocks and branches; a stage gates one or the other: split it in two"
+            )
+
+    @property
+    def kind(self) -> str:
+        """``"block"`` (the stage gates whole blocks) or ``"branch"`` (residual branches inside its blocks)."""
+        return self.blocks[0].kind if self.blocks else "block"
 
     @property
     def num_blocks(self) -> int:
@@ -194,7 +227,7 @@ class AdaptiveDepthConfig:
         Saved in the weights file's metadata; a config whose digest differs was edited after the save.
         """
         described = {
-            "stages": [asdict(s) for s in self.stages],
+            "stages": [{"name": s.name, "blocks": [b.describe() for b in s.blocks]} for s in self.stages],
             "policy": self.policy,
             "norm_stats": [depth_key(s) for s in self.norm_stats],
         }
@@ -202,8 +235,13 @@ class AdaptiveDepthConfig:
 
     @property
     def num_gateable(self) -> int:
-        """Number of blocks that can be skipped."""
+        """Number of blocks (and branches) that can be skipped."""
         return sum(b.gateable for s in self.stages for b in s.blocks)
+
+    @property
+    def gates_branches(self) -> bool:
+        """True if some stage gates residual branches inside blocks instead of whole blocks."""
+        return any(s.kind == "branch" for s in self.stages)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict."""

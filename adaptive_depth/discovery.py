@@ -12,28 +12,34 @@ Order (STYLE.md, "discovery order"):
    parameters are zero, up to a trailing activation: a residual block ``act(x + f(x))`` does, a plain
    ``conv`` or a norm layer does not
    (so VGG has nothing to gate). Among nested passing modules the innermost candidate wins (a block,
-   not the stage that holds it); outside candidates, the innermost passing module.
-3. **A user override** (``block_patterns``): regexes on module names that replace steps 1-2.
+   not the stage that holds it); outside candidates, the innermost passing module. The probe itself lives in
+   :mod:`adaptive_depth.probe`.
+3. **Residual branches.** Outside the stages of step 2, a block that keeps its input's shape but has no identity
+   path as a whole (TinyViT, RepViT) may hold residual branches, added inline to a shortcut in its forward:
+   :mod:`adaptive_depth.branches` finds them with one more forward pass, and they are gated instead (``kind
+   "branch"``). Models whose blocks are all residual as a whole skip this step and its forward pass.
+4. **A user override** (``block_patterns``): regexes on module names that replace steps 1-3.
 
 Blocks are grouped into stages by parent container; a *fixed* (shape-changing) sibling block, such as
-ResNet's first block with its downsample, opens a new stage and counts in it.
+ResNet's first block with its downsample, opens a new stage and counts in it. Branches are grouped by the
+parent of their block (all branches of ``stages.1.blocks.*`` form one stage).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
+from .branches import find_branches
 from .config import BlockSpec, StageSpec
 from .errors import ConfigError, NoGateableBlocksError
+from .probe import Call, is_residual, keeps_shape, probe
 from .state import preserved
 
 __all__ = ["Discovery", "discover"]
@@ -42,129 +48,11 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class _Call:
-    """What one module saw during the probe forward pass."""
-
-    order: int
-    calls: int
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    output: Any = None
-
-
-@dataclass
 class Discovery:
     """Result of :func:`discover`: the stages and how they were found."""
 
     stages: list[StageSpec]
     method: str
-
-
-def _main_input(call: _Call) -> tuple[torch.Tensor | None, str | None]:
-    """The tensor a block transforms, and the keyword it came by (None: first positional argument)."""
-    if call.args:
-        return (call.args[0], None) if isinstance(call.args[0], torch.Tensor) else (None, None)
-    if isinstance(call.kwargs.get("hidden_states"), torch.Tensor):
-        return call.kwargs["hidden_states"], "hidden_states"
-    for key, value in call.kwargs.items():
-        if isinstance(value, torch.Tensor):
-            return value, key
-    return None, None
-
-
-def _main_output(output: Any) -> tuple[torch.Tensor | None, str, int]:
-    """The tensor a block returns, whether it came alone or first in a tuple, and the tuple length."""
-    if isinstance(output, torch.Tensor):
-        return output, "tensor", 1
-    if type(output) is tuple and output and isinstance(output[0], torch.Tensor):
-        return output[0], "tuple", len(output)
-    return None, "tensor", 1
-
-
-def _probe(model: nn.Module, example_input: torch.Tensor) -> dict[str, _Call]:
-    """Run one forward pass and record the first call of every submodule, in call order."""
-    calls: dict[str, _Call] = {}
-    handles = []
-
-    def pre_hook(name: str):
-        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if name in calls:
-                calls[name].calls += 1
-            else:
-                calls[name] = _Call(order=len(calls), calls=1, args=args, kwargs=dict(kwargs))
-
-        return hook
-
-    def post_hook(name: str):
-        def hook(_module: nn.Module, _args: Any, _kwargs: Any, output: Any) -> None:
-            if calls[name].calls == 1:
-                calls[name].output = output
-
-        return hook
-
-    for name, module in model.named_modules():
-        if name:
-            handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
-            handles.append(module.register_forward_hook(post_hook(name), with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(example_input)
-    except Exception as e:
-        raise ConfigError(
-            f"the probe forward pass on an input of shape {tuple(example_input.shape)} failed ({e}); "
-            "pass an input the model accepts with `example_input=` (or `input_size=`)"
-        ) from e
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls
-
-
-def _keeps_shape(call: _Call) -> bool:
-    x, _ = _main_input(call)
-    y, _, _ = _main_output(call.output)
-    return x is not None and y is not None and y.shape == x.shape and y.dtype == x.dtype
-
-
-# A residual block may end in an activation: ``act(x + f(x))``. With zero weights it gives ``act(x)``.
-_TRAILING_ACTIVATIONS: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = (
-    lambda t: t,
-    F.relu,
-    F.relu6,
-    F.leaky_relu,
-    F.silu,
-    F.gelu,
-    lambda t: F.gelu(t, approximate="tanh"),
-    F.hardswish,
-    F.elu,
-    F.mish,
-)
-
-
-def _is_residual(module: nn.Module, call: _Call) -> bool:
-    """True if the module passes its input through when all its parameters are zero.
-
-    A residual block ``act(x + f(x))`` becomes ``act(x)`` for the identity or a standard activation (ReLU,
-    LeakyReLU, SiLU, GELU...). A plain conv or norm layer gives zeros, and a gating module such as
-    squeeze-excitation gives ``x / 2``; neither passes.
-    """
-    x, _ = _main_input(call)
-    params = dict(module.named_parameters())
-    if not params or x is None or not x.is_floating_point() or float(x.float().std()) == 0.0:
-        return False  # nothing to zero, or an input too degenerate to tell (e.g. after a zero-init layer)
-    if not bool((x > 0).any()):
-        return False  # ReLU(x) would be all zeros, like the output of a zeroed conv
-    zeros = {name: torch.zeros_like(p) for name, p in params.items()}
-    try:
-        with torch.no_grad():
-            y, _, _ = _main_output(functional_call(module, zeros, call.args, call.kwargs))
-    except Exception:  # an exotic module that cannot run with zero weights is not a block we can reason about
-        return False
-    if y is None or y.shape != x.shape or not torch.isfinite(y).all():
-        return False
-    x, y = x.float(), y.float()
-    atol = 1e-4 * float(x.abs().max())  # relative: freshly initialised models can carry tiny activations
-    return any(torch.allclose(y, act(x), rtol=1e-4, atol=atol) for act in _TRAILING_ACTIVATIONS)
 
 
 def _full_matches(patterns: Iterable[str], names: Iterable[str]) -> set[str]:
@@ -277,17 +165,17 @@ def discover(
 
 
 def _discover(model: nn.Module, example_input: torch.Tensor, block_patterns: Sequence[str] | None) -> Discovery:
-    calls = _probe(model, example_input)
+    calls = probe(model, example_input)
     modules = dict(model.named_modules())
+    with_params = {n for n in calls if next(modules[n].parameters(), None) is not None}
 
     def passes(name: str, *, residual_test: bool = True) -> bool:
         call = calls.get(name)
-        if call is None or call.calls != 1 or not _keeps_shape(call):
+        if call is None or call.calls != 1 or not keeps_shape(call) or name not in with_params:
             return False
-        if not any(True for _ in modules[name].parameters()):
-            return False
-        return not residual_test or _is_residual(modules[name], call)
+        return not residual_test or is_residual(modules[name], call)
 
+    branch_stages: list[tuple[int, StageSpec]] = []
     if block_patterns:
         try:
             candidates = _full_matches(block_patterns, calls)
@@ -298,23 +186,24 @@ def _discover(model: nn.Module, example_input: torch.Tensor, block_patterns: Seq
     else:
         candidates = _full_matches(_timm_patterns(model), calls) | (_transformers_candidates(model) & set(calls))
         units = _select_units({n for n in candidates if passes(n)})
-        shape_keeping = {n for n in calls if n not in candidates and _keeps_shape(calls[n])}
+        shape_keeping = {n for n in calls if n not in candidates and keeps_shape(calls[n])}
         free = {n for n in shape_keeping if not any(_is_inside(n, u) or _is_inside(u, n) for u in units) and passes(n)}
         generic = _select_units(free)
         method = "metadata" if units else "probe"
         units |= generic
-    if not units:
+        branch_stages = _branch_stages(model, example_input, calls, with_params, units)
+    if not units and not branch_stages:
         hint = (
             f"no module matched {list(block_patterns)!r} and kept its input's shape"
             if block_patterns
-            else "it has no residual block whose output keeps its input's shape (plain conv stacks such as "
-            "VGG cannot skip layers)"
+            else "it has no residual block whose output keeps its input's shape, nor residual branches inside its "
+            "blocks (plain conv stacks such as VGG cannot skip layers)"
         )
         raise NoGateableBlocksError(
             f"{type(model).__name__} has nothing to gate: {hint}. If you know its blocks, name them with "
             "block_patterns=[r'<regex on module names>']"
         )
-    stages = _group_stages(model, calls, units)
+    stages = [stage for _, stage in sorted(_group_stages(model, calls, units) + branch_stages, key=lambda t: t[0])]
     if all(stage.num_blocks <= max(1, stage.num_fixed) for stage in stages):
         raise NoGateableBlocksError(
             f"{type(model).__name__} has nothing to gate: every stage holds a single block "
@@ -324,8 +213,8 @@ def _discover(model: nn.Module, example_input: torch.Tensor, block_patterns: Seq
     return Discovery(stages=stages, method=method)
 
 
-def _group_stages(model: nn.Module, calls: dict[str, _Call], units: set[str]) -> list[StageSpec]:
-    """Group blocks by parent, in call order.
+def _group_stages(model: nn.Module, calls: dict[str, Call], units: set[str]) -> list[tuple[int, StageSpec]]:
+    """Group blocks by parent; returns the stages with the call order of their first block.
 
     A sibling with parameters that is not a block (ResNet's first block with its downsample, a DLA tree's
     first branch) is a *fixed* block: it opens a new stage and counts in it, so that ``s = 0.5`` of a
@@ -362,10 +251,81 @@ def _group_stages(model: nn.Module, calls: dict[str, _Call], units: set[str]) ->
             blocks = [_block_spec(n, calls[n], n in units) for n in run]
             label = parent or "<root>"
             stages.append((calls[run[0]].order, StageSpec(f"{label}#{i}" if len(runs) > 1 else label, blocks)))
-    return [stage for _, stage in sorted(stages, key=lambda t: t[0])]
+    return stages
 
 
-def _block_spec(name: str, call: _Call, gateable: bool) -> BlockSpec:
-    _, input_kwarg = _main_input(call)
-    _, output, output_len = _main_output(call.output)
-    return BlockSpec(name=name, gateable=gateable, input_kwarg=input_kwarg, output=output, output_len=output_len)
+def _block_spec(name: str, call: Call, gateable: bool) -> BlockSpec:
+    return BlockSpec(
+        name=name, gateable=gateable, input_kwarg=call.input_kwarg, output=call.output, output_len=call.output_len
+    )
+
+
+# ---------------------------------------------------------------------- residual branches (see branches.py)
+def _ancestors(name: str) -> list[str]:
+    """The proper ancestors of a module name, outermost first (``a.b.c`` -> ``a``, ``a.b``)."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _uncovered(calls: dict[str, Call], units: set[str]) -> set[str]:
+    """Modules outside the block-level stages: neither a block, inside or around one, nor in a block's stage.
+
+    Branches are looked for only there, so that a model whose blocks are residual as a whole is gated exactly as
+    before, and a stage never mixes gated blocks with gated branches.
+    """
+    stage_parents = {_parent(u) for u in units}
+    around = {a for u in units for a in _ancestors(u)}
+    return {
+        n
+        for n in calls
+        if n not in around and not any(a in units or _parent(a) in stage_parents for a in (*_ancestors(n), n))
+    }
+
+
+def _branch_stages(
+    model: nn.Module, example_input: torch.Tensor, calls: dict[str, Call], with_params: set[str], units: set[str]
+) -> list[tuple[int, StageSpec]]:
+    """Stages of residual branches, in shape-keeping blocks outside the block-level stages.
+
+    A branch's block must keep its input's shape (a block of a stage, not a downsampling layer or CaiT's class
+    attention); among nested branches the outermost is gated (TinyViT's ``attn``, not its ``attn.proj``).
+    """
+    blocks = {n for n in _uncovered(calls, units) if n in with_params and calls[n].calls == 1 and keeps_shape(calls[n])}
+    candidates = {n for n in blocks if calls[n].output == "tensor" and any(a in blocks for a in _ancestors(n))}
+    if not candidates:
+        return []  # nothing to follow: no second forward pass (models gated block by block pay nothing)
+    found = find_branches(model, example_input, candidates, blocks)
+    outermost = _maximal({b.name for b in found})
+    return _group_branches(model, calls, {b.name: b.block for b in found if b.name in outermost})
+
+
+def _group_branches(model: nn.Module, calls: dict[str, Call], block_of: dict[str, str]) -> list[tuple[int, StageSpec]]:
+    """Group branches by the parent of their block (the stage container: ``stages.1.blocks``), in call order.
+
+    A sibling with parameters that holds no branch (a downsampling layer between blocks) splits the stage, as a
+    fixed block does; a stage needs two branches or more, since a stage always runs at least one unit.
+    """
+    modules = dict(model.named_modules())
+    by_parent: dict[str, dict[str, list[str]]] = {}
+    for branch, block in block_of.items():
+        by_parent.setdefault(_parent(block), {}).setdefault(block, []).append(branch)
+    stages: list[tuple[int, StageSpec]] = []
+    for parent, holders in by_parent.items():
+        children = [f"{parent}.{c}" if parent else c for c in modules[parent]._modules]
+        members = [
+            n
+            for n in children
+            if n in calls and calls[n].calls == 1 and (n in holders or next(modules[n].parameters(), None) is not None)
+        ]
+        runs: list[list[str]] = [[]]
+        for name in sorted(members, key=lambda n: calls[n].order):
+            if name in holders:
+                runs[-1].extend(sorted(holders[name], key=lambda n: calls[n].order))
+            elif runs[-1]:
+                runs.append([])
+        runs = [run for run in runs if len(run) >= 2]
+        label = parent or "<root>"
+        for i, run in enumerate(runs):
+            specs = [BlockSpec(name=n, input_kwarg=calls[n].input_kwarg, kind="branch") for n in run]
+            stages.append((calls[run[0]].order, StageSpec(f"{label}#{i}" if len(runs) > 1 else label, specs)))
+    return stages

@@ -5,23 +5,44 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
+from typing import Any
 
+import torch
 from torch import nn
 
 from .config import StageSpec
 from .errors import AdaptiveDepthError
 from .gates import unwrap_gates
 
-__all__ = ["export_depth"]
+__all__ = ["ZeroBranch", "export_depth"]
 
 logger = logging.getLogger(__name__)
+
+
+class ZeroBranch(nn.Module):
+    """What a removed residual branch becomes: no parameters, returns zeros of its input's shape.
+
+    The block's own add (``shortcut + branch(x)``) then gives the shortcut, as the gated model does.
+
+    Args:
+        input_kwarg: keyword the block passes the branch's input by (``None``: the first positional argument).
+    """
+
+    def __init__(self, input_kwarg: str | None = None) -> None:
+        super().__init__()
+        self.input_kwarg = input_kwarg
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        x = kwargs[self.input_kwarg] if self.input_kwarg is not None and not args else args[0]
+        return torch.zeros_like(x)
 
 
 def export_depth(model: nn.Module, stages: Sequence[StageSpec], masks: Sequence[Sequence[bool]]) -> nn.Module:
     """Return a deep copy of ``model`` (gated or not) with the blocks switched off in ``masks`` removed.
 
     Blocks inside an ``nn.Sequential`` / ``nn.ModuleList`` are deleted (indices renumber, as in a natively
-    shallower model); a block held in a plain attribute becomes ``nn.Identity``. A transformers config's
+    shallower model); a block held in a plain attribute becomes ``nn.Identity``, and a residual branch becomes a
+    :class:`ZeroBranch` (its block's forward still adds it, wherever it is held). A transformers config's
     ``depths`` / ``num_hidden_layers`` are updated so that ``save_pretrained`` / ``from_pretrained`` of the
     result rebuild the shallower architecture.
     """
@@ -29,9 +50,13 @@ def export_depth(model: nn.Module, stages: Sequence[StageSpec], masks: Sequence[
     removals: dict[str, list[str]] = {}
     for stage, mask in zip(stages, masks):
         for block, keep in zip(stage.blocks, mask):
-            if not keep:
-                parent, _, child = block.name.rpartition(".")
-                removals.setdefault(parent, []).append(child)
+            if keep:
+                continue
+            if block.kind == "branch":
+                plain.set_submodule(block.name, ZeroBranch(block.input_kwarg))
+                continue
+            parent, _, child = block.name.rpartition(".")
+            removals.setdefault(parent, []).append(child)
     for parent_name, children in removals.items():
         parent = plain.get_submodule(parent_name) if parent_name else plain
         if isinstance(parent, (nn.Sequential, nn.ModuleList)):
@@ -54,16 +79,24 @@ def _update_transformers_config(model: nn.Module, stages: Sequence[StageSpec], m
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
-    full = [s.num_blocks for s in stages]
-    kept = [sum(m) for m in masks]
+    # Only whole blocks are in a config's depths: a removed branch leaves its block (and the depth) in place.
+    pairs = [(stage, mask) for stage, mask in zip(stages, masks) if stage.kind == "block"]
+    full = [s.num_blocks for s, _ in pairs]
+    kept = [sum(m) for _, m in pairs]
     depths = getattr(config, "depths", None)
     if isinstance(depths, (list, tuple)) and list(depths) == full:
         config.depths = kept
-    elif getattr(config, "num_hidden_layers", None) == sum(full) and len(stages) == 1:
+    elif getattr(config, "num_hidden_layers", None) == sum(full) and len(pairs) == 1:
         config.num_hidden_layers = kept[0]
     elif kept != full:
         logger.warning(
             "exported %s: its config does not describe the stage depths %s, left unchanged",
             type(model).__name__,
             full,
+        )
+    if any(not all(m) for stage, m in zip(stages, masks) if stage.kind == "branch"):
+        logger.warning(
+            "exported %s without some residual branches: its config cannot describe that, so its own "
+            "save_pretrained() would not reload this network; keep the adaptive model (save_pretrained) instead",
+            type(model).__name__,
         )

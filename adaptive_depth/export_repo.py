@@ -8,6 +8,8 @@
   ``timm.create_model("hf-hub:<repo>")`` or ``timm.create_model("local-dir:<folder>")`` rebuilds and loads it. Where
   an architecture takes no such argument (RegNet, EfficientNet: depths derived from other settings), saving says so;
   ``save_pretrained`` of the adaptive model (loaded by this library) always works.
+- A model that gates residual branches inside blocks (TinyViT, RepViT) exports at full depth only: no timm argument
+  or transformers config describes a block without its branch, and saving another depth says so.
 """
 
 from __future__ import annotations
@@ -52,6 +54,30 @@ def _timm_depth_args(plain: nn.Module, counts: Sequence[int]) -> dict[str, Any]:
     )
 
 
+def _check_no_branch_removed(config: Any, counts: Sequence[int]) -> None:
+    """Refuse any depth but the full one of a model that gates residual branches (TinyViT, RepViT).
+
+    No timm argument or transformers config describes a block without its branch, and the stages of such a model
+    are not the architecture's own (TinyViT's first stage gates blocks, the others branches).
+    """
+    full = [st.num_blocks for st in config.stages]
+    if not config.gates_branches or list(counts) == full:
+        return
+    skipped = [st.name for st, n, k in zip(config.stages, full, counts) if st.kind == "branch" and k < n]
+    what = (
+        f"skips residual branches inside blocks (stages {skipped})"
+        if skipped
+        else "gates residual branches inside blocks in some stages, so its stages are not the architecture's"
+    )
+    source = config.base_model.source
+    raise ConfigError(
+        f"cannot save blocks per stage {list(counts)} as a plain {source} repository: this model {what}, and {source} "
+        "can rebuild a network only from whole-block depths. Save the adaptive model with save_pretrained() instead "
+        "(it loads with AdaptiveDepth.from_pretrained, at every depth), or use the in-memory module of "
+        "model.export(s)"
+    )
+
+
 def _check_rebuild(plain: nn.Module, folder: Path, example: torch.Tensor) -> None:
     """Load the saved folder the way a user without this library would, and compare one output."""
     import timm
@@ -86,8 +112,9 @@ class ExportMixin:
             The folder. timm: ``timm.create_model("local-dir:<folder>")``; transformers:
             ``AutoModelForImageClassification.from_pretrained(<folder>)`` or ``pipeline("image-classification", ...)``.
         """
-        plain = self.export(scaling_factor, depth=depth).eval()  # type: ignore[attr-defined]
         counts, _ = self.resolve_depth(scaling_factor, depth)  # type: ignore[attr-defined]
+        _check_no_branch_removed(self.config, counts)
+        plain = self.export(scaling_factor, depth=depth).eval()  # type: ignore[attr-defined]
         folder = Path(save_directory)
         with replace_files_atomically(folder, keep_foreign=("README.md",)) as staging:
             if self.config.base_model.source == "transformers":
@@ -132,11 +159,13 @@ class ExportMixin:
 
         labels = [name for _, name in sorted(self.config.id2label.items(), key=lambda kv: int(kv[0]))]
         cfg = timm_preprocessing(getattr(plain, "pretrained_cfg", {}))
+        # A model that gates branches is exported at full depth only (see above): the original architecture.
+        model_args = {} if self.config.gates_branches else _timm_depth_args(plain, counts)
         save_for_hf(
             plain,
             str(folder),
             model_config={"label_names": labels} if labels else None,
-            model_args=_timm_depth_args(plain, counts),
+            model_args=model_args,
             safe_serialization=True,
             data_config={k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k != "label_names"},
         )

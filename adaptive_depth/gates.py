@@ -6,6 +6,10 @@ returns (the tensor itself, or ``(tensor, None, ...)`` for a block that returns 
 ``y = x + m * (block(x) - x)`` of the paper with ``m`` in {0, 1}, as control flow instead of arithmetic, so
 a skipped block costs nothing. Switching is a Python boolean: no weights move.
 
+A gate on a residual *branch* (``kind="branch"``: a module whose output its block adds to a shortcut,
+``x = shortcut + attn(x)``) hands back ``torch.zeros_like`` of its input instead, the shape of the branch's
+output: the block's own add then gives the shortcut, bitwise.
+
 Gates are invisible in ``state_dict()``: keys are those of the unwrapped model (no ``base_layer.``), so a
 checkpoint loads into the plain timm / transformers model and vice versa.
 """
@@ -28,8 +32,10 @@ _INNER = "base_layer."
 class DepthGate(nn.Module):
     """Runs ``base_layer`` when ``active``; otherwise returns its input unchanged, in the block's structure.
 
+    A branch gate (``spec.kind == "branch"``) returns zeros of its input's shape, dtype and device instead.
+
     Args:
-        block: the residual block to gate.
+        block: the residual block (or branch) to gate.
         spec: how the block is called and what it returns.
     """
 
@@ -39,6 +45,7 @@ class DepthGate(nn.Module):
         self.active = True
         self.input_kwarg = spec.input_kwarg
         self.tuple_len = spec.output_len if spec.output == "tuple" else 0
+        self.zeros_when_off = spec.kind == "branch"
         self.register_state_dict_post_hook(_drop_inner_prefix)
         self.register_load_state_dict_pre_hook(_add_inner_prefix)
 
@@ -51,6 +58,8 @@ class DepthGate(nn.Module):
         if self.active:
             return self.base_layer(*args, **kwargs)
         x = kwargs[self.input_kwarg] if self.input_kwarg is not None and not args else args[0]
+        if self.zeros_when_off:
+            return torch.zeros_like(x)  # discovery checked that the branch returns a tensor of its input's shape
         if self.tuple_len:
             return (x,) + (None,) * (self.tuple_len - 1)
         return x
@@ -65,7 +74,7 @@ class DepthGate(nn.Module):
             return getattr(self.base_layer, name)
 
     def extra_repr(self) -> str:
-        return f"active={self.active}"
+        return f"active={self.active}, branch=True" if self.zeros_when_off else f"active={self.active}"
 
 
 def _drop_inner_prefix(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, _meta: Any) -> None:

@@ -7,6 +7,9 @@ blocks make up the rest:
 * ``"last"`` (default): keep blocks from the start of the stage, switch off from the end.
 * ``"spread"``: keep evenly spaced gateable blocks (every other block at ``s = 0.5``), as LayerDrop and
   DynaBERT prune transformers.
+
+A stage that gates residual branches instead of blocks (TinyViT's ``attn`` and ``mlp``) counts its branches
+exactly as blocks: ``n`` is the number of branches.
 """
 
 from __future__ import annotations

@@ -306,15 +306,22 @@ class DepthTuner(nn.Module):
             return count_flops(self.model, self.example_input()) / full
 
     def depth_summary(self) -> str:
-        """A table of stages and blocks, and the blocks and FLOPs at each trained scaling factor."""
+        """A table of stages and blocks, and the blocks and FLOPs at each trained scaling factor.
+
+        The ``gates`` column says whether a stage gates whole blocks or residual branches inside its blocks (then
+        ``blocks`` counts branches: TinyViT's ``attn`` and ``mlp`` of every block).
+        """
         lines = [
             f"{type(self.model).__name__}: {len(self.stages)} stages, discovery: {self.config.discovery}, "
             f"policy: {self.config.policy}, input {tuple(self.config.input_size)}",
             "",
-            f"{'stage':<40} {'blocks':>6} {'fixed':>5} {'gateable':>8}",
+            f"{'stage':<40} {'gates':>8} {'blocks':>6} {'fixed':>5} {'gateable':>8}",
         ]
         for st in self.stages:
-            lines.append(f"{st.name:<40} {st.num_blocks:>6} {st.num_fixed:>5} {st.num_blocks - st.num_fixed:>8}")
+            gates = "branches" if st.kind == "branch" else "blocks"  # branches: residual branches inside blocks
+            lines.append(
+                f"{st.name:<40} {gates:>8} {st.num_blocks:>6} {st.num_fixed:>5} {st.num_blocks - st.num_fixed:>8}"
+            )
         lines.append("")
         table = self.flops_table()
         full = table.get(1.0) or self.flops(1.0)

@@ -5,6 +5,8 @@ Each case builds the adaptive model the way a user would, and the plain model to
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +16,7 @@ import torch
 import transformers as tf
 from torch import nn
 
-from adaptive_depth import AdaptiveDepth
+from adaptive_depth import AdaptiveDepth, AdaptiveDepthConfig
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,16 @@ TIMM_CASES = [
     _timm("poolformer_s12", 64),
     _timm("mixer_s16_224", 64, img_size=64),
     _timm("pvt_v2_b0", 64),
+    # Blocks without an identity path as a whole: their residual branches are gated (attn, mlp; channel_mixer).
+    _timm(
+        "tiny_vit_5m_224",
+        64,
+        embed_dims=[8, 16, 16, 24],
+        depths=[2, 2, 2, 2],
+        num_heads=[1, 2, 2, 2],
+        window_sizes=[4, 4, 3, 2],  # stage 2 pads its 4x4 tokens to 3x3 windows, stage 3 is one window
+    ),
+    _timm("repvit_m0_9", 64, embed_dim=(8, 16, 24, 32), depth=(2, 2, 3, 2)),
 ]
 
 HF_CASES = [
@@ -157,3 +169,59 @@ HF_CASES = [
 ]
 
 CASES = TIMM_CASES + HF_CASES
+
+
+def discovery_digest(config: AdaptiveDepthConfig) -> str:
+    """A short digest of what discovery found: method, stages, and every block's fields."""
+    described = [config.discovery] + [
+        [s.name, [[b.name, b.gateable, b.input_kwarg, b.output, b.output_len, b.kind] for b in s.blocks]]
+        for s in config.stages
+    ]
+    return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:16]
+
+
+# What discovery finds in each case, pinned: a change in discovery that moves any of these is deliberate or a bug.
+# The block-level cases were pinned with the discovery of before residual branches existed (same results).
+DISCOVERY_DIGESTS = {
+    "timm/resnet18": "8c7878e81563195d",
+    "timm/resnet50d": "2ec8f8552b8424b1",
+    "timm/resnet32ts": "248724ca93b10404",
+    "timm/seresnext26d_32x4d": "13254f000d22a35c",
+    "timm/resnetv2_50": "e5f8c12b9ac1e080",
+    "timm/cspresnet50": "b2c1ba84cf8a02fc",
+    "timm/dla34": "34fdb251a28a66cf",
+    "timm/regnetx_002": "71ca0269c3da2e56",
+    "timm/convnext_atto": "af61645a85290751",
+    "timm/convnextv2_atto": "af61645a85290751",
+    "timm/mobilenetv2_035": "ebb670e713e5ee21",
+    "timm/mobilenetv3_small_050": "0ad8452eaf093c22",
+    "timm/efficientnet_b0": "2bde2633e7013be6",
+    "timm/test_vit": "9327d0ae0c29f554",
+    "timm/vit_tiny_patch16_224": "1bc3068872f2b82f",
+    "timm/deit_tiny_patch16_224": "1bc3068872f2b82f",
+    "timm/eva02_tiny_patch14_224": "1bc3068872f2b82f",
+    "timm/beit_base_patch16_224": "1bc3068872f2b82f",
+    "timm/vit_small_patch14_dinov2": "1bc3068872f2b82f",
+    "timm/cait_xxs24_224": "7391e108744fa9aa",
+    "timm/swin_tiny_patch4_window7_224": "456b9c0f751c444f",
+    "timm/swinv2_tiny_window8_256": "456b9c0f751c444f",
+    "timm/poolformer_s12": "07d1e5729029820a",
+    "timm/mixer_s16_224": "e9fba7b1c0e11e00",
+    "timm/pvt_v2_b0": "eef5f388d53ba6a9",
+    "timm/tiny_vit_5m_224": "49b4f2ff3e15e815",
+    "timm/repvit_m0_9": "a61bfbecfc34e127",
+    "hf/resnet": "b731c3d144114f1e",
+    "hf/resnet-backbone": "cd36348f0be01dea",
+    "hf/convnext": "1e422d7dc7d5e8ff",
+    "hf/convnextv2": "03820f27b4c8f689",
+    "hf/regnet": "8fbfff48b4b227a6",
+    "hf/poolformer": "97ce888e69ce2f4c",
+    "hf/mobilenet_v2": "4847d77c82377906",
+    "hf/vit": "803f9771b8ff36d1",
+    "hf/deit": "f94a4cd0d4d59d35",
+    "hf/beit": "391d1cd292336ba4",
+    "hf/dinov2": "375b41144afe6948",
+    "hf/swin": "a587208733865a9a",
+    "hf/swinv2": "9303b25b704920c6",
+    "hf/pvt_v2": "fc7201070c823b42",
+}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cases import CASES, Case
+from cases import CASES, DISCOVERY_DIGESTS, Case, discovery_digest
 
 from adaptive_depth import AdaptiveDepth, DepthGate
 
@@ -42,6 +42,12 @@ def case(request: pytest.FixtureRequest) -> Case:
 @pytest.fixture(scope="module")
 def pair(case: Case):
     return case.pair()
+
+
+def test_discovery_result_is_pinned(case: Case, pair) -> None:
+    _, model = pair
+    stages = [(st.name, st.kind, [b.name for b in st.blocks]) for st in model.stages]
+    assert discovery_digest(model.config) == DISCOVERY_DIGESTS[case.id], f"discovery changed: {stages}"
 
 
 def test_full_depth_is_bitwise_identical(case: Case, pair) -> None:
