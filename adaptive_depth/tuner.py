@@ -300,7 +300,10 @@ class DepthTuner(nn.Module):
 
         ``1 - ratio`` is the most any depth can save: small when the gateable blocks hold little of the compute.
         """
-        full = self.flops_table().get(1.0) or self.flops(1.0)
+        key = depth_key(1.0)  # only the full depth: wrap() asks for this ratio, and each depth is a counted pass
+        if key not in self.config.flops:
+            self.config.flops[key] = self.flops(1.0)
+        full = int(self.config.flops[key])
         with preserved(self):
             self.set_depth([max(1, st.num_fixed) for st in self.stages])
             return count_flops(self.model, self.example_input()) / full
