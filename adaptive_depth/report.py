@@ -117,17 +117,30 @@ def pareto_plot(results: Sequence[dict[str, Any]], path: str | Path, *, title: s
     """Top-1 accuracy against GFLOPs, one line per player, written as a PNG with matplotlib."""
     from matplotlib.figure import Figure  # no pyplot: the user's backend and open figures stay untouched
 
-    fig = Figure(figsize=(5.5, 4), dpi=120)
-    ax = fig.subplots()
     players = sorted({r["player"] for r in results}, key=lambda p: (p == "leader", p))
-    for player in players:
+    many = len(players) > 10  # beyond matplotlib's ten colours: a wider palette, line styles, the legend outside
+    fig = Figure(figsize=(8.5, 4.5) if many else (5.5, 4), dpi=120)
+    ax = fig.subplots()
+    if many:
+        from matplotlib import colormaps
+
+        palette = colormaps["tab20"].colors
+        ax.set_prop_cycle(color=[palette[i % len(palette)] for i in range(len(players))])
+    for i, player in enumerate(players):
         rows = sorted(
             (r for r in results if r["player"] == player and r.get("gflops") is not None), key=lambda r: r["gflops"]
         )
         if not rows:
             continue
         xs, ys = [r["gflops"] for r in rows], [r["top1"] for r in rows]
-        ax.plot(xs, ys, marker="o" if len(rows) > 1 else "*", markersize=6 if len(rows) > 1 else 12, label=player)
+        ax.plot(
+            xs,
+            ys,
+            marker="o" if len(rows) > 1 else "*",
+            markersize=6 if len(rows) > 1 else 12,
+            linestyle=("-", "--", ":")[i % 3] if many else "-",
+            label=player,
+        )
         for r in rows if len(players) <= 4 else ():  # beyond a few lines the labels hide the points
             ax.annotate(
                 f"s={r['scaling_factor']:g}",
@@ -140,7 +153,10 @@ def pareto_plot(results: Sequence[dict[str, Any]], path: str | Path, *, title: s
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title or "accuracy vs cost at each depth")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if many:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    else:
+        ax.legend()
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

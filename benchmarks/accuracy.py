@@ -73,7 +73,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "sandwich": RECIPES["sandwich"].overrides,  # the default, with the smallest, the top and one random depth
     "inplace-sandwich": {"sampled_depths": 1, "sub_ce_weight": 0.0, **SINGLE},
     "frozen-leader": {"leader": "frozen"},
-    "frozen-sandwich": {"leader": "frozen", "sampled_depths": 1},
+    "frozen-sandwich": RECIPES["frozen-sandwich"].overrides,
     "frozen-leader-cached": {"leader": "frozen", "cache_leader_logits": True},
     "no-leader": {"leader": "none"},
     "no-sfsl": {"sfsl_gamma": 0.0},

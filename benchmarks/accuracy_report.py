@@ -143,4 +143,6 @@ def write_report(
         for method, cells in summary(runs, depths).items()
         for s, (mean, _, _) in cells.items()
     ]
-    pareto_plot(points, output_dir / "accuracy.png", title=title.split(":")[0])
+    model = settings["model"].rsplit("/", 1)[-1]
+    short = f"{model} on {settings['dataset_source']}, {regime}, {len(settings['seeds'])} seeds"
+    pareto_plot(points, output_dir / "accuracy.png", title=short)

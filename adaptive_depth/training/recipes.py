@@ -35,6 +35,11 @@ RECIPES: dict[str, Recipe] = {
         "the default with the sandwich rule: the smallest, the top and one random depth per step",
         {"sampled_depths": 1},
     ),
+    "frozen-sandwich": Recipe(
+        "for a model already fine-tuned on the task: it teaches itself as a fixed Leader (or --leader-model does), "
+        "with the sandwich rule; as accurate as the default at 0.63x its time (R2)",
+        {"leader": "frozen", "sampled_depths": 1},
+    ),
     "random-depth": Recipe(
         "one network, LayerDrop-style: each step skips a random half of the blocks (cheapest per epoch)",
         {"train_depths": "top", "layer_drop": 0.5, "leader": "none", "interactive": False},
