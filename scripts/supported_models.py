@@ -21,6 +21,7 @@ import json
 import multiprocessing as mp
 import re
 import shlex
+import subprocess
 import sys
 import time
 from multiprocessing.connection import Connection, wait
@@ -30,14 +31,17 @@ from typing import Any
 import timm
 import torch
 import transformers
+from torch.utils.flop_counter import FlopCounterMode
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as HF_NAMES
 
 from adaptive_depth.discovery import discover
 from adaptive_depth.errors import ConfigError, NoGateableBlocksError
-from adaptive_depth.policy import keep_count
+from adaptive_depth.policy import active_mask, keep_count
 
 RECYCLE_EVERY = 25  # models per worker process before it is replaced (bounds leaked memory)
 STATUSES = ("wraps", "refused", "error", "skipped", "timeout")
+GATE_KINDS = {"block": "blocks", "branch": "branches"}
+COUNTS = ("gates", "stages", "blocks", "gateable", "kept_at_half", "flops_at_half")  # the columns of a 'wraps' row
 WIDTH_FIELDS = ("hidden_size", "intermediate_size", "embed_dim", "hidden_sizes", "embed_dims")
 
 
@@ -85,17 +89,47 @@ def _short(e: BaseException) -> str:
 
 
 def _discover_row(model: torch.nn.Module, size: tuple[int, ...]) -> dict[str, Any]:
-    """Run discovery on a built model; the fields of a 'wraps' row (raises what discover raises)."""
+    """Run discovery on a built model; the fields of a 'wraps' row (raises what discovery raises).
+
+    ``flops_at_half``: the FLOPs at s = 0.5 over those at s = 1 (``torch.utils.flop_counter``, batch 1): how much of
+    the model the gates can really save (a partial wrap keeps most of them). One counted pass at full depth gives
+    every module's FLOPs; those of the units s = 0.5 switches off are subtracted (a skipped unit costs nothing and
+    leaves the shapes, hence the FLOPs, of everything else as they were; tests/test_supported_models.py checks the
+    figure against a model run at s = 0.5).
+    """
+    x = torch.randn(1, *size)
     with torch.no_grad():
-        found = discover(model, torch.randn(1, *size))
+        found = discover(model, x)
+    full, per_module = flops_by_module(model, x)
+    root = type(model).__name__
+    skipped = 0
+    for stage in found.stages:
+        mask = active_mask(stage.gateable, keep_count(0.5, stage.num_blocks, stage.num_fixed))
+        skipped += sum(per_module.get(f"{root}.{b.name}", 0) for b, on in zip(stage.blocks, mask) if not on)
     return {
         "status": "wraps",
         "method": found.method,
+        "gates": " + ".join(GATE_KINDS[kind] for kind in sorted({s.kind for s in found.stages})),
         "stages": len(found.stages),
         "blocks": sum(s.num_blocks for s in found.stages),
         "gateable": sum(s.num_blocks - s.num_fixed for s in found.stages),
         "kept_at_half": sum(keep_count(0.5, s.num_blocks, s.num_fixed) for s in found.stages),
+        "flops_at_half": round((full - skipped) / full, 3) if full else "",
     }
+
+
+def flops_by_module(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]:
+    """FLOPs of one eval-mode forward and of each module in it (``<ClassName>.<qualified name>``, as the counter
+    names them)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter:  # see adaptive_depth.flops: grad on
+            model(x)
+    finally:
+        model.train(was_training)
+    per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    return int(counter.get_total_flops()), per_module
 
 
 def check(source: str, name: str, max_params_m: float) -> dict[str, Any]:
@@ -213,18 +247,32 @@ def walk(jobs: list[tuple[str, str]], args: argparse.Namespace) -> list[dict[str
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     """The per-model markdown table of one source, sorted by name."""
     out = [
-        "| model | params (M) | config | input | status | discovery | stages | blocks | gateable | kept at s=0.5 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | params (M) | config | input | status | discovery | gates | stages | blocks | gateable "
+        "| kept at s=0.5 | FLOPs at s=0.5 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r["name"]):
         status = r["status"] if r["status"] == "wraps" else f"{r['status']}: {r.get('reason', '')}".replace("|", "\\|")
-        counts = [r.get(k, "") for k in ("method", "stages", "blocks", "gateable", "kept_at_half")]
+        counts = [r.get(k, "") for k in ("method", *COUNTS)]
         cells = [f"`{r['name']}`", r.get("params_m", ""), r.get("config", ""), r.get("input", ""), status, *counts]
         out.append("| " + " | ".join(map(str, cells)) + " |")
     return out
 
 
-def render(rows: list[dict[str, Any]], command: str, seconds: float) -> str:
+def source_commit() -> str:
+    """The repository's commit (``+ local changes`` when the tree differs from it): what a page was made from."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "adaptive_depth"], cwd=root, capture_output=True)
+    except OSError:
+        return "unknown (no git)"
+    if head.returncode:
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + (" + local changes to adaptive_depth/" if dirty.stdout.strip() else "")
+
+
+def render(rows: list[dict[str, Any]], command: str, seconds: float, commit: str) -> str:
     """The markdown page: how it was made, counts per source, reasons for refusals and errors, per-model tables."""
     sources = [s for s in ("timm", "transformers") if any(r["source"] == s for r in rows)]
     out = [
@@ -236,9 +284,14 @@ def render(rows: list[dict[str, Any]], command: str, seconds: float) -> str:
         "*error*: the model could not be built, or its probe forward pass failed; *skipped*: above the size limit",
         "(parameters counted on the meta device); *timeout*: the check ran past the time limit. transformers models",
         "use their default config with widths divided by 4 (depths kept) where that works (*config* column).",
+        "*gates*: whole residual blocks, or residual branches inside blocks that have no identity path of their own.",
+        "*FLOPs at s=0.5*: FLOPs of the wrapped model at s = 0.5 over its FLOPs at s = 1 (`torch.utils.flop_counter`,",
+        "batch 1): near 1 means the gates hold little of the compute. tests/test_supported_models.py re-checks a",
+        "sample of the rows against the code, so a page older than the discovery it describes fails the tests.",
         "",
         f"- command: `{command}`",
         f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}, wall time {seconds / 60:.0f} min",
+        f"- generated at commit: {commit}",
         f"- versions: timm {timm.__version__}, transformers {transformers.__version__}, torch {torch.__version__}",
         "",
         "| source | checked | " + " | ".join(STATUSES) + " |",
@@ -283,7 +336,7 @@ def main() -> None:
     command = shlex.join(["python", "scripts/supported_models.py", *sys.argv[1:]])
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    args.out.write_text(render(rows, command, seconds))
+    args.out.write_text(render(rows, command, seconds, source_commit()))
     print(f"wrote {args.out} ({len(rows)} models, {seconds / 60:.1f} min)")
 
 
