@@ -340,14 +340,17 @@ def main(argv: list[str] | None = None) -> PretrainResult:
     args = parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per file of every epoch checkpoint
+    quiet = logging.getLogger("accelerate")  # one line per file of every epoch checkpoint
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     log_file = logging.FileHandler(args.output_dir / "pretrain.log", mode="a" if args.resume else "w")
     logging.getLogger().addHandler(log_file)
     try:
         return _run(args)
-    finally:
+    finally:  # called in-process (tests, notebooks): leave logging as it was found
         logging.getLogger().removeHandler(log_file)
         log_file.close()
+        quiet.setLevel(level)
 
 
 def _run(args: argparse.Namespace) -> PretrainResult:
