@@ -1,6 +1,6 @@
 """Discovery: find the stages and skippable blocks of any vision model.
 
-Order (STYLE.md, "discovery order"):
+Order (model metadata first, then a generic probe, then the user's override):
 
 1. **Model metadata.** timm models name their blocks in ``group_matcher()`` regexes
    (``^layer(\\d+)\\.(\\d+)``, ``^stages\\.(\\d+)\\.blocks\\.(\\d+)``...); transformers configs give stage

@@ -1,4 +1,4 @@
-"""Depth policies and the DESIGN.md examples."""
+"""Depth policies: the worked examples of docs/concepts.md (ResNet-50, a 12-block ViT) and the edge cases."""
 
 from __future__ import annotations
 
