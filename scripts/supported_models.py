@@ -31,11 +31,11 @@ from typing import Any
 import timm
 import torch
 import transformers
-from torch.utils.flop_counter import FlopCounterMode
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as HF_NAMES
 
 from adaptive_depth.discovery import discover
 from adaptive_depth.errors import ConfigError, NoGateableBlocksError
+from adaptive_depth.flops import count_flops_by_module
 from adaptive_depth.policy import active_mask, keep_count
 
 RECYCLE_EVERY = 25  # models per worker process before it is replaced (bounds leaked memory)
@@ -100,7 +100,7 @@ def _discover_row(model: torch.nn.Module, size: tuple[int, ...]) -> dict[str, An
     x = torch.randn(1, *size)
     with torch.no_grad():
         found = discover(model, x)
-    full, per_module = flops_by_module(model, x)
+    full, per_module = count_flops_by_module(model, x)
     root = type(model).__name__
     skipped = 0
     for stage in found.stages:
@@ -116,20 +116,6 @@ def _discover_row(model: torch.nn.Module, size: tuple[int, ...]) -> dict[str, An
         "kept_at_half": sum(keep_count(0.5, s.num_blocks, s.num_fixed) for s in found.stages),
         "flops_at_half": round((full - skipped) / full, 3) if full else "",
     }
-
-
-def flops_by_module(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]:
-    """FLOPs of one eval-mode forward and of each module in it (``<ClassName>.<qualified name>``, as the counter
-    names them)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad(), FlopCounterMode(display=False) as counter:  # see adaptive_depth.flops: grad on
-            model(x)
-    finally:
-        model.train(was_training)
-    per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    return int(counter.get_total_flops()), per_module
 
 
 def check(source: str, name: str, max_params_m: float) -> dict[str, Any]:
