@@ -4,6 +4,7 @@
     accelerate launch examples/finetune.py --model resnet50 --dataset <hub id | imagefolder:PATH> \\
         --scaling-factors 0.25 0.5 0.75 1.0 --epochs 10 --output-dir out/ [--push-to-hub me/resnet50-adaptive]
     accelerate launch --multi_gpu --num_processes 8 examples/finetune.py ...   # the same script on many GPUs
+    accelerate launch examples/finetune.py --recipe random-depth --epochs 36 ...   # a named configuration
 
 Trains a Leader and a depth-switchable Teammate together (``--interactive``: two Teammates, the paper's
 configuration; docs/training.md), recalibrates BatchNorm statistics for every trained depth, evaluates every
