@@ -27,6 +27,7 @@ FORMAT_VERSION = 1
 DEFAULT_SCALING_FACTORS = (0.25, 0.5, 0.75, 1.0)
 BASE_SOURCES = ("timm", "transformers", "module")
 UNIT_KINDS = ("block", "branch")
+GATE_LABELS = {"block": "blocks", "branch": "branches"}  # what a stage of each kind gates, as summaries print it
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .budget import LatencyProfile, choose_scaling_factor, profile_depths
-from .config import AdaptiveDepthConfig, StageSpec
+from .config import GATE_LABELS, AdaptiveDepthConfig, StageSpec
 from .errors import ConfigError, DepthSpecError
 from .export import export_depth
 from .flops import count_flops
@@ -287,23 +287,21 @@ class DepthTuner(nn.Module):
 
     def flops_table(self) -> dict[float, int]:
         """FLOPs at every trained scaling factor (cached in ``config.flops``)."""
-        table = {}
-        for s in self.config.scaling_factors:
-            key = depth_key(s)
-            if key not in self.config.flops:
-                self.config.flops[key] = self.flops(s)
-            table[s] = int(self.config.flops[key])
-        return table
+        return {s: self._cached_flops(s) for s in self.config.scaling_factors}
+
+    def _cached_flops(self, scaling_factor: float) -> int:
+        """FLOPs at one depth, counted once and kept in ``config.flops`` (saved with the model)."""
+        key = depth_key(scaling_factor)
+        if key not in self.config.flops:
+            self.config.flops[key] = self.flops(scaling_factor)
+        return int(self.config.flops[key])
 
     def fewest_blocks_flops_ratio(self) -> float:
         """FLOPs with the fewest blocks that can run (every gateable block off but one per stage) over s = 1.
 
         ``1 - ratio`` is the most any depth can save: small when the gateable blocks hold little of the compute.
         """
-        key = depth_key(1.0)  # only the full depth: wrap() asks for this ratio, and each depth is a counted pass
-        if key not in self.config.flops:
-            self.config.flops[key] = self.flops(1.0)
-        full = int(self.config.flops[key])
+        full = self._cached_flops(1.0)  # only the full depth: wrap() asks for this ratio, each depth costs a pass
         with preserved(self):
             self.set_depth([max(1, st.num_fixed) for st in self.stages])
             return count_flops(self.model, self.example_input()) / full
@@ -321,7 +319,7 @@ class DepthTuner(nn.Module):
             f"{'stage':<40} {'gates':>8} {'blocks':>6} {'fixed':>5} {'gateable':>8}",
         ]
         for st in self.stages:
-            gates = "branches" if st.kind == "branch" else "blocks"  # branches: residual branches inside blocks
+            gates = GATE_LABELS[st.kind]
             lines.append(
                 f"{st.name:<40} {gates:>8} {st.num_blocks:>6} {st.num_fixed:>5} {st.num_blocks - st.num_fixed:>8}"
             )

@@ -33,6 +33,7 @@ import torch
 import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as HF_NAMES
 
+from adaptive_depth.config import GATE_LABELS
 from adaptive_depth.discovery import discover
 from adaptive_depth.errors import ConfigError, NoGateableBlocksError
 from adaptive_depth.flops import count_flops_by_module
@@ -40,7 +41,6 @@ from adaptive_depth.policy import active_mask, keep_count
 
 RECYCLE_EVERY = 25  # models per worker process before it is replaced (bounds leaked memory)
 STATUSES = ("wraps", "refused", "error", "skipped", "timeout")
-GATE_KINDS = {"block": "blocks", "branch": "branches"}
 COUNTS = ("gates", "stages", "blocks", "gateable", "kept_at_half", "flops_at_half")  # the columns of a 'wraps' row
 WIDTH_FIELDS = ("hidden_size", "intermediate_size", "embed_dim", "hidden_sizes", "embed_dims")
 
@@ -109,7 +109,7 @@ def _discover_row(model: torch.nn.Module, size: tuple[int, ...]) -> dict[str, An
     return {
         "status": "wraps",
         "method": found.method,
-        "gates": " + ".join(GATE_KINDS[kind] for kind in sorted({s.kind for s in found.stages})),
+        "gates": " + ".join(GATE_LABELS[kind] for kind in sorted({s.kind for s in found.stages})),
         "stages": len(found.stages),
         "blocks": sum(s.num_blocks for s in found.stages),
         "gateable": sum(s.num_blocks - s.num_fixed for s in found.stages),
