@@ -80,7 +80,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "plain": RECIPES["plain"].overrides,  # trained at full depth only, cut to (and recalibrated at) every depth
     "random-depth": RECIPES["random-depth"].overrides,
     "random-depth-kd": {**RECIPES["random-depth"].overrides, "leader": "frozen"},  # and a fixed teacher's logits
-    "two-path": {"sub_ce_weight": 0.0, "warmup_epochs": 0.0, **SINGLE},  # scaling factors: smallest and 1
+    "two-path": {"sub_ce_weight": 0.0, "distill_warmup_epochs": 0.0, **SINGLE},  # scaling factors: smallest and 1
     "alone": {"full_depth": False, **SINGLE},  # one run per depth
 }
 WALL = "@wall"  # suffix: the baseline again with the default's training time

@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=3e-3, help="peak AdamW learning rate (cosine decay)")
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--lr-warmup-epochs", type=float, default=1.0)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0, help="corpus, split, initialisation, data order and augmentation")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="stratified held-out share of the corpus")
@@ -130,7 +130,7 @@ def _training_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "scaling_factors": [1.0], "leader": "none", "interactive": False, "epochs": args.epochs,
         "batch_size": args.batch_size, "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
-        "lr_warmup_epochs": args.lr_warmup_epochs, "label_smoothing": args.label_smoothing, "seed": args.seed,
+        "warmup_epochs": args.warmup_epochs, "label_smoothing": args.label_smoothing, "seed": args.seed,
     }  # fmt: skip
 
 
@@ -139,7 +139,7 @@ def command_line(args: argparse.Namespace) -> str:
     flags = [
         "--classes", args.classes, "--images-per-class", args.images_per_class, "--image-size", args.image_size,
         "--model", args.model, "--epochs", args.epochs, "--batch-size", args.batch_size, "--learning-rate",
-        args.learning_rate, "--weight-decay", args.weight_decay, "--lr-warmup-epochs", args.lr_warmup_epochs,
+        args.learning_rate, "--weight-decay", args.weight_decay, "--warmup-epochs", args.warmup_epochs,
         "--label-smoothing", args.label_smoothing, "--seed", args.seed, "--eval-fraction", args.eval_fraction,
         "--repo-id", args.repo_id,
     ]  # fmt: skip

@@ -63,7 +63,9 @@ def _loader(model: AdaptiveDepth, n: int = 48, batch_size: int = 16, seed: int =
 def _trainer(build, tmp_path: Path | None = None, **config) -> CooperativeTrainer:
     set_seed(0)
     model = build()
-    cfg = TrainingConfig(**({"epochs": 2, "batch_size": 16, "learning_rate": 3e-3, "warmup_epochs": 1} | config))
+    cfg = TrainingConfig(
+        **({"epochs": 2, "batch_size": 16, "learning_rate": 3e-3, "distill_warmup_epochs": 1} | config)
+    )
     return CooperativeTrainer(
         model,
         cfg,
@@ -78,7 +80,7 @@ def _trainer(build, tmp_path: Path | None = None, **config) -> CooperativeTraine
 
 @pytest.mark.parametrize("build", [_timm_model, _hf_model], ids=["timm", "transformers"])
 def test_cooperative_training_lowers_the_loss_and_every_term_contributes(build) -> None:
-    trainer = _trainer(build, epochs=8, warmup_epochs=0, lr_warmup_epochs=0, learning_rate=1e-2, interactive=True)
+    trainer = _trainer(build, epochs=8, distill_warmup_epochs=0, warmup_epochs=0, learning_rate=1e-2, interactive=True)
     module = trainer.module
     images, labels = next(iter(trainer.train_loader))
     loss = cooperative_loss(module(images), labels, trainer.config, ramp=1.0)

@@ -168,6 +168,14 @@ def test_training_config_round_trips_and_validates(tmp_path) -> None:
         TrainingConfig.from_dict({"epoch": 3})
 
 
+def test_training_config_of_the_earlier_spelling_keeps_each_values_meaning() -> None:
+    # earlier files named the learning-rate warm-up lr_warmup_epochs and the distillation ramp warmup_epochs
+    old = {**TrainingConfig().to_dict(), "lr_warmup_epochs": 3.0, "warmup_epochs": 0.5}
+    del old["distill_warmup_epochs"]
+    config = TrainingConfig.from_dict(old)
+    assert (config.warmup_epochs, config.distill_warmup_epochs) == (3.0, 0.5)
+
+
 def test_sandwich_step_averages_over_the_depths_it_ran() -> None:
     config = TrainingConfig(scaling_factors=[0.25, 0.5, 0.75, 1.0], sampled_depths=1, leader="none", interactive=False)
     by_depth = {s: torch.tensor([[float(s), 0.0, 1.0]]) for s in (1.0, 0.5, 0.25)}  # 0.75 not drawn this step
@@ -208,7 +216,9 @@ def test_guided_learning_for_the_sub_networks_is_an_option() -> None:
 
 
 def test_each_teammate_learns_from_its_own_batch_its_leader_and_its_peer_there() -> None:
-    config = TrainingConfig(scaling_factors=[0.5, 1.0], teammate_data="streams", warmup_epochs=0, interactive=True)
+    config = TrainingConfig(
+        scaling_factors=[0.5, 1.0], teammate_data="streams", distill_warmup_epochs=0, interactive=True
+    )
     g = torch.Generator().manual_seed(0)
     z = {name: torch.randn(4, 3, generator=g) for name in ("A1", "A.5", "B1", "B.5", "LA", "LB", "PA", "PB")}
     logits = CooperativeLogits(

@@ -35,7 +35,7 @@ class TrainingConfig:
       + ``sub_ce_weight * CE``.
     - A teammate's loss: ``[L_T(1) + sum_s w(s) L_T(s)] / |S|`` with SFSL weights ``w(s) = s^-gamma``, mean 1.
     - ``KD(p || q) = tau^2 KL(softmax(q / tau) || softmax(p / tau))``, teacher ``q`` detached.
-    - Warm-up: for the first ``warmup_epochs`` the distillation terms ramp linearly from 0 to their weight,
+    - Warm-up: for the first ``distill_warmup_epochs`` the distillation terms ramp linearly from 0 to their weight,
       and the sub-networks learn from the labels in their place (peers are random at the start).
 
     Args:
@@ -57,9 +57,9 @@ class TrainingConfig:
             without labels the sub-networks only chase their peers, and from random initialisation the
             Teammates stalled at 64-68% top-1 on the digits data where the Leader reached 99% (docs/training.md).
         leader_share_back: weight of the teammates' full-depth mean distilled back into the Leader.
-        warmup_epochs: epochs over which the distillation terms ramp up (0: full weight from the start).
+        distill_warmup_epochs: epochs over which the distillation terms ramp up (0: full weight from the start).
         epochs, learning_rate, weight_decay, batch_size (per process), gradient_accumulation_steps,
-        lr_warmup_epochs, max_grad_norm: optimisation (AdamW from ``timm.optim.create_optimizer_v2``: no weight
+        warmup_epochs, max_grad_norm: optimisation (AdamW from ``timm.optim.create_optimizer_v2``: no weight
             decay on norms, biases and the parameters timm models exempt).
         lr_scheduler_type: ``transformers.get_scheduler`` name: linear warm-up, then ``"cosine"`` decay (default),
             ``"linear"``, ``"constant_with_warmup"``...
@@ -103,13 +103,13 @@ class TrainingConfig:
     lambda_guided_sub: float = field(default=0.0, metadata={"help": "weight of KD from the Leader, sub-networks"})
     sub_ce_weight: float = field(default=1.0, metadata={"help": "weight of the labels for the sub-networks"})
     leader_share_back: float = field(default=0.0, metadata={"help": "weight of the Teammates' KD into the Leader"})
-    warmup_epochs: float = field(default=1.0, metadata={"help": "epochs over which distillation ramps up"})
+    distill_warmup_epochs: float = field(default=1.0, metadata={"help": "epochs over which distillation ramps up"})
     epochs: int = field(default=10, metadata={"help": "training epochs"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms, biases)"})
     batch_size: int = field(default=64, metadata={"help": "images per step and process"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
-    lr_warmup_epochs: float = field(default=1.0, metadata={"help": "linear learning-rate warm-up"})
+    warmup_epochs: float = field(default=1.0, metadata={"help": "linear learning-rate warm-up"})
     lr_scheduler_type: str = field(
         default="cosine", metadata={"help": "transformers.get_scheduler name", "choices": LR_SCHEDULERS}
     )
@@ -143,8 +143,8 @@ class TrainingConfig:
         ):
             self._check_number(name, minimum=0.0)
         self._check_number("temperature", minimum=0.0, inclusive=False)
+        self._check_number("distill_warmup_epochs", minimum=0.0)
         self._check_number("warmup_epochs", minimum=0.0)
-        self._check_number("lr_warmup_epochs", minimum=0.0)
         self._check_number("learning_rate", minimum=0.0, inclusive=False)
         self._check_number("weight_decay", minimum=0.0)
         self._check_number("label_smoothing", minimum=0.0)
@@ -228,7 +228,16 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
-        """Build from a dict written by :meth:`to_dict`; an unknown key is an error (a typo would go unnoticed)."""
+        """Build from a dict written by :meth:`to_dict`; an unknown key is an error (a typo would go unnoticed).
+
+        A dict of the earlier spelling (``lr_warmup_epochs`` for the learning-rate warm-up, ``warmup_epochs`` for the
+        distillation ramp) is read with today's names, so the meaning of a saved value never changes.
+        """
+        if "lr_warmup_epochs" in data:
+            data = dict(data)
+            if "warmup_epochs" in data:
+                data["distill_warmup_epochs"] = data.pop("warmup_epochs")
+            data["warmup_epochs"] = data.pop("lr_warmup_epochs")
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise ConfigError(f"unknown training config keys {unknown}; known: {sorted(f.name for f in fields(cls))}")

@@ -147,7 +147,7 @@ class CooperativeTrainer:
             )
         self.steps_per_epoch = math.ceil(len(self.train_loader) / config.gradient_accumulation_steps)
         total = self.steps_per_epoch * config.epochs
-        warmup = round(self.steps_per_epoch * config.lr_warmup_epochs)
+        warmup = round(self.steps_per_epoch * config.warmup_epochs)
         self.scheduler = get_scheduler(
             config.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup, num_training_steps=total
         )
@@ -178,9 +178,9 @@ class CooperativeTrainer:
             dataset.set_epoch(epoch)
 
     def _ramp(self, epoch: int, batch: int) -> float:
-        if self.config.warmup_epochs <= 0:
+        if self.config.distill_warmup_epochs <= 0:
             return 1.0
-        return min(1.0, (epoch + batch / max(1, len(self.train_loader))) / self.config.warmup_epochs)
+        return min(1.0, (epoch + batch / max(1, len(self.train_loader))) / self.config.distill_warmup_epochs)
 
     def training_step(
         self, images: torch.Tensor, labels: torch.Tensor, ramp: float, indices: torch.Tensor | None = None
