@@ -10,7 +10,7 @@ costs a few dictionary assignments. Training at a depth after recalibration upda
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -182,6 +182,62 @@ class DepthNorms(nn.Module):
         self.use(current)
 
 
+MERGE_BELOW = 0.5  # a batch with fewer images than this share of the one before it is merged into that one
+
+
+def _merged_small_batches(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``batches``, with every batch smaller than half the one before it concatenated onto that one.
+
+    In training mode a BatchNorm layer normalises each batch with that batch's own statistics: a last batch of one
+    image fails where a layer sees one value per channel (a 1x1 feature map), and a batch of two or three images is
+    normalised with statistics too noisy to be those of the data. Merged, it runs with the batch before it.
+    """
+    pending: torch.Tensor | None = None
+    for x in batches:
+        if pending is not None and len(x) < MERGE_BELOW * len(pending):
+            pending = torch.cat([pending, x])
+            continue
+        if pending is not None:
+            yield pending
+        pending = x
+    if pending is not None:
+        yield pending
+
+
+class _Moments:
+    """Per-channel mean and sum of squared deviations of everything a layer sees, merged batch by batch.
+
+    Chan et al.'s pairwise update in float64, so the result is the statistic of all the values together, each image
+    weighing the same whatever the size of its batch.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        values = x.detach().transpose(0, 1).reshape(x.shape[1], -1).double()  # channels first, then everything else
+        n = values.shape[1]
+        mean = values.mean(dim=1)
+        m2 = ((values - mean[:, None]) ** 2).sum(dim=1)
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * n / total)
+        self.count = total
+
+    def write(self, layer: _BatchNorm) -> None:
+        """Set ``layer``'s running mean and (unbiased, as PyTorch keeps it) running variance."""
+        if self.mean is None or self.m2 is None:
+            return
+        layer.running_mean.copy_(self.mean)
+        layer.running_var.copy_(self.m2 / max(self.count - 1, 1))
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(
     model: nn.Module,
@@ -191,26 +247,41 @@ def recalibrate_batchnorm(
 ) -> int:
     """Re-estimate the running statistics of ``layers`` from scratch on ``batches`` at the model's current depth.
 
-    Everything else runs in eval mode (dropout off); the statistics are exact averages over the batches
-    (``momentum=None``). ``reduce`` (e.g. a mean over processes) is applied to each statistic at the end.
-    Returns the number of images seen.
+    Everything else runs in eval mode (dropout off); the BatchNorm layers run in training mode, normalising each batch
+    with its own statistics as in training, while the statistics they keep are those of every value they saw, each
+    image weighing the same (not each batch: a small last batch counts for its images). A batch smaller than half the
+    one before it runs merged into that one. ``reduce`` (e.g. a mean over processes) is applied to each statistic at
+    the end. Returns the number of images seen.
     """
-    momenta = {name: layer.momentum for name, layer in layers.items()}
+    moments = {name: _Moments() for name in layers}
+    handles = [
+        layer.register_forward_pre_hook(lambda _m, args, acc=moments[name]: acc.add(args[0]))
+        for name, layer in layers.items()
+    ]
     seen = 0
     with preserved(model, train=False):  # restoring the mode also puts the layers back in their own
         try:
             for layer in layers.values():
                 layer.reset_running_stats()
-                layer.momentum = None
                 layer.train()
-            for x in batches:
-                model(x)
+            for x in _merged_small_batches(batches):
+                try:
+                    model(x)
+                except ValueError as e:
+                    if "Expected more than 1 value per channel" not in str(e):
+                        raise
+                    raise ConfigError(
+                        f"recalibrating BatchNorm statistics on a batch of {len(x)} image(s) failed: {e}. Give it "
+                        "batches of two images or more"
+                    ) from e
                 seen += len(x)
         finally:
-            for name, layer in layers.items():
-                layer.momentum = momenta[name]
+            for handle in handles:
+                handle.remove()
     if seen == 0:
         raise ConfigError("recalibrating BatchNorm statistics needs at least one batch of images; the data is empty")
+    for name, layer in layers.items():
+        moments[name].write(layer)
     if reduce is not None:
         for layer in layers.values():
             for stat in STATS:

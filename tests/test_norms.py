@@ -46,6 +46,30 @@ def test_recalibration_estimates_exact_statistics_per_depth(batches: list[torch.
     assert not torch.allclose(before[0.25], after[0.25])
 
 
+def test_statistics_weigh_every_image_the_same_whatever_its_batch() -> None:
+    model = _model()
+    g = torch.Generator().manual_seed(3)
+    uneven = [torch.randn(8, 3, 32, 32, generator=g) * 2 + 1, torch.randn(5, 3, 32, 32, generator=g) - 1]
+    assert model.recalibrate_norms(uneven) == {s: 13 for s in (0.25, 0.5, 0.75, 1.0)}
+    # The stem's BatchNorm sees the same input at every depth: the statistics of all 13 images pooled, not the
+    # average of two batch statistics (which would give the 5 images as much weight as the 8).
+    features = model.model.conv1(torch.cat(uneven)).transpose(0, 1).reshape(64, -1).double()
+    for s in model.config.scaling_factors:
+        model.set_scaling_factor(s)
+        torch.testing.assert_close(model.model.bn1.running_mean.double(), features.mean(dim=1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.model.bn1.running_var.double(), features.var(dim=1), rtol=1e-5, atol=1e-6)
+
+
+def test_a_last_batch_of_one_image_is_recalibrated_with_the_batch_before_it() -> None:
+    # regnetx_002 at 32 px ends in a 1x1 feature map: a BatchNorm in training mode refuses one value per channel.
+    torch.manual_seed(0)
+    model = AdaptiveDepth.wrap(timm.create_model("regnetx_002", num_classes=3), input_size=[3, 32, 32]).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(4)] + [torch.randn(1, 3, 32, 32, generator=g)]
+    assert model.recalibrate_norms(batches, [0.5, 1.0]) == {0.5: 33, 1.0: 33}
+    assert torch.isfinite(model.set_scaling_factor(0.5)(batches[0])).all()
+
+
 def test_switching_depth_swaps_references_and_custom_depths_use_training_stats(batches: list[torch.Tensor]) -> None:
     model = _model()
     trained = model.model.layer4[0].bn1.running_mean.clone()
