@@ -1,17 +1,19 @@
 """Budget-aware depth: measure each trained depth's latency on a device, then pick the largest depth that fits.
 
-A :class:`LatencyProfile` is what :meth:`AdaptiveDepth.profile` measures; it is saved in ``config.json`` (so a
-model profiled on the target device carries its numbers to the Hub) and shown in the model card.
-:func:`choose_scaling_factor` is the selection rule behind :meth:`AdaptiveDepth.set_budget`.
+A :class:`LatencyProfile` is what :meth:`AdaptiveDepth.profile` measures, at one or several batch sizes; it is saved
+in ``config.json`` (so a model profiled on the target device carries its numbers to the Hub) and shown in the model
+card. :func:`choose_scaling_factor` is the selection rule behind :meth:`AdaptiveDepth.set_budget`; the serving
+controller (:mod:`adaptive_depth.serving.controller`) predicts a batch's latency with :meth:`LatencyProfile.estimate`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import platform
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -20,45 +22,131 @@ from .errors import BudgetError, ConfigError
 from .latency import measure_latencies_ms
 from .policy import depth_key
 
-__all__ = ["LatencyProfile", "choose_scaling_factor", "describe_device", "profile_depths"]
+__all__ = ["LatencyProfile", "choose_scaling_factor", "describe_device", "describe_dtype", "profile_depths"]
 
 
-def describe_device(device: torch.device) -> str:
-    """A readable name of the device latencies were measured on (GPU model, or CPU and thread count)."""
+def _cpu_name() -> str:
+    """The CPU model ("Intel(R) Xeon(R) ...") where the OS says it; ``platform`` only knows the instruction set."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def describe_device(device: torch.device | str) -> str:
+    """A readable name of the device latencies were measured on (GPU model, or CPU model and thread count).
+
+    Two profiles are of the same device when these names are equal: the thread count is part of a CPU's name
+    because it changes every latency.
+    """
+    device = torch.device(device)
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
     if device.type == "cpu":
-        cpu = platform.processor() or platform.machine() or "cpu"
-        return f"cpu: {cpu}, {torch.get_num_threads()} threads of {os.cpu_count()}"
+        return f"cpu: {_cpu_name()}, {torch.get_num_threads()} threads of {os.cpu_count()}"
     return str(device)
+
+
+def describe_dtype(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``, as profiles store it."""
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass
 class LatencyProfile:
-    """Median forward latency at every trained depth, measured on one device.
+    """Median forward latency at every trained depth and profiled batch size, measured on one device.
 
     Args:
         device: where it was measured (:func:`describe_device`).
-        batch_size: images per forward pass.
         input_size: ``[C, H, W]`` of each image.
         dtype: the model's parameter dtype during the measurement.
-        latency_ms: milliseconds per forward pass, keyed by ``depth_key(scaling_factor)`` (JSON keys are strings).
+        latency_ms: milliseconds per forward pass, keyed by batch size, then by ``depth_key(scaling_factor)``
+            (JSON keys are strings): ``{"1": {"0.5": 2.1, "1.0": 3.0}, "8": {...}}``.
+
+    Profiles saved before batch sizes were profiled (``batch_size`` and a flat ``latency_ms``) load with
+    :meth:`from_dict`.
     """
 
     device: str
-    batch_size: int
     input_size: list[int]
     dtype: str
-    latency_ms: dict[str, float] = field(default_factory=dict)
+    latency_ms: dict[str, dict[str, float]]
 
     def __post_init__(self) -> None:
-        for key, ms in self.latency_ms.items():
-            if not isinstance(ms, int | float) or not math.isfinite(ms) or ms <= 0:
-                raise ConfigError(f"latency profile: latency at s={key} must be a positive number, got {ms!r}")
+        rows = self.latency_ms.values() if isinstance(self.latency_ms, Mapping) else None
+        if rows is None or not all(isinstance(row, Mapping) for row in rows):
+            raise ConfigError(
+                "latency profile: latency_ms must map batch sizes to {scaling factor: ms}, "
+                f"got {self.latency_ms!r:.200}"
+            )
+        table: dict[str, dict[str, float]] = {}
+        for batch, row in self.latency_ms.items():
+            size = int(batch) if str(batch).isdigit() else 0
+            if size < 1:
+                raise ConfigError(f"latency profile: batch sizes must be positive integers, got {batch!r}")
+            for key, ms in row.items():
+                if isinstance(ms, bool) or not isinstance(ms, int | float) or not math.isfinite(ms) or ms <= 0:
+                    raise ConfigError(
+                        f"latency profile: latency at s={key} must be a positive number, got {ms!r} (batch {size})"
+                    )
+            table[str(size)] = dict(row)
+        self.latency_ms = dict(sorted(table.items(), key=lambda item: int(item[0])))
 
-    def at(self, scaling_factor: float) -> float | None:
-        """The measured latency at ``scaling_factor`` (``None`` if it was not profiled)."""
-        return self.latency_ms.get(depth_key(scaling_factor))
+    @property
+    def batch_sizes(self) -> list[int]:
+        """The profiled batch sizes, smallest first."""
+        return [int(b) for b in self.latency_ms]
+
+    @property
+    def batch_size(self) -> int:
+        """The smallest profiled batch size: the one :meth:`at` and ``set_budget`` use by default."""
+        return self.batch_sizes[0] if self.latency_ms else 1
+
+    def at(self, scaling_factor: float, batch_size: int | None = None) -> float | None:
+        """The measured latency at ``scaling_factor`` and ``batch_size`` (default: the smallest profiled one).
+
+        ``None`` if that depth or batch size was not profiled.
+        """
+        row = self.latency_ms.get(str(self.batch_size if batch_size is None else batch_size), {})
+        return row.get(depth_key(scaling_factor))
+
+    def estimate(self, scaling_factor: float, batch_size: int) -> float | None:
+        """The latency of a forward pass of ``batch_size`` images at ``scaling_factor``, from the profile.
+
+        Between profiled batch sizes the latency is interpolated linearly. Above the largest it grows in proportion
+        to the batch (per-image cost does not fall further), below the smallest it is the smallest's: both err on
+        the slow side. ``None`` if the depth was not profiled.
+        """
+        key = depth_key(scaling_factor)
+        points = [(int(b), row[key]) for b, row in self.latency_ms.items() if key in row]
+        if not points:
+            return None
+        if batch_size <= points[0][0]:
+            return points[0][1]
+        for (b0, ms0), (b1, ms1) in itertools.pairwise(points):
+            if batch_size <= b1:
+                return ms0 + (ms1 - ms0) * (batch_size - b0) / (b1 - b0)
+        b_max, ms_max = points[-1]
+        return ms_max * batch_size / b_max
+
+    def check_device(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Refuse to use this profile for a model on another device (or in another dtype).
+
+        Raises:
+            BudgetError: latencies measured elsewhere say nothing about this device.
+        """
+        here, here_dtype = describe_device(device), describe_dtype(dtype)
+        if (here, here_dtype) != (self.device, self.dtype):
+            raise BudgetError(
+                f"the latency profile was measured on {self.device!r} ({self.dtype}), but the model runs on "
+                f"{here!r} ({here_dtype}): latencies do not transfer between devices, thread counts or dtypes. "
+                "Measure this one with model.profile(example_input) where the model runs "
+                "(examples/predict.py --profile does it from the command line)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict (stored as ``config.latency_profile``)."""
@@ -66,9 +154,14 @@ class LatencyProfile:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LatencyProfile:
-        """Build from :meth:`to_dict`'s output."""
+        """Build from :meth:`to_dict`'s output, or from a profile of one batch size saved by an earlier version."""
+        values = dict(data)
+        flat = values.get("latency_ms")
+        one_batch = isinstance(flat, Mapping) and not any(isinstance(v, Mapping) for v in flat.values())
+        if "batch_size" in values and one_batch:
+            values["latency_ms"] = {str(values.pop("batch_size")): dict(flat)}
         try:
-            return cls(**data)
+            return cls(**values)
         except TypeError as e:
             raise ConfigError(f"invalid latency profile in config.json: {e}") from e
 
@@ -132,25 +225,32 @@ def profile_depths(
     scaling_factors: Sequence[float],
     warmup: int,
     repeats: int,
+    batch_sizes: Sequence[int] | None = None,
 ) -> LatencyProfile:
-    """Median latency of a model at each depth, the depths timed in interleaved rounds (noise touches all alike).
+    """Median latency of a model at each depth and batch size, all timed in interleaved rounds (noise touches all
+    alike).
 
     Args:
         switch: ``set_scaling_factor`` of the model: switches depth and returns the model (a switch costs
             microseconds and is part of serving, so it is timed with the forward pass).
-        example_input: the batch to time (moved to the model's device and dtype).
+        example_input: the images to time (moved to the model's device and dtype); repeated or cut to each
+            batch size.
         scaling_factors: the depths to profile.
         warmup, repeats: rounds discarded, then rounds whose median is kept.
+        batch_sizes: the batch sizes to profile (default: ``example_input``'s own).
     """
     model = switch(scaling_factors[-1])
     param = next(model.parameters())
     x = example_input.to(device=param.device, dtype=param.dtype if example_input.is_floating_point() else None)
-    runs = {depth_key(s): (lambda s=s: switch(s)(x)) for s in scaling_factors}
+    sizes = sorted(set(batch_sizes)) if batch_sizes else [int(x.shape[0])]
+    batches = {b: x.repeat(math.ceil(b / x.shape[0]), *[1] * (x.dim() - 1))[:b] for b in sizes}
+    runs = {
+        f"{b}/{depth_key(s)}": (lambda s=s, batch=batches[b]: switch(s)(batch)) for b in sizes for s in scaling_factors
+    }
     timed = measure_latencies_ms(runs, device=param.device, warmup=warmup, repeats=repeats)
     return LatencyProfile(
         device=describe_device(param.device),
-        batch_size=int(x.shape[0]),
         input_size=[int(v) for v in x.shape[1:]],
-        dtype=str(param.dtype).removeprefix("torch."),
-        latency_ms=timed,
+        dtype=describe_dtype(param.dtype),
+        latency_ms={str(b): {depth_key(s): timed[f"{b}/{depth_key(s)}"] for s in scaling_factors} for b in sizes},
     )

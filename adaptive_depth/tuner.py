@@ -340,30 +340,49 @@ class DepthTuner(nn.Module):
         example_input: torch.Tensor | None = None,
         device: torch.device | str | None = None,
         *,
-        batch_size: int = 1,
+        batch_size: int | Sequence[int] | None = None,
+        scaling_factors: Sequence[float] | None = None,
         warmup: int = 5,
         repeats: int = 20,
     ) -> dict[float, float]:
         """Measure the latency of every trained depth on ``device`` and keep it (saved in ``config.json``).
 
-        Run it on the device you deploy to; :meth:`set_budget` then picks depths by measured milliseconds.
+        Run it on the device you deploy to; :meth:`set_budget` then picks depths by measured milliseconds, and the
+        serving controller (:class:`~adaptive_depth.serving.DepthController`) predicts batches from it. Every depth
+        and batch size is timed in interleaved rounds, so a slow spell of the machine touches all alike.
 
         Args:
-            example_input: a batch like the ones you serve (default: random, ``batch_size`` x ``input_size``).
+            example_input: images like the ones you serve (default: random ``input_size`` images).
             device: where to measure; the model is moved there and stays (default: where it is).
-            batch_size: images per batch when no ``example_input`` is given.
-            warmup, repeats: runs discarded, then runs whose median is kept, per depth.
+            batch_size: images per forward pass, or several (``(1, 4, 16)``: one row each, for a server that
+                batches); the example's images are repeated or cut to each size. Default: the example's own batch,
+                or 1.
+            scaling_factors: the depths to measure (default: the trained ones).
+            warmup, repeats: rounds discarded, then rounds whose median is kept.
 
         Returns:
-            Milliseconds per forward pass at each trained scaling factor.
+            Milliseconds per forward pass at each depth, at the smallest batch size (:attr:`latency_profile` holds
+            every batch size).
+
+        Raises:
+            ConfigError: a batch size that is not a positive integer.
         """
+        several = isinstance(batch_size, Sequence) and not isinstance(batch_size, str)
+        sizes = list(batch_size) if several else [batch_size]
+        for size in sizes:
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+                raise ConfigError(f"profile() batch sizes must be positive integers, got {batch_size!r}")
         if device is not None:
             self.to(device)
-        x = self.example_input(batch_size) if example_input is None else example_input
+        first = None if sizes == [None] else min(sizes)
+        x = self.example_input(first or 1) if example_input is None else example_input
+        depths = [check_scaling_factor(s) for s in scaling_factors or self.config.scaling_factors]
         with preserved(self, train=False):
-            profile = profile_depths(self.set_scaling_factor, x, self.config.scaling_factors, warmup, repeats)
+            profile = profile_depths(
+                self.set_scaling_factor, x, depths, warmup, repeats, None if first is None else sizes
+            )
         self.config.latency_profile = profile.to_dict()
-        return {s: ms for s in self.config.scaling_factors if (ms := profile.at(s)) is not None}
+        return {s: ms for s in depths if (ms := profile.at(s)) is not None}
 
     @property
     def latency_profile(self) -> LatencyProfile | None:
@@ -371,19 +390,27 @@ class DepthTuner(nn.Module):
         data = self.config.latency_profile
         return LatencyProfile.from_dict(data) if data is not None else None
 
-    def set_budget(self, *, max_flops: float | None = None, max_latency_ms: float | None = None) -> float:
+    def set_budget(
+        self, *, max_flops: float | None = None, max_latency_ms: float | None = None, batch_size: int | None = None
+    ) -> float:
         """Run at the largest trained depth that fits the budget; returns the scaling factor picked.
 
         Args:
             max_flops: the most FLOPs per image (at ``config.input_size``, as in :meth:`flops_table`).
-            max_latency_ms: the most milliseconds per forward pass, as measured by :meth:`profile`.
+            max_latency_ms: the most milliseconds per forward pass, as measured by :meth:`profile` on the device
+                the model is on now.
+            batch_size: the batch size ``max_latency_ms`` is for (default: the smallest profiled).
 
         Raises:
-            BudgetError: no trained depth fits, or a latency budget without a profile.
+            BudgetError: no trained depth fits, a latency budget without a profile, or with a profile measured on
+                another device (or thread count, or dtype) than the model's.
         """
         flops = self.flops_table()
         profile = self.latency_profile
-        latency = {s: ms for s in flops if profile is not None and (ms := profile.at(s)) is not None}
+        if max_latency_ms is not None and profile is not None:
+            param = next(self.model.parameters())
+            profile.check_device(param.device, param.dtype)
+        latency = {s: ms for s in flops if profile is not None and (ms := profile.at(s, batch_size)) is not None}
         s = choose_scaling_factor(flops, latency, max_flops=max_flops, max_latency_ms=max_latency_ms)
         self.set_scaling_factor(s)
         measured = f", {latency[s]:.3g} ms on {profile.device}" if s in latency and profile is not None else ""

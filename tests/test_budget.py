@@ -9,7 +9,7 @@ import timm
 import torch
 
 from adaptive_depth import AdaptiveDepth, BudgetError, ConfigError, LatencyProfile
-from adaptive_depth.budget import choose_scaling_factor
+from adaptive_depth.budget import choose_scaling_factor, describe_device
 
 FLOPS = {0.25: 1.0e9, 0.5: 2.0e9, 0.75: 3.0e9, 1.0: 4.0e9}
 LATENCY = {0.25: 5.0, 0.5: 9.0, 0.75: 14.0, 1.0: 20.0}
@@ -65,7 +65,7 @@ def test_profile_measures_every_trained_depth_and_is_saved_with_the_model(tmp_pa
     profile = model.latency_profile
     assert profile is not None and profile.batch_size == 2 and profile.input_size == [3, 32, 32]
     assert profile.device.startswith("cpu") and profile.dtype == "float32"
-    assert {float(k): v for k, v in profile.latency_ms.items()} == measured
+    assert {float(k): v for k, v in profile.latency_ms["2"].items()} == measured
 
     model.save_pretrained(tmp_path)
     loaded = AdaptiveDepth.from_pretrained(tmp_path)
@@ -81,10 +81,10 @@ def test_set_budget_switches_the_model_to_the_chosen_depth() -> None:
     assert model.scaling_factor == 0.5 and model.active_depth == model.depth_for(0.5)
     with pytest.raises(BudgetError, match="profile"):
         model.set_budget(max_latency_ms=5.0)
-    # A profile written by hand (as if measured on a target device) drives the latency budget.
+    # A profile written by hand (as if measured on this device) drives the latency budget.
     model.config.latency_profile = LatencyProfile(
-        device="cuda: test", batch_size=1, input_size=[3, 32, 32], dtype="float32",
-        latency_ms={str(s): LATENCY[s] for s in model.config.scaling_factors},
+        device=describe_device("cpu"), input_size=[3, 32, 32], dtype="float32",
+        latency_ms={"1": {str(s): LATENCY[s] for s in model.config.scaling_factors}},
     ).to_dict()  # fmt: skip
     assert model.set_budget(max_latency_ms=15.0) == 0.75
     assert model.scaling_factor == 0.75

@@ -66,15 +66,25 @@ def evaluate_accuracy(
 def measure_costs(
     model: nn.Module, example: torch.Tensor, scaling_factors: Sequence[float], *, latency: bool = True
 ) -> dict[float, tuple[float, float | None]]:
-    """``{s: (GFLOPs, latency ms or None)}`` of one image at each depth (full depth only for a plain model)."""
+    """``{s: (GFLOPs, latency ms or None)}`` of one image at each depth (full depth only for a plain model).
+
+    An adaptive model's latencies are its :meth:`~adaptive_depth.AdaptiveDepth.profile` (every depth timed in
+    interleaved rounds, so the depths are compared under the same load), which the model keeps: a model saved after
+    evaluation carries the profile of the device it was evaluated on.
+    """
     adaptive = isinstance(model, AdaptiveDepth)
+    depths = list(scaling_factors) if adaptive else [1.0]
+    latencies: dict[float, float] = {}
+    if latency:
+        latencies = (
+            model.profile(example, scaling_factors=depths) if adaptive else {1.0: measure_latency_ms(model, example)}
+        )
     out: dict[float, tuple[float, float | None]] = {}
     with preserved(model, train=False):
-        for s in scaling_factors if adaptive else [1.0]:
+        for s in depths:
             if adaptive:
                 model.set_scaling_factor(s)
-            ms = measure_latency_ms(model, example) if latency else None
-            out[s] = (count_flops(model, example) / 1e9, ms)
+            out[s] = (count_flops(model, example) / 1e9, latencies.get(s))
     return out
 
 
