@@ -57,6 +57,8 @@ class TrainingReport:
         processes: processes that trained it (data parallel).
         wall_time_s: training, evaluation and saving, in seconds (set by the script that ran it).
         dataset: what it was trained on.
+        training_flops: training compute, every process: forward + backward of what learned, forwards of what
+            taught (``adaptive_depth.training.compute``).
     """
 
     config: dict[str, Any]
@@ -67,6 +69,7 @@ class TrainingReport:
     processes: int = 1
     wall_time_s: float | None = None
     dataset: str | None = None
+    training_flops: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict (``config.extra["training"]``)."""

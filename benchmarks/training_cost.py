@@ -31,7 +31,7 @@ SINGLE = {"leader": "none", "interactive": False}
 MODES: dict[str, dict[str, Any]] = {
     "cooperative": {},
     "frozen Leader": {"leader": "frozen"},
-    "frozen Leader, cached logits": {"leader": "frozen", "cache_leader_logits": True},
+    "frozen Leader, cached logits": {"leader": "cached"},
     "no Leader": {"leader": "none"},
     "one Teammate": {"interactive": False},
     "sandwich (smallest, top + 1 random depth)": {"sampled_depths": 1},
@@ -80,14 +80,14 @@ def build_trainer(mode: str, args: argparse.Namespace, data: Any) -> Cooperative
     model = pretrained_or_random(
         args.model, weights="random", seed=0, num_classes=data.num_classes, input_size=args.input_size
     )
-    leader = model.export(1.0) if config.leader == "frozen" else None  # any trained network costs the same
-    loaders = make_loaders(data, model, batch_size=args.batch_size, seed=0, input_size=args.input_size, with_index=True)
+    leader = model.export(1.0) if config.leader in ("frozen", "cached") else None  # any trained one costs the same
+    loaders = make_loaders(data, model, **config.loader_options, input_size=args.input_size)
     trainer = CooperativeTrainer(
         model, config, loaders.train, accelerator=Accelerator(cpu=args.device == "cpu"), leader=leader,
         recalibration_loader=loaders.recalibration,
     )  # fmt: skip
-    if config.cache_leader_logits:
-        trainer.cache_leader_logits()  # once, before training: not part of a step
+    if config.leader == "cached":
+        trainer.make_leader_cache()  # once, before training: not part of a step
     trainer.module.train()
     return trainer
 

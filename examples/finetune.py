@@ -231,17 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     size = teammates[0].config.input_size
     if accelerator.is_main_process:
         print(teammates[0].depth_summary())
-    loaders = make_loaders(
-        data,
-        teammates[0],
-        batch_size=config.batch_size,
-        seed=config.seed,
-        input_size=size,
-        num_workers=args.num_workers,
-        with_index=config.cache_leader_logits,
-        streams=config.data_streams,
-        own_order=config.teammate_data == "streams",
-    )
+    loaders = make_loaders(data, teammates[0], **config.loader_options, input_size=size, num_workers=args.num_workers)
 
     checkpoint_steps = args.checkpointing_steps if isinstance(args.checkpointing_steps, int) else None
     trainer = CooperativeTrainer(

@@ -31,7 +31,8 @@ MODES = {
     "random-depth": {"scaling_factors": [1.0], "layer_drop": 0.5, **SINGLE},
     "sandwich": {"sampled_depths": 1, "scaling_factors": [0.25, 0.5, 0.75, 1.0]},
     "frozen-leader": {"leader": "frozen"},
-    "frozen-leader-cached": {"leader": "frozen", "cache_leader_logits": True},
+    "cached-leader": {"leader": "cached", "train_depths": "sampled", "interactive": False},
+    "sampled-ema": {"leader": "ema", "train_depths": "sampled", "interactive": False},
     "alone": {"scaling_factors": [0.5], "full_depth": False, **SINGLE},
     "views": {"interactive": True, "teammate_data": "views"},
     "streams": {"interactive": True, "teammate_data": "streams"},
@@ -48,17 +49,8 @@ def main(modes: list[str], batch_size: int) -> None:
         config = TrainingConfig(**{"epochs": 1, "batch_size": batch_size, "scaling_factors": [0.5, 1.0]} | MODES[mode])
         set_seed(0)
         model = _model()
-        leader = _model().export(1.0).eval() if config.leader == "frozen" else None
-        loaders = make_loaders(
-            data,
-            model,
-            batch_size=batch_size,
-            seed=0,
-            input_size=[3, 32, 32],
-            with_index=True,
-            streams=config.data_streams,
-            own_order=config.teammate_data == "streams",
-        )
+        leader = _model().export(1.0).eval() if config.leader in ("frozen", "cached") else None
+        loaders = make_loaders(data, model, **config.loader_options, input_size=[3, 32, 32])
         trainer = CooperativeTrainer(
             model,
             config,

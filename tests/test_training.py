@@ -283,33 +283,6 @@ def test_script_pushes_the_deployed_model_with_its_report_to_the_hub(tmp_path: P
             assert torch.equal(loaded.set_scaling_factor(s)(x), local.set_scaling_factor(s)(x))
 
 
-def test_cached_leader_logits_are_the_frozen_leaders_and_replace_its_forward(tmp_path: Path) -> None:
-    from adaptive_depth.training import load_image_classification_data, make_loaders
-
-    with pytest.raises(ConfigError, match="leader='frozen'"):
-        TrainingConfig(cache_leader_logits=True)
-    data = load_image_classification_data("digits", max_train_samples=40, max_eval_samples=20)
-    model = AdaptiveDepth.wrap(timm.create_model("test_convnext", num_classes=10), input_size=[3, 32, 32])
-    leader = timm.create_model("test_convnext", num_classes=10).eval()
-    config = TrainingConfig(leader="frozen", cache_leader_logits=True, epochs=1, batch_size=8, interactive=False)
-    loaders = make_loaders(data, model, batch_size=8, seed=0, input_size=[3, 32, 32], with_index=True)
-    trainer = CooperativeTrainer(
-        model, config, loaders.train, loaders.eval, leader=leader, accelerator=Accelerator(),
-        recalibration_loader=loaders.recalibration,
-    )  # fmt: skip
-    calls = []
-    leader.register_forward_hook(lambda *_: calls.append(1))
-    trainer.train()
-    cache = trainer.players.leader_table
-    assert cache is not None and cache.shape == (len(data.train), 10)
-    assert len(calls) == len(loaders.recalibration)  # one pass before training, none during it
-    images, _, indices = next(iter(loaders.recalibration))
-    with torch.no_grad():
-        torch.testing.assert_close(cache[indices], leader(images))
-    with pytest.raises(ConfigError, match="with_index=True"):
-        trainer.training_step(images, torch.zeros(len(images), dtype=torch.long), ramp=1.0)
-
-
 @pytest.mark.parametrize(("num_classes", "kept"), [(10, True), (4, False)])
 def test_a_head_trained_for_the_task_is_kept_by_every_player(tmp_path: Path, num_classes: int, kept: bool) -> None:
     """A model already fine-tuned on the task (same classes) keeps its head in the Leader and the second Teammate."""

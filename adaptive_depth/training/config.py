@@ -14,9 +14,9 @@ from ..policy import check_scaling_factor
 
 __all__ = ["LEADER_MODES", "TEAMMATE_DATA", "TRAIN_DEPTHS", "TrainingConfig"]
 
-LEADER_MODES = ("joint", "frozen", "none")
+LEADER_MODES = ("joint", "frozen", "cached", "ema", "none")
 TEAMMATE_DATA = ("shared", "views", "streams")
-TRAIN_DEPTHS = ("all", "top")
+TRAIN_DEPTHS = ("all", "top", "sampled", "top+sampled")
 # transformers.get_scheduler names that need no extra arguments
 LR_SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
@@ -42,8 +42,11 @@ class TrainingConfig:
         scaling_factors: the depths trained together, each in (0, 1]; 1.0 is added unless ``full_depth=False``.
         full_depth: train the full network too. ``False`` trains exactly ``scaling_factors``, the largest of them
             in the full network's role (the "each depth trained alone" baseline: one depth, labels only).
-        leader: ``"joint"`` (trained with the teammates), ``"frozen"`` (a fixed teacher, evaluation mode) or
-            ``"none"`` (no guided learning: an ablation).
+        leader: ``"joint"`` (trained with the teammates), ``"frozen"`` (a fixed teacher run without gradients on
+            each batch), ``"cached"`` (that fixed teacher's outputs made once before training, for
+            ``leader_cache_draws`` augmentations of each image: no teacher pass during training), ``"ema"`` (an
+            exponential moving average of the Teammate at full depth, ``ema_decay``: no teacher to train) or
+            ``"none"`` (no guided learning).
         interactive: two Teammates that learn from each other, as in the paper (``--interactive``). Default
             ``False``: one Teammate, which was as accurate or more at every depth in the measurements, at about
             half the cost (docs/benchmarks.md).
@@ -66,10 +69,13 @@ class TrainingConfig:
         label_smoothing: of every cross-entropy term.
         seed: everything random (heads, data order, augmentation) derives from it.
         per_depth_norms: recalibrate BatchNorm statistics for every trained depth after training.
-        cache_leader_logits: with ``leader="frozen"``, run the Leader once before training over the un-augmented
-            training images and reuse its logits every epoch (no Leader forward during training; the Teammates
-            see augmented views of the image the Leader saw plain). Needs loaders that yield indices
-            (``make_loaders(..., with_index=True)``).
+        leader_cache_draws, leader_cache_top_k: ``leader="cached"``: augmentation draws fixed per image, and
+            the teacher's logits kept per draw (fp16).
+        leader_cache: ``leader="cached"``: a file to keep the cache in, reused by later runs on the same data with
+            the same teacher (any seed, any budget); one made from anything else is refused.
+        ema_decay: ``leader="ema"``: the average's decay per step (timm's ``ModelEmaV3``, with its warm-up).
+        distill_start: the fraction of training before distillation begins (labels only until then; the ramp of
+            ``distill_warmup_epochs`` follows). An EMA teacher needs time to become one.
         sampled_depths: the sandwich rule: at each step the teammates run at the smallest and the top depth plus
             this many depths drawn at random from the others (``None``: every trained depth, every step). A
             teammate's loss is then the SFSL-weighted mean over the depths run.
@@ -78,8 +84,13 @@ class TrainingConfig:
             ``scaling_factors=[1.0]`` and no peers it is the random-depth baseline. Under DDP the skipped blocks
             differ per step, so the trainer's own Accelerator finds unused parameters.
         train_depths: which depths run at each training step: ``"all"`` (every trained depth, or the sandwich
-            sample) or ``"top"`` (the top depth alone: plain fine-tuning, or random depth with ``layer_drop``). The
-            other ``scaling_factors`` still get their BatchNorm statistics, evaluation and a place in the card.
+            sample), ``"top"`` (the top depth alone: plain fine-tuning, or random depth with ``layer_drop``),
+            ``"sampled"`` (one depth per step, drawn from every deployable depth between the smallest trained one
+            and the top, those two drawn a quarter of the time each: one pass a step) or ``"top+sampled"`` (the top
+            depth and one drawn below it). Every ``scaling_factors`` depth gets its BatchNorm statistics,
+            evaluation and a place in the card whatever ran.
+        max_steps: optimizer steps to train, instead of ``epochs`` (the schedule ends there; the last epoch may be
+            partial): how a compute budget is given.
         recalibration_batches: training batches read per depth by the recalibration.
         teammate_data: what the Teammates see at each step: ``"shared"`` (the same batch), ``"views"`` (the same
             images, each Teammate with its own augmentation draws) or ``"streams"`` (each Teammate its own images
@@ -118,13 +129,19 @@ class TrainingConfig:
     seed: int = field(default=0, metadata={"help": "heads, data order, augmentation"})
     per_depth_norms: bool = field(default=True, metadata={"help": "recalibrate BatchNorm per depth after training"})
     recalibration_batches: int = field(default=20, metadata={"help": "batches per depth for the recalibration"})
-    cache_leader_logits: bool = field(default=False, metadata={"help": "frozen Leader: logits computed once"})
+    leader_cache_draws: int = field(default=4, metadata={"help": "cached Leader: augmentation draws per image"})
+    leader_cache_top_k: int = field(default=10, metadata={"help": "cached Leader: logits kept per draw"})
+    leader_cache: str | None = field(default=None, metadata={"help": "cached Leader: file to keep the cache in"})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA Leader: decay per step"})
+    distill_start: float = field(default=0.0, metadata={"help": "fraction of training before distillation begins"})
     sampled_depths: int | None = field(default=None, metadata={"help": "sandwich rule: random depths per step"})
     layer_drop: float = field(default=0.0, metadata={"help": "random depth: probability to skip a block"})
     teammate_data: str = field(default="shared", metadata={"help": "what the Teammates see", "choices": TEAMMATE_DATA})
     train_depths: str = field(
-        default="all", metadata={"help": "depths run per step: all, or the top one alone", "choices": TRAIN_DEPTHS}
+        default="all",
+        metadata={"help": "depths run per step: all, top, sampled, top+sampled", "choices": TRAIN_DEPTHS},
     )
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps instead of epochs"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.scaling_factors, list | tuple) or not self.scaling_factors:
@@ -160,9 +177,25 @@ class TrainingConfig:
                 f"teammate_data={self.teammate_data!r} gives each of two Teammates its own data: it needs "
                 "interactive=True (--interactive)"
             )
-        if self.cache_leader_logits and self.leader != "frozen":
+        if self.leader == "cached" and self.teammate_data != "shared":
             raise ConfigError(
-                f"cache_leader_logits needs leader='frozen' (a fixed teacher), got leader={self.leader!r}"
+                f"leader='cached' looks the teacher's outputs up for one view per image; teammate_data="
+                f"{self.teammate_data!r} gives each Teammate its own: use teammate_data='shared' or leader='frozen'"
+            )
+        if not 0 <= self.distill_start < 1 or not 0 < self.ema_decay < 1:
+            raise ConfigError(
+                f"distill_start must be in [0, 1) and ema_decay in (0, 1), got {self.distill_start!r} and "
+                f"{self.ema_decay!r}"
+            )
+        if self.train_depths == "sampled" and self.interactive:
+            raise ConfigError(
+                "train_depths='sampled' runs one depth per step, which gives a second Teammate no full-depth peer to "
+                "learn from: use it with one Teammate (interactive=False), or train_depths='top+sampled'"
+            )
+        if self.train_depths in ("sampled", "top+sampled") and (self.layer_drop > 0 or self.sampled_depths is not None):
+            raise ConfigError(
+                f"train_depths={self.train_depths!r} draws its own depths: it takes neither layer_drop nor "
+                "sampled_depths (those go with train_depths='top' and 'all')"
             )
         k = self.sampled_depths
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
@@ -171,8 +204,18 @@ class TrainingConfig:
             raise ConfigError(f"layer_drop must be in [0, 1), got {self.layer_drop!r}")
         if self.label_smoothing >= 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "recalibration_batches"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "recalibration_batches",
+            "leader_cache_draws",
+            "leader_cache_top_k",
+            "max_steps",
+        ):
             value = getattr(self, name)
+            if name == "max_steps" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.max_grad_norm is not None:
@@ -202,16 +245,29 @@ class TrainingConfig:
 
     @property
     def leaves_parameters_unused(self) -> bool:
-        """True if some blocks get no gradient in some steps (random depth, or a top depth below 1).
+        """True if some blocks get no gradient in some steps (random or sampled depth, or a top depth below 1).
 
         DDP must then be created with ``find_unused_parameters=True`` (``accelerator_kwargs`` does it).
         """
-        return self.layer_drop > 0 or self.top_scaling_factor < 1.0
+        return self.layer_drop > 0 or self.top_scaling_factor < 1.0 or self.train_depths == "sampled"
 
     @property
     def data_streams(self) -> int:
         """Views per training image the loaders must give (one per Teammate unless they share the batch)."""
         return self.num_teammates if self.teammate_data != "shared" else 1
+
+    @property
+    def loader_options(self) -> dict[str, Any]:
+        """What :func:`~adaptive_depth.training.make_loaders` needs of this config: batch size, seed, one stream per
+        Teammate that sees its own views or images, each Teammate's own order with ``"streams"``, and draw mode for
+        a cached Leader (``make_loaders(data, model, **config.loader_options)``)."""
+        return {
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "streams": self.data_streams,
+            "own_order": self.teammate_data == "streams",
+            "teacher_draws": self.leader_cache_draws if self.leader == "cached" else None,
+        }
 
     @property
     def num_teammates(self) -> int:
@@ -231,13 +287,16 @@ class TrainingConfig:
         """Build from a dict written by :meth:`to_dict`; an unknown key is an error (a typo would go unnoticed).
 
         A dict of the earlier spelling (``lr_warmup_epochs`` for the learning-rate warm-up, ``warmup_epochs`` for the
-        distillation ramp) is read with today's names, so the meaning of a saved value never changes.
+        distillation ramp, ``cache_leader_logits``) is read with today's names, so the meaning of a saved value never
+        changes.
         """
+        data = dict(data)
         if "lr_warmup_epochs" in data:
-            data = dict(data)
             if "warmup_epochs" in data:
                 data["distill_warmup_epochs"] = data.pop("warmup_epochs")
             data["warmup_epochs"] = data.pop("lr_warmup_epochs")
+        if data.pop("cache_leader_logits", False) and data.get("leader") == "frozen":
+            data["leader"] = "cached"  # the earlier switch for a frozen Leader's cached outputs
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise ConfigError(f"unknown training config keys {unknown}; known: {sorted(f.name for f in fields(cls))}")

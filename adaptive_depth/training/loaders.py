@@ -4,7 +4,8 @@ Data order comes from :class:`EpochSampler` (a permutation drawn from the seed a
 augmentation from a seed of (seed, epoch, image, stream), so neither depends on the number of processes or
 workers nor touches the global RNG. With several *streams* (one per Teammate, ``TrainingConfig.teammate_data``)
 every item holds one view per stream: the same image under its own augmentation (``views``), or each stream's
-own image in its own order (``streams``).
+own image in its own order (``streams``). In *draw mode* (``draws=K``, for cached teacher outputs) each image has
+``K`` fixed augmentation draws, seeded independently of the training seed, and each epoch shows one of them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .data import ImageClassificationData, build_transform
+from .teacher_cache import CACHE_SEED
 
 __all__ = ["EpochSampler", "Loaders", "TransformedDataset", "make_loaders"]
 
@@ -32,9 +34,13 @@ def _augmentation_seed(seed: int, epoch: int, index: int, stream: int) -> int:
 class TransformedDataset(torch.utils.data.Dataset):
     """A ``datasets.Dataset`` as ``(pixels, label)`` pairs, with augmentation seeded per (seed, epoch, index).
 
-    With ``with_index=True`` the items are ``(pixels, label, index)`` (for per-image caches such as the Leader's
-    logits). Indexed by a tuple of indices (one per stream, from :class:`EpochSampler` with ``streams > 1``), an
-    item stacks the streams: pixels ``[streams, C, H, W]``, labels and indices ``[streams]``.
+    With ``with_index=True`` the items are ``(pixels, label, index)``. Indexed by a tuple of indices (one per stream,
+    from :class:`EpochSampler` with ``streams > 1``), an item stacks the streams: pixels ``[streams, C, H, W]``,
+    labels and indices ``[streams]``.
+
+    With ``draws=K`` (draw mode) image ``i`` has ``K`` fixed augmentations, seeded by (:data:`CACHE_SEED`, draw,
+    ``i``); each epoch shows draw ``k``, picked from (seed, epoch, ``i``), and the items are
+    ``(pixels, label, key)`` with ``key = i * K + k``: the row of that view in a teacher cache.
     """
 
     def __init__(
@@ -46,8 +52,9 @@ class TransformedDataset(torch.utils.data.Dataset):
         *,
         seed: int = 0,
         with_index: bool = False,
+        draws: int | None = None,
     ) -> None:
-        self.data, self.transform, self.with_index = data, transform, with_index
+        self.data, self.transform, self.with_index, self.draws = data, transform, with_index or bool(draws), draws
         self.image_column, self.label_column = image_column, label_column
         self.seed, self.epoch = seed, 0
 
@@ -58,18 +65,29 @@ class TransformedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def _view(self, index: int, stream: int) -> tuple[torch.Tensor, int]:
-        example = self.data[int(index)]
-        seed = _augmentation_seed(self.seed, self.epoch, int(index), stream)
+    def _draw(self, index: int) -> int:
+        """Draw mode: which of the image's fixed augmentations this epoch shows."""
+        return random.Random(_augmentation_seed(self.seed, self.epoch, index, 0)).randrange(self.draws or 1)
+
+    def draw_view(self, key: int) -> torch.Tensor:
+        """Draw mode: the pixels of cache row ``key`` (image ``key // draws``, its draw ``key % draws``)."""
+        index, draw = divmod(int(key), self.draws or 1)
+        return self._transformed(self.data[index], _augmentation_seed(CACHE_SEED, draw, index, 0))
+
+    def _transformed(self, example: dict[str, Any], seed: int) -> torch.Tensor:
         state = random.getstate()
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 random.seed(seed)
-                pixels = self.transform(example[self.image_column])
+                return self.transform(example[self.image_column])
         finally:
             random.setstate(state)
-        return pixels, int(example[self.label_column])
+
+    def _view(self, index: int, stream: int) -> tuple[torch.Tensor, int]:
+        example = self.data[int(index)]
+        seed = _augmentation_seed(self.seed, self.epoch, int(index), stream)
+        return self._transformed(example, seed), int(example[self.label_column])
 
     def __getitem__(self, index: int | tuple[int, ...]) -> tuple[Any, ...]:
         if isinstance(index, tuple):
@@ -77,6 +95,9 @@ class TransformedDataset(torch.utils.data.Dataset):
             pixels = torch.stack([v[0] for v in views])
             labels = torch.tensor([v[1] for v in views])
             return (pixels, labels, torch.tensor(index)) if self.with_index else (pixels, labels)
+        if self.draws:
+            key = int(index) * self.draws + self._draw(int(index))
+            return self.draw_view(key), int(self.data[int(index)][self.label_column]), key
         pixels, label = self._view(index, 0)
         return (pixels, label, int(index)) if self.with_index else (pixels, label)
 
@@ -141,6 +162,7 @@ def make_loaders(
     with_index: bool = False,
     streams: int = 1,
     own_order: bool = True,
+    teacher_draws: int | None = None,
 ) -> Loaders:
     """Loaders with the model's own preprocessing (training augmentation on the first), seeded by ``seed``.
 
@@ -151,11 +173,16 @@ def make_loaders(
         seed: data order and augmentation.
         input_size: ``[C, H, W]`` (default: the model's).
         num_workers: ``DataLoader`` worker processes.
-        with_index: the two training loaders also yield each image's index (``TrainingConfig.cache_leader_logits``).
+        with_index: the two training loaders also yield each image's index.
         streams: training batches with one view per stream, ``[B, streams, C, H, W]`` (one per Teammate,
             ``TrainingConfig.data_streams``); the other two loaders stay single-stream.
         own_order: with several streams, each stream draws its own images in its own order (else the same
             images, each stream with its own augmentation).
+        teacher_draws: the training loader in draw mode, yielding ``(images, labels, keys)``: ``K`` fixed
+            augmentations per image, for cached teacher outputs (``TrainingConfig.leader="cached"``).
+
+    ``make_loaders(data, model, **config.loader_options, ...)`` sets ``batch_size``, ``seed``, ``streams``,
+    ``own_order`` and ``teacher_draws`` as a :class:`~adaptive_depth.training.TrainingConfig` needs them.
     """
     inner = getattr(model, "model", model)
     processor = getattr(model, "image_processor", None)
@@ -164,13 +191,19 @@ def make_loaders(
     cols = (data.image_column, data.label_column)
 
     def loader(
-        ds: datasets.Dataset, transform: Any, *, shuffle: bool, drop_last: bool = False, streams: int = 1
+        ds: datasets.Dataset,
+        transform: Any,
+        *,
+        shuffle: bool,
+        drop_last: bool = False,
+        streams: int = 1,
+        draws: int | None = None,
     ) -> DataLoader:
         sampler = (
             EpochSampler(len(ds), shuffle=True, seed=seed, streams=streams, own_order=own_order) if shuffle else None
         )
         return DataLoader(
-            TransformedDataset(ds, transform, *cols, seed=seed, with_index=with_index and shuffle),
+            TransformedDataset(ds, transform, *cols, seed=seed, with_index=with_index and shuffle, draws=draws),
             batch_size=batch_size,
             sampler=sampler,
             drop_last=drop_last,
@@ -179,7 +212,7 @@ def make_loaders(
         )
 
     return Loaders(
-        train=loader(data.train, train_tf, shuffle=True, drop_last=True, streams=streams),
+        train=loader(data.train, train_tf, shuffle=True, drop_last=True, streams=streams, draws=teacher_draws),
         recalibration=loader(data.train, eval_tf, shuffle=True),
         eval=loader(data.eval, eval_tf, shuffle=False),
     )

@@ -23,15 +23,20 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * (t * t)
 
 
-def sfsl_weights(scaling_factors: Sequence[float], gamma: float) -> dict[float, float]:
-    """Scaling-factor-sensitive weights ``w(s) = s^-gamma`` over the depths below the top one, normalised to mean 1."""
+def sfsl_weights(scaling_factors: Sequence[float], gamma: float, also: Sequence[float] = ()) -> dict[float, float]:
+    """Scaling-factor-sensitive weights ``w(s) = s^-gamma`` over the depths below the top one, normalised to mean 1.
+
+    Args:
+        scaling_factors: the trained depths (their weights below the top average 1).
+        gamma: the SFSL exponent.
+        also: other depths below the top (drawn at a training step) weighted by the same rule and normaliser.
+    """
     top = max(scaling_factors, default=1.0)
     subs = [float(s) for s in scaling_factors if s < top]
     if not subs:
         return {}
-    raw = {s: s ** (-gamma) for s in subs}
-    mean = sum(raw.values()) / len(raw)
-    return {s: w / mean for s, w in raw.items()}
+    mean = sum(s ** (-gamma) for s in subs) / len(subs)
+    return {s: s ** (-gamma) / mean for s in [*subs, *(float(s) for s in also if s < top)]}
 
 
 @dataclass
@@ -96,8 +101,8 @@ def cooperative_loss(
             ``1 - ramp`` in their place (see :class:`TrainingConfig`).
     """
     tau, r = config.temperature, min(max(float(ramp), 0.0), 1.0)
-    depths = config.scaling_factors
-    sfsl = sfsl_weights(depths, config.sfsl_gamma)
+    ran = {s for by_depth in logits.teammates for s in by_depth}
+    sfsl = sfsl_weights(config.scaling_factors, config.sfsl_gamma, also=sorted(ran))
     terms: dict[str, torch.Tensor] = {}
     weights: dict[str, float] = {}
 
@@ -127,7 +132,7 @@ def cooperative_loss(
 
         add(
             "leader",
-            {"ce": 1.0, "share_back": config.leader_share_back * r if n else 0.0},
+            {"ce": 1.0, "share_back": config.leader_share_back * r if n and top in ran else 0.0},
             {
                 "ce": lambda: torch.stack([ce(logits.leader_for(t), t) for t in batches]).mean(),
                 "share_back": lambda: torch.stack(
@@ -140,10 +145,19 @@ def cooperative_loss(
     guided = logits.leader is not None and config.leader != "none"
     for t, by_depth in enumerate(logits.teammates):
         name = TEAMMATE_NAMES[t]
-        other = logits.peer_for(t, top)
         leader = logits.leader_for(t)
+        per_depth = 1.0 / len(by_depth)  # the depths run this step: all of S, or a sample of them
+        if top not in by_depth:  # one depth drawn below the top: a student of the labels and the Leader
+            for s, z in by_depth.items():
+                add(
+                    f"{name}/s={s:g}",
+                    {"ce": 1.0, "guided": config.lambda_guided * r if guided else 0.0},
+                    {"ce": lambda z=z, t=t: ce(z, t), "guided": lambda z=z, leader=leader: kd_loss(z, leader, tau)},
+                    per_depth,
+                )
+            continue
+        other = logits.peer_for(t, top)
         full = by_depth[top]
-        per_depth = 1.0 / len(by_depth)  # the depths run this step: all of S, or a sandwich sample of it
         add(
             f"{name}/s={top:g}",
             {

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
+import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -13,19 +14,22 @@ from ..errors import ConfigError
 from ..gates import unwrap_gates
 from ..model import AdaptiveDepth
 from ..state import preserved
+from .compute import ComputeMeter, ForwardCost
+from .config import LEADER_MODES, TRAIN_DEPTHS
 from .losses import CooperativeLogits
+from .teacher_cache import TeacherCache
 
 __all__ = [
-    "LEADER_ROUTES",
     "CooperativeModel",
     "classifier_of",
     "logits_of",
     "make_leader",
     "make_teammates",
+    "nested_depths",
     "reinit_classifier",
 ]
 
-LEADER_ROUTES = ("joint", "frozen", "cached", "none")
+FAVOURED_SHARE = 0.25  # of the sampled steps, for the smallest depth and for the top one each (the rest: uniform)
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -96,67 +100,99 @@ def make_leader(teammate: AdaptiveDepth, seed: int, *, fresh_head: bool = True) 
     return leader
 
 
+def nested_depths(model: AdaptiveDepth, smallest: float, top: float = 1.0, named: Sequence[float] = ()) -> list[float]:
+    """The depths a user can deploy between ``smallest`` and ``top``: one scaling factor per distinct configuration.
+
+    Under the model's depth policy every ``s`` runs a nested set of blocks (each stage keeps ``ceil(s * n)``), so the
+    configuration changes only where ``s * n`` crosses an integer. Each distinct configuration in
+    ``[smallest, top]`` is returned once, ascending, named by ``smallest``, ``top`` or a scaling factor of ``named``
+    that gives it (the trained depths), else by a scaling factor inside its interval.
+    """
+    steps = {k / st.num_blocks for st in model.stages for k in range(1, st.num_blocks + 1)}
+    points = sorted({smallest, top} | {s for s in steps if smallest < s < top})
+    inside = [(a + b) / 2 for a, b in itertools.pairwise(points)]  # clear of the rounding of a breakpoint itself
+    found: dict[tuple[int, ...], float] = {}
+    for s in [top, smallest, *sorted(s for s in named if smallest <= s <= top), *points, *inside]:
+        found.setdefault(tuple(model.depth_for(s)), s)
+    return sorted(found.values())
+
+
 class CooperativeModel(nn.Module):
     """Teammates and their Leader in one module, so one forward and one backward train them all.
 
     One module means one ``accelerator.prepare`` and one DDP wrapper whose gradients are reduced once per step.
-    It is also the one place the Leader's logits come from, whatever the Leader is (``leader_mode``):
+    It is also the one place the Leader's logits come from, whatever the Leader is (``leader``, as
+    ``TrainingConfig.leader``):
 
     - ``"joint"``: a full-depth network trained with the Teammates (its logits carry gradients);
     - ``"frozen"``: a fixed, already trained teacher, kept in eval mode and run without gradients;
-    - ``"cached"``: the frozen teacher's logits computed once before training (:meth:`cache_leader_logits`) and
-      looked up by each image's dataset index;
+    - ``"cached"``: that teacher's logits made once before training for several augmentation draws of every
+      image (:class:`~adaptive_depth.training.teacher_cache.TeacherCache`), looked up by each image's key;
+    - ``"ema"``: an exponential moving average of the first Teammate at full depth, run without gradients
+      (``leader_model`` is timm's ``ModelEmaV3`` of it; :meth:`update_ema` after each optimizer step);
     - ``"none"``: no Leader.
+
+    Every training forward charges its FLOPs to :attr:`compute` (forward + backward for what learns, one forward
+    for what teaches).
 
     Args:
         teammates: the depth-gated networks.
-        scaling_factors: the depths each teammate runs at every step.
-        leader: the Leader network (``None`` with ``leader_mode="none"``).
-        leader_mode: one of the modes above.
+        scaling_factors: the trained depths.
+        leader_model: the Leader network (``None`` with ``leader="none"`` or ``"cached"``).
+        leader: one of the modes above.
         layer_drop: in training mode, the top depth skips random blocks with this probability (LayerDrop-style).
         sampled_depths: in training mode, run the smallest and the top depth plus this many others drawn at random
             (the sandwich rule; ``None``: every depth).
-        top_only: in training mode, run the top depth alone (``TrainingConfig.train_depths="top"``): plain
-            fine-tuning, or random depth with ``layer_drop``; the other depths are for evaluation.
-        own_images: each Teammate's view is of other images (``teammate_data="streams"``): the Leader runs on
-            every Teammate's batch, and each Teammate's peer target is the other Teammate run on its batch.
+        train_depths: in training mode, which depths run at each step (``TrainingConfig.train_depths``): ``"all"``
+            (or the sandwich sample), ``"top"`` alone, one ``"sampled"`` depth, or ``"top+sampled"``.
+        teammate_data: ``"streams"`` gives each Teammate its own images (the Leader runs on every Teammate's batch,
+            and each Teammate's peer target is the other Teammate run on its batch); ``"shared"`` / ``"views"``
+            one set of images.
     """
 
     def __init__(
         self,
         teammates: Sequence[AdaptiveDepth],
         scaling_factors: Sequence[float],
-        leader: nn.Module | None = None,
+        leader_model: nn.Module | None = None,
         *,
-        leader_mode: str = "joint",
+        leader: str = "joint",
         layer_drop: float = 0.0,
         sampled_depths: int | None = None,
-        own_images: bool = False,
-        top_only: bool = False,
+        train_depths: str = "all",
+        teammate_data: str = "shared",
     ) -> None:
         super().__init__()
-        if leader_mode not in LEADER_ROUTES:
-            raise ConfigError(f"leader_mode must be one of {LEADER_ROUTES}, got {leader_mode!r}")
-        if (leader is None) != (leader_mode == "none"):
-            raise ConfigError(f"leader_mode={leader_mode!r} needs {'no' if leader_mode == 'none' else 'a'} Leader")
+        if leader not in LEADER_MODES:
+            raise ConfigError(f"leader must be one of {LEADER_MODES}, got {leader!r}")
+        if train_depths not in TRAIN_DEPTHS:
+            raise ConfigError(f"train_depths must be one of {TRAIN_DEPTHS}, got {train_depths!r}")
+        if (leader_model is None) != (leader in ("none", "cached")):
+            needs = "no Leader network" if leader in ("none", "cached") else "a Leader network"
+            raise ConfigError(f"leader={leader!r} needs {needs}")
         self.teammates = nn.ModuleList(teammates)
+        self.leader_model = leader_model
         self.leader = leader
-        self.leader_mode = leader_mode
-        if leader is not None and leader_mode != "joint":
-            leader.requires_grad_(False).eval()
-        self.leader_table: torch.Tensor | None = None  # "cached": logits per dataset index (a plain attribute:
-        # a buffer would be broadcast by DDP at every step)
+        if leader_model is not None and leader != "joint":
+            leader_model.requires_grad_(False).eval()
+        # "cached": the teacher's outputs (a plain attribute: a buffer would be broadcast by DDP at every step)
+        self.teacher_cache: TeacherCache | None = None
         self.scaling_factors = sorted(scaling_factors, reverse=True)
         self.layer_drop = layer_drop
         self.sampled_depths = sampled_depths
-        self.own_images = own_images
-        self.top_only = top_only
+        self.train_depths = train_depths
+        self.teammate_data = teammate_data
+        self.compute = ComputeMeter()
+        example = self.teammates[0].example_input(1) if teammates else None
+        counted = [*teammates, getattr(leader_model, "module", leader_model)]  # an EMA runs its averaged Teammate
+        self._costs = {id(m): ForwardCost(m, example) for m in counted if m is not None}  # one counting pass each
+        self._nested: list[float] | None = None
 
     def train(self, mode: bool = True) -> CooperativeModel:
-        """Train mode for the Teammates (and a joint Leader); a frozen Leader stays in eval mode."""
+        """Train mode for the Teammates (and a joint Leader); any other Leader stays in eval mode."""
         super().train(mode)
-        if self.leader is not None and self.leader_mode != "joint":
-            self.leader.eval()
+        if self.leader_model is not None and self.leader != "joint":
+            self.leader_model.eval()
         return self
 
     def no_weight_decay(self) -> set[str]:
@@ -172,72 +208,101 @@ class CooperativeModel(nn.Module):
                 names |= {f"{prefix}.{name}" for name in exempt()}
         return names
 
-    def depths_to_run(self) -> list[float]:
-        """This step's depths, largest first: all of them, or (training) the top one alone or the sandwich sample.
+    # ------------------------------------------------------------------ which depths run
+    @property
+    def nested(self) -> list[float]:
+        """Every deployable depth from the smallest trained one to the top one (:func:`nested_depths`)."""
+        if self._nested is None:
+            depths = self.scaling_factors
+            self._nested = nested_depths(self.teammates[0], depths[-1], depths[0], named=depths)
+        return self._nested
 
-        The sample comes from torch's random number generator: seeded, checkpointed, the same on every process.
+    @staticmethod
+    def _draw(pool: Sequence[float], favoured: Sequence[float]) -> float:
+        """One depth of ``pool``: each ``favoured`` one with probability ``FAVOURED_SHARE``, the rest uniformly."""
+        rest = [s for s in pool if s not in favoured]
+        weights = [FAVOURED_SHARE] * len(favoured)
+        if rest:
+            weights += [(1.0 - FAVOURED_SHARE * len(favoured)) / len(rest)] * len(rest)
+        choices = [*favoured, *rest]
+        return choices[int(torch.multinomial(torch.tensor(weights), 1))]
+
+    def depths_to_run(self) -> list[float]:
+        """This step's depths, largest first (in eval mode: every trained depth).
+
+        ``"all"``: every trained depth, or the sandwich sample (the smallest, the top, ``sampled_depths`` others);
+        ``"top"``: the top depth alone; ``"sampled"``: one nested depth, the smallest and the top drawn more often
+        (``FAVOURED_SHARE`` each); ``"top+sampled"``: the top depth and one nested depth below it (the smallest
+        drawn more often). Draws come from torch's random number generator: seeded, checkpointed, the same on
+        every process.
         """
         depths = self.scaling_factors
-        if self.top_only and self.training:
-            return depths[:1]
+        if not self.training:
+            return list(depths)
+        top, smallest = depths[0], depths[-1]
+        if self.train_depths == "top":
+            return [top]
+        if self.train_depths == "sampled":
+            favoured = [smallest, top] if smallest != top else [top]
+            return [self._draw(self.nested, favoured)]
+        if self.train_depths == "top+sampled":
+            below = [s for s in self.nested if s < top]
+            return [top, self._draw(below, [smallest])] if below else [top]
         k = self.sampled_depths
-        if k is None or not self.training or len(depths) <= k + 2:
+        if k is None or len(depths) <= k + 2:
             return list(depths)
         middle = depths[1:-1]
         picked = [middle[i] for i in torch.randperm(len(middle))[:k].tolist()]
-        return sorted({depths[0], depths[-1], *picked}, reverse=True)
+        return sorted({top, smallest, *picked}, reverse=True)
 
-    def leader_logits(self, pixel_values: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The Leader's logits for a batch, by whichever route its mode takes (``None`` without a Leader)."""
-        if self.leader_mode == "none":
-            return None
-        if self.leader_mode == "cached":
-            if self.leader_table is None:
-                raise ConfigError("the Leader's logits are not cached yet: call cache_leader_logits() before training")
-            if indices is None:
-                raise ConfigError(
-                    "cached Leader logits need each image's dataset index: build the loaders with "
-                    "make_loaders(..., with_index=True) or a dataset that returns (image, label, index)"
-                )
-            self.leader_table = self.leader_table.to(pixel_values.device)
-            return self.leader_table[indices.to(pixel_values.device)]
-        if self.leader_mode == "frozen":
-            with torch.no_grad():
-                return logits_of(self.leader(pixel_values))
-        return logits_of(self.leader(pixel_values))
+    # ------------------------------------------------------------------ compute
+    def _charge(self, module: nn.Module, images: int, *, backward: bool) -> None:
+        """Charge one forward of ``module`` at its current depth over ``images`` images (in training only)."""
+        if self.training:
+            self.compute.add(self._costs[id(module)](), images, backward=backward)
 
-    @torch.no_grad()
-    def cache_leader_logits(
-        self,
-        batches: Iterable[Sequence[torch.Tensor]],
-        num_images: int,
-        gather: Callable[[Any], Any] = lambda x: x,
-    ) -> torch.Tensor:
-        """Run the frozen Leader once over ``batches`` of ``(images, labels, indices)`` and keep its logits.
+    # ------------------------------------------------------------------ the Leader
+    def leader_logits(self, pixel_values: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The Leader's logits for a batch, by whichever route its mode takes (``None`` without a Leader).
 
         Args:
-            batches: un-augmented training images with their dataset indices (each process its share).
-            num_images: size of the training set (rows of the table).
-            gather: collects ``(indices, logits)`` from every process (``accelerator.gather``), so each process
-                holds the whole table.
+            pixel_values: the batch.
+            keys: with ``leader="cached"``, each image's cache key (image index and augmentation draw), as the
+                training loader yields it.
         """
-        if self.leader is None or self.leader_mode != "cached":
-            raise ConfigError("cache_leader_logits() needs leader_mode='cached' and a frozen Leader")
-        found: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for batch in batches:
-            if len(batch) < 3:
+        if self.leader == "none":
+            return None
+        if self.leader == "cached":
+            if self.teacher_cache is None:
+                raise ConfigError("the teacher's outputs are not cached yet: the trainer makes them before training")
+            if keys is None:
                 raise ConfigError(
-                    "caching the Leader's logits needs batches of (images, labels, indices): build the loaders with "
-                    "make_loaders(..., with_index=True)"
+                    "cached teacher outputs need each image's cache key: build the loaders with "
+                    "make_loaders(..., teacher_draws=K) so that the training batches are (images, labels, keys)"
                 )
-            found.append(gather((batch[2], logits_of(self.leader(batch[0])).float())))
-        indices = torch.cat([i for i, _ in found])
-        logits = torch.cat([z for _, z in found])
-        table = torch.zeros(num_images, logits.shape[-1], device=logits.device)
-        table[indices] = logits
-        self.leader_table = table
-        return table
+            return self.teacher_cache.logits(keys)
+        model = self.leader_model
+        images = len(pixel_values)
+        if self.leader == "joint":
+            self._charge(model, images, backward=True)
+            return logits_of(model(pixel_values))
+        with torch.no_grad():
+            if self.leader == "ema":
+                ema = model.module  # type: ignore[union-attr]  # timm's ModelEmaV3 holds the averaged Teammate
+                with preserved(ema):
+                    ema.set_scaling_factor(self.scaling_factors[0])
+                    self._charge(ema, images, backward=False)
+                    return logits_of(ema(pixel_values))
+            self._charge(model, images, backward=False)
+            return logits_of(model(pixel_values))
 
+    @torch.no_grad()
+    def update_ema(self, step: int) -> None:
+        """``leader="ema"``: move the average towards the first Teammate (timm's ``ModelEmaV3.update``)."""
+        if self.leader == "ema":
+            self.leader_model.update(self.teammates[0], step=step)  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ the Teammates
     def _run(self, teammate: AdaptiveDepth, x: torch.Tensor, depths: Sequence[float]) -> dict[float, torch.Tensor]:
         """One Teammate's logits at every depth of this step (random depth at the top one, if asked)."""
         by_depth = {}
@@ -247,6 +312,7 @@ class CooperativeModel(nn.Module):
                     teammate.drop_blocks(self.layer_drop)
                 else:
                     teammate.set_scaling_factor(s)
+                self._charge(teammate, len(x), backward=True)
                 by_depth[s] = logits_of(teammate(x))
         return by_depth
 
@@ -254,29 +320,35 @@ class CooperativeModel(nn.Module):
     def _peer(self, teammate: AdaptiveDepth, x: torch.Tensor) -> torch.Tensor:
         """A Teammate's full-depth logits on another Teammate's batch: a target, so without gradients."""
         with preserved(teammate):
-            return logits_of(teammate.set_scaling_factor(self.scaling_factors[0])(x))
+            teammate.set_scaling_factor(self.scaling_factors[0])
+            self._charge(teammate, len(x), backward=False)
+            return logits_of(teammate(x))
 
-    def forward(self, pixel_values: torch.Tensor, indices: torch.Tensor | None = None) -> CooperativeLogits:
+    def forward(
+        self, pixel_values: torch.Tensor, keys: torch.Tensor | None = None, *, teach: bool = True
+    ) -> CooperativeLogits:
         """Every player's logits on the batch.
 
         Args:
             pixel_values: ``[B, C, H, W]`` (every Teammate sees it), or ``[B, T, C, H, W]``: one view per Teammate
                 (``TrainingConfig.teammate_data``: the same images under their own augmentation, or each
                 Teammate's own images).
-            indices: the images' dataset indices (``[B]`` or ``[B, T]``), for cached Leader logits.
+            keys: the images' cache keys (``[B]``), for cached teacher outputs.
+            teach: ``False`` while distillation is off (before ``distill_start``): a Leader that only teaches
+                (frozen, cached, EMA) is not run; a joint one still learns from the labels.
         """
+        skip_leader = not teach and self.leader != "joint"
         n = len(self.teammates)
         if pixel_values.dim() == 5:
             if pixel_values.shape[1] != n:
                 raise ConfigError(f"got {pixel_values.shape[1]} views per image for {n} Teammate(s)")
             views = list(pixel_values.unbind(1))
-            view_indices = list(indices.unbind(1)) if indices is not None else [None] * n
         else:
-            views, view_indices = [pixel_values] * n, [indices] * n
+            views = [pixel_values] * n
         depths = self.depths_to_run()
         outputs = [self._run(teammate, x, depths) for teammate, x in zip(self.teammates, views)]
-        if not self.own_images:  # one set of images (shared, or views of it): one Leader pass, peers as they are
-            return CooperativeLogits(outputs, self.leader_logits(views[0], view_indices[0]))
-        leader = [self.leader_logits(x, i) for x, i in zip(views, view_indices)]
-        peers = [self._peer(self.teammates[1 - t], x) for t, x in enumerate(views)] if n == 2 else None
-        return CooperativeLogits(outputs, None if self.leader_mode == "none" else leader, peers)  # type: ignore[arg-type]
+        if self.teammate_data != "streams" or n < 2:  # one set of images: one Leader pass, peers as they are
+            return CooperativeLogits(outputs, None if skip_leader else self.leader_logits(views[0], keys))
+        leader = None if self.leader == "none" or skip_leader else [self.leader_logits(x) for x in views]
+        peers = [self._peer(self.teammates[1 - t], x) for t, x in enumerate(views)]
+        return CooperativeLogits(outputs, leader, peers)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 from timm.optim import create_optimizer_v2
+from timm.utils.model_ema import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -31,10 +32,12 @@ from .checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
+from .compute import ComputeMeter, ForwardCost
 from .config import TrainingConfig
 from .evaluate import TrainingResult, evaluate_accuracy, measure_costs
 from .losses import TEAMMATE_NAMES, CooperativeLoss, cooperative_loss
 from .players import CooperativeModel, logits_of, make_leader, make_teammates
+from .teacher_cache import TeacherCache, cache_fingerprint, make_teacher_cache
 
 __all__ = ["CooperativeTrainer", "TrainingResult", "accelerator_kwargs"]
 
@@ -48,12 +51,6 @@ def accelerator_kwargs(config: TrainingConfig) -> dict[str, Any]:
     return {"gradient_accumulation_steps": config.gradient_accumulation_steps, "kwargs_handlers": handlers}
 
 
-def _leader_mode(config: TrainingConfig) -> str:
-    if config.leader == "frozen":
-        return "cached" if config.cache_leader_logits else "frozen"
-    return config.leader
-
-
 class CooperativeTrainer:
     """Runs the whole cooperative schedule: train, recalibrate per-depth norms, evaluate, pick the deployed model.
 
@@ -63,8 +60,9 @@ class CooperativeTrainer:
         config: the objective and the optimisation.
         train_loader: batches of ``(images, labels)``; its sampler / dataset may have ``set_epoch``.
         eval_loader: held-out batches for the report (``None``: no evaluation).
-        leader: the Leader network (default: a copy of the base model when ``config.leader != "none"``); with
-            ``config.leader="frozen"`` it must already be trained on the same labels.
+        leader: the Leader network (default: a copy of the base model with ``config.leader="joint"``); with
+            ``config.leader="frozen"`` or ``"cached"`` it must already be trained on the same labels (with
+            ``"ema"`` the average of the first Teammate is made here).
         accelerator: the ``Accelerator`` to use (default: ``Accelerator(**accelerator_kwargs(config))``).
         num_classes: classes of the task (default: read from the model's logits).
         top5: report top-5 accuracy (default: when there are more than 5 classes).
@@ -111,19 +109,22 @@ class CooperativeTrainer:
         self.teammates = make_teammates(model, config.num_teammates, config.seed + 1, fresh_heads=fresh)
         for t in self.teammates:
             t.config.scaling_factors = list(config.scaling_factors)
-        if config.leader == "frozen" and leader is None:
-            raise ConfigError("leader='frozen' needs a trained Leader: pass leader=<your trained model>")
+        if config.leader in ("frozen", "cached") and leader is None:
+            raise ConfigError(f"leader={config.leader!r} needs a trained Leader: pass leader=<your trained model>")
         if config.leader == "joint" and leader is None:
             leader = make_leader(self.teammates[0], config.seed + config.num_teammates + 1, fresh_head=fresh)
+        if config.leader == "ema":
+            leader = ModelEmaV3(self.teammates[0], decay=config.ema_decay, use_warmup=True)
+        self.cache_teacher = leader.eval() if config.leader == "cached" and leader is not None else None
         module = CooperativeModel(
             self.teammates,
             config.scaling_factors,
-            leader if config.leader != "none" else None,
-            leader_mode=_leader_mode(config),
+            leader if config.leader not in ("none", "cached") else None,
+            leader=config.leader,
             layer_drop=config.layer_drop,
             sampled_depths=config.sampled_depths,
-            own_images=config.teammate_data == "streams" and config.num_teammates > 1,
-            top_only=config.train_depths == "top",
+            train_depths=config.train_depths,
+            teammate_data=config.teammate_data,
         )
         self.num_classes = num_classes
         self.top5 = top5
@@ -146,10 +147,11 @@ class CooperativeTrainer:
                 "train nothing. Use a smaller --batch-size or more data"
             )
         self.steps_per_epoch = math.ceil(len(self.train_loader) / config.gradient_accumulation_steps)
-        total = self.steps_per_epoch * config.epochs
+        self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
+        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         warmup = round(self.steps_per_epoch * config.warmup_epochs)
         self.scheduler = get_scheduler(
-            config.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup, num_training_steps=total
+            config.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
         )
 
     def _check_accelerator(self) -> None:
@@ -178,23 +180,27 @@ class CooperativeTrainer:
             dataset.set_epoch(epoch)
 
     def _ramp(self, epoch: int, batch: int) -> float:
-        if self.config.distill_warmup_epochs <= 0:
-            return 1.0
-        return min(1.0, (epoch + batch / max(1, len(self.train_loader))) / self.config.distill_warmup_epochs)
+        """Distillation weight in [0, 1]: 0 for the first ``distill_start`` of training, then a linear ramp."""
+        config = self.config
+        done = epoch + batch / max(1, len(self.train_loader))  # epochs, fractional
+        since = done - config.distill_start * self.total_steps / self.steps_per_epoch
+        if since < 0:
+            return 0.0
+        return 1.0 if config.distill_warmup_epochs <= 0 else min(1.0, since / config.distill_warmup_epochs)
 
     def training_step(
-        self, images: torch.Tensor, labels: torch.Tensor, ramp: float, indices: torch.Tensor | None = None
+        self, images: torch.Tensor, labels: torch.Tensor, ramp: float, keys: torch.Tensor | None = None
     ) -> CooperativeLoss:
         """Forward every player at every depth, compute the cooperative loss and back-propagate it once.
 
         Args:
             images, labels: the batch.
             ramp: distillation warm-up progress in [0, 1].
-            indices: the images' dataset indices (needed with ``cache_leader_logits``).
+            keys: the images' teacher-cache keys (with ``leader="cached"``; the loader yields them).
         """
         acc = self.accelerator
         with acc.autocast():
-            logits = self.module(images, indices)
+            logits = self.module(images, keys, teach=ramp > 0)
         loss = cooperative_loss(logits, labels, self.config, ramp)
         acc.backward(loss.total)
         if acc.sync_gradients and self.config.max_grad_norm is not None:
@@ -202,26 +208,62 @@ class CooperativeTrainer:
         self.optimizer.step()
         if acc.sync_gradients and not acc.optimizer_step_was_skipped:
             self.scheduler.step()
+            self.players.update_ema(self.progress.step + 1)
         self.optimizer.zero_grad()
         return loss
 
     @property
     def leader(self) -> nn.Module | None:
-        """The Leader network (joint, frozen or the source of cached logits), if any."""
-        return self.players.leader
+        """The network that teaches at full depth, if any: joint, frozen, the source of a cache, or the average."""
+        if self.cache_teacher is not None:
+            return self.cache_teacher
+        model = self.players.leader_model
+        return model.module if isinstance(model, ModelEmaV3) else model
 
-    def cache_leader_logits(self) -> torch.Tensor:
-        """The frozen Leader's logits for every training image, un-augmented, indexed by dataset index.
+    @property
+    def compute(self) -> ComputeMeter:
+        """Training FLOPs charged so far on this process (``training_flops()`` sums every process)."""
+        return self.players.compute
 
-        One pass over the recalibration loader (un-augmented training images with indices), gathered from every
-        process, so each process holds the whole table. Deterministic: a resumed run computes the same table.
+    def training_flops(self) -> float:
+        """Training FLOPs of the run so far, over every process (:mod:`~adaptive_depth.training.compute`)."""
+        total = torch.tensor(self.compute.total, dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.reduce(total, "sum"))
+
+    def make_leader_cache(self, *, charge: bool = True) -> TeacherCache:
+        """``leader="cached"``: the fixed teacher's top-k logits on every augmentation draw of every image.
+
+        Read from ``config.leader_cache`` when that file holds a cache of this dataset, augmentation and teacher
+        (another is refused), else made (sharded over the processes) and written there. The making is charged to
+        this run's compute either way (``charge=False``: already charged, a resumed run).
         """
-        acc, loader = self.accelerator, self.recalibration_loader
-        if loader is None or self.players.leader_mode != "cached":
-            raise ConfigError("cache_leader_logits needs a frozen Leader and a recalibration_loader yielding indices")
-        batches = tqdm(loader, desc="leader logits", disable=not acc.is_local_main_process)
-        with acc.autocast():
-            return self.players.cache_leader_logits(batches, len(loader.dataset), acc.gather)
+        acc, config, teacher = self.accelerator, self.config, self.cache_teacher
+        dataset = getattr(self.train_loader, "dataset", None)
+        if teacher is None or getattr(dataset, "draws", None) is None:
+            raise ConfigError(
+                "leader='cached' needs a trained Leader and a training loader in draw mode: build the loaders with "
+                "make_loaders(data, model, **config.loader_options)"
+            )
+        fingerprint = cache_fingerprint(teacher, dataset, dataset.draws, config.leader_cache_top_k)
+        path = Path(config.leader_cache) if config.leader_cache else None
+        if path is not None and path.is_file():
+            cache = TeacherCache.load(path, fingerprint)
+        else:
+            example = self.teammates[0].example_input(1)
+            with acc.autocast():
+                cache = make_teacher_cache(
+                    lambda x: logits_of(teacher(x)), dataset, top_k=config.leader_cache_top_k,
+                    batch_size=config.batch_size, flops_per_image=ForwardCost(teacher, example).full,
+                    prepare=acc.prepare, gather=acc.gather, device=acc.device,
+                )  # fmt: skip
+            cache.fingerprint = fingerprint
+            if path is not None and acc.is_main_process:
+                cache.save(path)
+            acc.wait_for_everyone()
+        self.players.teacher_cache = cache
+        if charge:
+            self.compute.teacher += cache.making_flops / acc.num_processes  # summed over processes in the report
+        return cache
 
     def checkpoint_dirs(self) -> list[Path]:
         """Complete training states in ``output_dir/checkpoints``, oldest first."""
@@ -230,6 +272,7 @@ class CooperativeTrainer:
     def _state(self) -> dict[str, Any]:
         return {
             "progress": asdict(self.progress),
+            "compute": asdict(self.compute),
             "scheduler": self.scheduler.state_dict(),
             "config": self.config.to_dict(),
             "processes": self.accelerator.num_processes,
@@ -252,29 +295,30 @@ class CooperativeTrainer:
         path = check_resume(self.output_dir, checkpoint, self.config.to_dict(), self.accelerator.num_processes)
         state = load_checkpoint(self.accelerator, path)
         self.progress = Progress(**state["progress"])
+        self.players.compute = ComputeMeter(**state.get("compute", {}))
         self.scheduler.load_state_dict(state["scheduler"])
         self.accelerator.print(f"resumed from {path}: epoch {self.progress.epoch}, step {self.progress.step}")
 
     def train(self, resume_from_checkpoint: str | Path | None = None) -> None:
-        """Run the cooperative schedule for ``config.epochs`` epochs (continuing a saved state if given)."""
-        acc, config = self.accelerator, self.config
+        """Run the schedule: ``config.max_steps`` steps, else ``config.epochs`` epochs (continuing a saved state)."""
+        acc = self.accelerator
         if resume_from_checkpoint is not None:
             self._resume(resume_from_checkpoint)
-        if self.players.leader_mode == "cached" and self.players.leader_table is None:
-            self.cache_leader_logits()
+        if self.config.leader == "cached" and self.players.teacher_cache is None:
+            self.make_leader_cache(charge=self.progress.step == 0)  # a resumed run was charged when it began
         self.module.train()
-        total = self.steps_per_epoch * config.epochs
+        total = self.total_steps
         bar = tqdm(total=total, initial=self.progress.step, desc="train", disable=not acc.is_local_main_process)
-        while self.progress.epoch < config.epochs:
+        while self.progress.step < total:
             epoch = self.progress.epoch
             self._set_epoch(self.train_loader, epoch)
             skip = self.progress.batches_done
             loader = acc.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
             # Summed on the device: reading it back every step would wait for the GPU each time.
             loss_sum = torch.tensor(self.progress.loss_sum, device=acc.device)
-            for batch_index, (images, labels, *index) in enumerate(loader, start=skip):
+            for batch_index, (images, labels, *keys) in enumerate(loader, start=skip):
                 with acc.accumulate(self.module):
-                    loss = self.training_step(images, labels, self._ramp(epoch, batch_index), *index)
+                    loss = self.training_step(images, labels, self._ramp(epoch, batch_index), *keys)
                 loss_sum += loss.total.detach()
                 self.progress.batches_done = batch_index + 1
                 if not acc.sync_gradients:
@@ -289,13 +333,15 @@ class CooperativeTrainer:
                         | {f"loss/{k}": v.item() for k, v in loss.terms.items()},
                         step=self.progress.step,
                     )
-                done = self.progress.batches_done == len(self.train_loader)
+                done = self.progress.batches_done == len(self.train_loader) or self.progress.step >= total
                 if self.checkpoint_steps and self.progress.step % self.checkpoint_steps == 0 and not done:
                     self.progress.loss_sum = loss_sum.item()
                     self.save_checkpoint()
+                if self.progress.step >= total:  # max_steps: the schedule ends inside this epoch
+                    break
             mean = acc.reduce(loss_sum / max(1, self.progress.batches_done), "mean").item()
             self.progress.history.append(mean)
-            acc.print(f"epoch {epoch + 1}/{config.epochs}: mean loss {mean:.4f}")
+            acc.print(f"epoch {epoch + 1}/{self.num_epochs}: mean loss {mean:.4f}")
             self.progress.epoch, self.progress.batches_done, self.progress.loss_sum = epoch + 1, 0, 0.0
             if self.output_dir is not None and (
                 not self.checkpoint_steps or self.progress.step % self.checkpoint_steps == 0
@@ -344,11 +390,12 @@ class CooperativeTrainer:
         results: list[DepthResult] = []
         example = self.teammates[0].example_input(1)  # costs do not depend on the pixels
         players: list[tuple[str, nn.Module]] = list(zip(names, self.teammates))
-        if self.players.leader is not None:
-            players.append(("leader", self.players.leader))
+        if self.leader is not None:
+            players.append(("leader", self.leader))
         for name, player in players:
+            at = depths if name != "leader" else depths[-1:]  # the Leader teaches at full depth (an EMA could do more)
             scores = evaluate_accuracy(
-                player, self.eval_loader, acc, depths, num_classes=num_classes, top5=self.top5, desc=name
+                player, self.eval_loader, acc, at, num_classes=num_classes, top5=self.top5, desc=name
             )
             cost = measure_costs(player, example, list(scores), latency=latency)
             for s, (top1, top5) in scores.items():
@@ -366,6 +413,7 @@ class CooperativeTrainer:
             loss_per_epoch=list(self.progress.history),
             steps=self.progress.step,
             processes=acc.num_processes,
+            training_flops=self.training_flops(),
         )
         model.config.extra["training"] = report.to_dict()
         return TrainingResult(model, report)
