@@ -191,3 +191,30 @@ def test_one_pass_recipes_are_validated() -> None:
         CooperativeTrainer(_model(), TrainingConfig(leader="cached", interactive=False), [])  # type: ignore[arg-type]
     old = {**TrainingConfig(leader="frozen").to_dict(), "cache_leader_logits": True}
     assert TrainingConfig.from_dict(old).leader == "cached"  # the earlier switch for a frozen Leader's cache
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {"leader": "none", "interactive": False, "train_depths": "top"},  # plain fine-tuning: the unit itself
+        {},  # the cooperative default: a joint Leader and every depth, about four passes a step
+        {"leader": "frozen", "interactive": False, "train_depths": "sampled"},
+        {"leader": "cached", "interactive": False, "train_depths": "sampled", "leader_cache_draws": 2},
+    ],
+)
+def test_recipes_given_one_compute_budget_spend_the_same_flops(data, recipe: dict) -> None:
+    config = TrainingConfig(**{"batch_size": 8, "compute_budget": 2.0, **recipe})
+    teacher = _model(1).export(1.0).eval() if recipe.get("leader") in ("frozen", "cached") else None
+    trainer = _trainer(data, config, leader=teacher)
+    trainer.train()
+    unit = BACKWARD_FACTOR * trainer.teammates[0].flops(1.0) * len(data.train)  # one plain epoch
+    assert trainer.training_flops() == pytest.approx(2.0 * unit, rel=0.15)
+    if recipe.get("train_depths") == "top":
+        assert trainer.progress.step == 2 * 48 // 8  # exactly two epochs of plain fine-tuning
+
+
+def test_a_budget_too_small_for_one_step_is_refused(data) -> None:
+    with pytest.raises(ConfigError, match="buys no training step"):
+        _trainer(data, TrainingConfig(batch_size=8, compute_budget=0.01))
+    with pytest.raises(ConfigError, match="not both"):
+        TrainingConfig(compute_budget=1.0, max_steps=3)

@@ -61,9 +61,12 @@ class TrainingConfig:
             Teammates stalled at 64-68% top-1 on the digits data where the Leader reached 99% (docs/training.md).
         leader_share_back: weight of the teammates' full-depth mean distilled back into the Leader.
         distill_warmup_epochs: epochs over which the distillation terms ramp up (0: full weight from the start).
+        distill_warmup_ratio: the same as a fraction of training (overrides ``distill_warmup_epochs`` when > 0).
         epochs, learning_rate, weight_decay, batch_size (per process), gradient_accumulation_steps,
         warmup_epochs, max_grad_norm: optimisation (AdamW from ``timm.optim.create_optimizer_v2``: no weight
             decay on norms, biases and the parameters timm models exempt).
+        warmup_ratio: the learning-rate warm-up as a fraction of training (overrides ``warmup_epochs`` when > 0,
+            as in transformers' ``TrainingArguments``).
         lr_scheduler_type: ``transformers.get_scheduler`` name: linear warm-up, then ``"cosine"`` decay (default),
             ``"linear"``, ``"constant_with_warmup"``...
         label_smoothing: of every cross-entropy term.
@@ -90,7 +93,11 @@ class TrainingConfig:
             depth and one drawn below it). Every ``scaling_factors`` depth gets its BatchNorm statistics,
             evaluation and a place in the card whatever ran.
         max_steps: optimizer steps to train, instead of ``epochs`` (the schedule ends there; the last epoch may be
-            partial): how a compute budget is given.
+            partial).
+        compute_budget: training compute in epochs of plain fine-tuning (full depth, forward and backward, over
+            the training set), instead of ``epochs`` or ``max_steps``: the trainer runs as many steps as this recipe
+            can afford at its expected cost per step, so that every recipe given the same budget spends the same
+            FLOPs (``adaptive_depth.training.compute``; a cached Leader's making is paid from it).
         recalibration_batches: training batches read per depth by the recalibration.
         teammate_data: what the Teammates see at each step: ``"shared"`` (the same batch), ``"views"`` (the same
             images, each Teammate with its own augmentation draws) or ``"streams"`` (each Teammate its own images
@@ -115,12 +122,14 @@ class TrainingConfig:
     sub_ce_weight: float = field(default=1.0, metadata={"help": "weight of the labels for the sub-networks"})
     leader_share_back: float = field(default=0.0, metadata={"help": "weight of the Teammates' KD into the Leader"})
     distill_warmup_epochs: float = field(default=1.0, metadata={"help": "epochs over which distillation ramps up"})
+    distill_warmup_ratio: float = field(default=0.0, metadata={"help": "the same as a fraction of training"})
     epochs: int = field(default=10, metadata={"help": "training epochs"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms, biases)"})
     batch_size: int = field(default=64, metadata={"help": "images per step and process"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
     warmup_epochs: float = field(default=1.0, metadata={"help": "linear learning-rate warm-up"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "the same as a fraction of training"})
     lr_scheduler_type: str = field(
         default="cosine", metadata={"help": "transformers.get_scheduler name", "choices": LR_SCHEDULERS}
     )
@@ -142,6 +151,9 @@ class TrainingConfig:
         metadata={"help": "depths run per step: all, top, sampled, top+sampled", "choices": TRAIN_DEPTHS},
     )
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps instead of epochs"})
+    compute_budget: float | None = field(
+        default=None, metadata={"help": "training FLOPs, in plain fine-tuning epochs (instead of epochs)"}
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.scaling_factors, list | tuple) or not self.scaling_factors:
@@ -182,6 +194,14 @@ class TrainingConfig:
                 f"leader='cached' looks the teacher's outputs up for one view per image; teammate_data="
                 f"{self.teammate_data!r} gives each Teammate its own: use teammate_data='shared' or leader='frozen'"
             )
+        for name in ("warmup_ratio", "distill_warmup_ratio"):
+            self._check_number(name, minimum=0.0)
+            if getattr(self, name) >= 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.compute_budget is not None:
+            self._check_number("compute_budget", minimum=0.0, inclusive=False)
+            if self.max_steps is not None:
+                raise ConfigError("give compute_budget or max_steps, not both: each sets the length of training")
         if not 0 <= self.distill_start < 1 or not 0 < self.ema_decay < 1:
             raise ConfigError(
                 f"distill_start must be in [0, 1) and ema_decay in (0, 1), got {self.distill_start!r} and "

@@ -4,11 +4,20 @@
 - ``"digits-cluttered"``: the same digits at 24 px, placed at random among fragments of other digits on a
   32 px canvas (as cluttered MNIST): a harder task on which depth matters.
 - ``"digit-pairs"``: two of the digits side by side, 55 classes (which two they are): a many-class task.
+
+and one read from local files that a system package installs (no download either):
+
+- ``"fashion-mnist"``: Zalando's Fashion-MNIST, 60,000 training and 10,000 test photographs of clothing, 28 px
+  grey, 10 classes, from its idx files (Debian / Ubuntu: ``apt-get install dataset-fashion-mnist``, which puts them
+  in ``/usr/share/datasets/fashion-mnist``; elsewhere set ``ADAPTIVE_DEPTH_FASHION_MNIST`` to their folder).
 """
 
 from __future__ import annotations
 
+import gzip
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -21,15 +30,22 @@ __all__ = [
     "DIGITS",
     "DIGIT_PAIRS",
     "EMBEDDED_DATASETS",
+    "FASHION_MNIST",
     "cluttered_digits_dataset",
     "digit_pairs_dataset",
     "digits_dataset",
+    "fashion_mnist_dataset",
     "load_embedded",
 ]
 
 DIGITS = "digits"
 CLUTTERED_DIGITS = "digits-cluttered"
 DIGIT_PAIRS = "digit-pairs"
+FASHION_MNIST = "fashion-mnist"
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist installs it
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
 
 
 def digits_dataset() -> datasets.DatasetDict:
@@ -153,12 +169,72 @@ def digit_pairs_dataset(
     return datasets.DatasetDict(out)
 
 
-_BUILDERS = {DIGITS: digits_dataset, CLUTTERED_DIGITS: cluttered_digits_dataset, DIGIT_PAIRS: digit_pairs_dataset}
+def _read_idx(path: Path) -> Any:
+    """An idx file (the MNIST format: a magic number with the element type and rank, the sizes, the data) as a
+    uint8 numpy array; gzipped or not."""
+    import numpy as np
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise DataError(f"{path} is not an idx file of unsigned bytes (its header is {data[:4]!r})")
+    rank = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(rank))
+    values = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank)
+    if values.size != int(np.prod(shape)):
+        raise DataError(f"{path} is truncated: its header promises {shape}, it holds {values.size} values")
+    return values.reshape(shape)
+
+
+def fashion_mnist_dataset(folder: str | os.PathLike[str] | None = None) -> datasets.DatasetDict:
+    """Fashion-MNIST from its idx files: ``train`` (60,000) and ``test`` (10,000), 28 px grey, 10 named classes.
+
+    Args:
+        folder: where ``train-images-idx3-ubyte[.gz]`` and the three other files are (default:
+            ``$ADAPTIVE_DEPTH_FASHION_MNIST``, else ``/usr/share/datasets/fashion-mnist``).
+
+    Raises:
+        DataError: the files are not there (the message names the package that installs them), or are broken.
+    """
+    root = Path(folder or os.environ.get("ADAPTIVE_DEPTH_FASHION_MNIST") or FASHION_MNIST_DIR)
+
+    def find(stem: str) -> Path:
+        for name in (f"{stem}.gz", stem):
+            if (root / name).is_file():
+                return root / name
+        raise DataError(
+            f"Fashion-MNIST's {stem}[.gz] is not in {root}. Install it with `apt-get install dataset-fashion-mnist` "
+            "(Debian / Ubuntu), or download the four idx files of github.com/zalandoresearch/fashion-mnist into a "
+            "folder and set ADAPTIVE_DEPTH_FASHION_MNIST to it"
+        )
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=FASHION_MNIST_CLASSES)})
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = _read_idx(find(f"{prefix}-images-idx3-ubyte"))
+        labels = _read_idx(find(f"{prefix}-labels-idx1-ubyte"))
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or labels.max() >= 10:
+            raise DataError(
+                f"Fashion-MNIST's {split} files in {root} do not match: images {images.shape}, labels {labels.shape} "
+                f"(10 classes expected)"
+            )
+        pil = [Image.fromarray(image, mode="L") for image in images]
+        out[split] = datasets.Dataset.from_dict({"image": pil, "label": labels.tolist()}, features=features)
+    return datasets.DatasetDict(out)
+
+
+_BUILDERS = {
+    DIGITS: digits_dataset,
+    CLUTTERED_DIGITS: cluttered_digits_dataset,
+    DIGIT_PAIRS: digit_pairs_dataset,
+    FASHION_MNIST: fashion_mnist_dataset,
+}
 EMBEDDED_DATASETS = tuple(_BUILDERS)
 
 
 def load_embedded(name: str) -> datasets.DatasetDict:
-    """The embedded dataset ``name`` (one of :data:`EMBEDDED_DATASETS`), with ``train`` and ``test`` splits."""
+    """The built-in dataset ``name`` (one of :data:`EMBEDDED_DATASETS`), with ``train`` and ``test`` splits."""
     if name not in _BUILDERS:
         raise DataError(f"no embedded dataset {name!r}; the embedded ones are {list(EMBEDDED_DATASETS)}")
     return _BUILDERS[name]()

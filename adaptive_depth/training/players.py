@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..gates import unwrap_gates
 from ..model import AdaptiveDepth
 from ..state import preserved
-from .compute import ComputeMeter, ForwardCost
+from .compute import BACKWARD_FACTOR, ComputeMeter, ForwardCost
 from .config import LEADER_MODES, TRAIN_DEPTHS
 from .losses import CooperativeLogits
 from .teacher_cache import TeacherCache
@@ -261,6 +261,37 @@ class CooperativeModel(nn.Module):
         if self.training:
             self.compute.add(self._costs[id(module)](), images, backward=backward)
 
+    def expected_step_flops(self, images: int, *, teaching_share: float = 1.0, draws: int = 1000) -> float:
+        """The FLOPs one training step is expected to charge, for ``images`` images per Teammate, running nothing.
+
+        The step's depths are drawn ``draws`` times (with torch's random state put back afterwards) and priced with
+        each player's :class:`~adaptive_depth.training.compute.ForwardCost`, as :meth:`forward` would charge them.
+
+        Args:
+            images: the batch of one Teammate on this process.
+            teaching_share: the fraction of steps in which a Leader that only teaches runs (after ``distill_start``).
+            draws: samples of the random depths.
+        """
+        flops = 0.0
+        with preserved(self, train=True), torch.random.fork_rng(devices=[]):
+            for _ in range(draws):
+                depths = self.depths_to_run()
+                for teammate in self.teammates:
+                    with preserved(teammate):
+                        for s in depths:
+                            self._set_depth(teammate, s)
+                            flops += BACKWARD_FACTOR * self._costs[id(teammate)]()
+        flops = flops / draws * images
+        views = len(self.teammates) if self.teammate_data == "streams" else 1
+        if self.teammate_data == "streams":  # each Teammate's peer runs without gradients on its batch
+            flops += sum(self._costs[id(t)].full for t in self.teammates) * images
+        if self.leader == "joint":
+            flops += BACKWARD_FACTOR * self._costs[id(self.leader_model)].full * images * views
+        elif self.leader in ("frozen", "ema"):
+            teacher = getattr(self.leader_model, "module", self.leader_model)
+            flops += self._costs[id(teacher)].full * images * views * teaching_share
+        return flops
+
     # ------------------------------------------------------------------ the Leader
     def leader_logits(self, pixel_values: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor | None:
         """The Leader's logits for a batch, by whichever route its mode takes (``None`` without a Leader).
@@ -303,15 +334,19 @@ class CooperativeModel(nn.Module):
             self.leader_model.update(self.teammates[0], step=step)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ the Teammates
+    def _set_depth(self, teammate: AdaptiveDepth, s: float) -> None:
+        """Switch a Teammate to depth ``s`` of this step (a random depth at the top one with ``layer_drop``)."""
+        if s == self.scaling_factors[0] and self.layer_drop > 0 and self.training:
+            teammate.drop_blocks(self.layer_drop)
+        else:
+            teammate.set_scaling_factor(s)
+
     def _run(self, teammate: AdaptiveDepth, x: torch.Tensor, depths: Sequence[float]) -> dict[float, torch.Tensor]:
         """One Teammate's logits at every depth of this step (random depth at the top one, if asked)."""
         by_depth = {}
         with preserved(teammate):
             for s in depths:
-                if s == self.scaling_factors[0] and self.layer_drop > 0 and self.training:
-                    teammate.drop_blocks(self.layer_drop)
-                else:
-                    teammate.set_scaling_factor(s)
+                self._set_depth(teammate, s)
                 self._charge(teammate, len(x), backward=True)
                 by_depth[s] = logits_of(teammate(x))
         return by_depth

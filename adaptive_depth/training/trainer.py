@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,11 @@ from .checkpoints import (
     check_resume,
     checkpoint_dirs,
     load_checkpoint,
+    recorded_settings,
+    remove_run_checkpoints,
     save_checkpoint,
 )
-from .compute import ComputeMeter, ForwardCost
+from .compute import ComputeMeter, ForwardCost, plain_epoch_flops
 from .config import TrainingConfig
 from .evaluate import TrainingResult, evaluate_accuracy, measure_costs
 from .losses import TEAMMATE_NAMES, CooperativeLoss, cooperative_loss
@@ -73,6 +75,8 @@ class CooperativeTrainer:
             ``train_loader``).
         log_every: optimizer steps between tracker logs.
         save_total_limit: keep at most this many of this run's checkpoints (the newest); ``None``: all.
+        settings: what else decides the run besides ``config`` (a script's model, dataset, input size...), as JSON
+            values: recorded in every checkpoint with the mixed precision, and a resume with other values is refused.
 
     Raises:
         ConfigError: a setup that could not train (no full batch, an Accelerator that DDP would fail with...).
@@ -94,6 +98,7 @@ class CooperativeTrainer:
         recalibration_loader: DataLoader | None = None,
         log_every: int = 10,
         save_total_limit: int | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(config, TrainingConfig):
             raise ConfigError(f"config must be a TrainingConfig, got {type(config).__name__}")
@@ -104,6 +109,7 @@ class CooperativeTrainer:
         self.config = config
         self.accelerator = acc = accelerator or Accelerator(**accelerator_kwargs(config))
         self._check_accelerator()
+        self.settings = recorded_settings(settings, acc)
         first = model if isinstance(model, AdaptiveDepth) else next(iter(model), None)
         fresh = not (isinstance(first, AdaptiveDepth) and first.config.base_model.trained_head)
         self.teammates = make_teammates(model, config.num_teammates, config.seed + 1, fresh_heads=fresh)
@@ -147,12 +153,40 @@ class CooperativeTrainer:
                 "train nothing. Use a smaller --batch-size or more data"
             )
         self.steps_per_epoch = math.ceil(len(self.train_loader) / config.gradient_accumulation_steps)
-        self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
+        self.total_steps = self._budget_steps() or config.max_steps or self.steps_per_epoch * config.epochs
         self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        warmup = round(self.steps_per_epoch * config.warmup_epochs)
+        if config.warmup_ratio > 0:
+            warmup = round(self.total_steps * config.warmup_ratio)
+        else:
+            warmup = round(self.steps_per_epoch * config.warmup_epochs)
         self.scheduler = get_scheduler(
             config.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
         )
+
+    def _budget_steps(self) -> int | None:
+        """With ``config.compute_budget``: the optimizer steps this recipe can afford (``None`` without a budget).
+
+        The budget is ``compute_budget`` epochs of plain fine-tuning over the training set; a cached Leader's making
+        is paid from it first; each step is priced at its expected cost (:meth:`CooperativeModel.expected_step_flops`)
+        on every process, with gradient accumulation.
+        """
+        config, acc = self.config, self.accelerator
+        if config.compute_budget is None:
+            return None
+        images = len(self.train_loader.dataset)  # type: ignore[arg-type]
+        budget = config.compute_budget * plain_epoch_flops(self.teammates[0], images)
+        if self.cache_teacher is not None:
+            example = self.teammates[0].example_input(1)
+            budget -= images * config.leader_cache_draws * ForwardCost(self.cache_teacher, example).full
+        share = 1.0 - config.distill_start
+        per_step = self.players.expected_step_flops(config.batch_size, teaching_share=share)
+        per_step *= config.gradient_accumulation_steps * acc.num_processes
+        if budget < per_step:
+            raise ConfigError(
+                f"compute_budget={config.compute_budget} buys no training step of this recipe (one step costs "
+                f"{per_step / 1e9:.3g} GFLOPs, the budget leaves {max(budget, 0) / 1e9:.3g}); give a larger budget"
+            )
+        return round(budget / per_step)
 
     def _check_accelerator(self) -> None:
         acc, config = self.accelerator, self.config
@@ -181,12 +215,13 @@ class CooperativeTrainer:
 
     def _ramp(self, epoch: int, batch: int) -> float:
         """Distillation weight in [0, 1]: 0 for the first ``distill_start`` of training, then a linear ramp."""
-        config = self.config
+        config, run = self.config, self.total_steps / self.steps_per_epoch  # the run's length in epochs
         done = epoch + batch / max(1, len(self.train_loader))  # epochs, fractional
-        since = done - config.distill_start * self.total_steps / self.steps_per_epoch
+        since = done - config.distill_start * run
+        ramp = config.distill_warmup_ratio * run if config.distill_warmup_ratio > 0 else config.distill_warmup_epochs
         if since < 0:
             return 0.0
-        return 1.0 if config.distill_warmup_epochs <= 0 else min(1.0, since / config.distill_warmup_epochs)
+        return 1.0 if ramp <= 0 else min(1.0, since / ramp)
 
     def training_step(
         self, images: torch.Tensor, labels: torch.Tensor, ramp: float, keys: torch.Tensor | None = None
@@ -275,6 +310,7 @@ class CooperativeTrainer:
             "compute": asdict(self.compute),
             "scheduler": self.scheduler.state_dict(),
             "config": self.config.to_dict(),
+            "settings": self.settings,
             "processes": self.accelerator.num_processes,
         }
 
@@ -292,7 +328,9 @@ class CooperativeTrainer:
 
     def _resume(self, checkpoint: str | Path) -> None:
         # refused (other settings, another number of processes) before anything is loaded into the players
-        path = check_resume(self.output_dir, checkpoint, self.config.to_dict(), self.accelerator.num_processes)
+        path = check_resume(
+            self.output_dir, checkpoint, self.config.to_dict(), self.accelerator.num_processes, settings=self.settings
+        )
         state = load_checkpoint(self.accelerator, path)
         self.progress = Progress(**state["progress"])
         self.players.compute = ComputeMeter(**state.get("compute", {}))
@@ -442,8 +480,4 @@ class CooperativeTrainer:
     def remove_checkpoints(self) -> None:
         """Delete this run's training states (after it finished), on the main process; other runs' stay."""
         if self.accelerator.is_main_process:
-            for path in checkpoint_dirs(self.output_dir, run_id=self.progress.run_id):
-                shutil.rmtree(path, ignore_errors=True)
-            root = self.output_dir / "checkpoints" if self.output_dir is not None else None
-            if root is not None and root.is_dir() and not any(root.iterdir()):
-                root.rmdir()
+            remove_run_checkpoints(self.output_dir, self.progress.run_id)
