@@ -95,3 +95,7 @@ def test_evaluation_keeps_the_profile_it_measured_with_the_depths_interleaved() 
     timed = switched[1:]  # after the switch that finds the model's device
     rounds = [timed[i : i + 4] for i in range(0, 24, 4)]
     assert len(timed) >= 24 and all(r == [0.25, 0.5, 0.75, 1.0] for r in rounds), timed[:24]
+    # a plain model (the Leader) is timed at full depth, in eval mode whatever its mode (BatchNorm at batch 1)
+    leader = timm.create_model("regnetx_002", num_classes=4).train()
+    (gflops, ms) = measure_costs(leader, model.example_input(1), [0.5, 1.0])[1.0]
+    assert gflops > 0 and ms > 0 and leader.training

@@ -10,6 +10,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import DataError
 from ..flops import count_flops
 from ..latency import measure_latency_ms
 from ..model import AdaptiveDepth
@@ -53,6 +54,13 @@ def evaluate_accuracy(
                 with accelerator.autocast():
                     top = logits_of(model(images)).topk(k, dim=-1).indices
                 top, labels = accelerator.gather_for_metrics((top, labels))
+                if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+                    found = sorted(set(labels.tolist()))[:8]
+                    raise DataError(
+                        f"evaluation labels must be classes 0..{num_classes - 1}, got {found} (-1 marks an image "
+                        "without a label): every such image would count as an error. Evaluate "
+                        "on labeled images of the training classes (load_image_classification_data does both)"
+                    )
                 hits = top == labels[:, None]
                 correct1 += int(hits[:, 0].sum())
                 correct5 += int(hits.any(dim=1).sum())
@@ -75,12 +83,14 @@ def measure_costs(
     adaptive = isinstance(model, AdaptiveDepth)
     depths = list(scaling_factors) if adaptive else [1.0]
     latencies: dict[float, float] = {}
-    if latency:
-        latencies = (
-            model.profile(example, scaling_factors=depths) if adaptive else {1.0: measure_latency_ms(model, example)}
-        )
     out: dict[float, tuple[float, float | None]] = {}
     with preserved(model, train=False):
+        if latency:
+            latencies = (
+                model.profile(example, scaling_factors=depths)
+                if adaptive
+                else {1.0: measure_latency_ms(model, example)}
+            )
         for s in depths:
             if adaptive:
                 model.set_scaling_factor(s)
