@@ -3,9 +3,12 @@
     python examples/predict.py out/finetune digit.png                      # the model saved by finetune.py
     python examples/predict.py me/resnet50-adaptive cat.jpg dog.jpg --scaling-factor 0.5 --top-k 3
     python examples/predict.py out/finetune digit.png --max-latency-ms 2    # the largest depth within a budget
+    python examples/predict.py out/finetune digit.png --max-latency-ms 2 --device cuda --profile   # measured there
 
 The model's own preprocessing (``model.create_transform()``: the timm data config or the transformers image
-processor saved with it) and class names (``model.id2label``) come with it; nothing is configured here.
+processor saved with it) and class names (``model.id2label``) come with it; nothing is configured here. A latency
+budget uses the latency profile saved with the model, measured on the device it was fine-tuned on; on another
+device (or thread count) it is refused: ``--profile`` measures this one (and saves it into a local model folder).
 """
 
 from __future__ import annotations
@@ -30,9 +33,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     depth.add_argument("--max-latency-ms", type=float, help="the largest trained depth within this measured latency")
     depth.add_argument("--max-gflops", type=float, help="the largest trained depth within this many GFLOPs")
     p.add_argument("--top-k", type=int, default=1, help="classes printed per image")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, mps (default: cpu)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="measure every trained depth's latency on --device first (saved into MODEL if it is a local folder)",
+    )
     args = p.parse_args(argv)
     if args.top_k < 1:
         p.error(f"--top-k must be at least 1, got {args.top_k}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device {args.device!r} is not a torch device ({e})")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device!r}: torch sees no CUDA device here")
     return args
 
 
@@ -67,7 +82,16 @@ def predict(model: AdaptiveDepth, images: list[Image.Image], top_k: int = 1) -> 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     images = [load_image(path) for path in args.images]
-    model = AdaptiveDepth.from_pretrained(args.model).eval()
+    model = AdaptiveDepth.from_pretrained(args.model).eval().to(args.device)
+    if args.profile:
+        measured = model.profile(batch_size=1)
+        print(
+            f"latency on {model.latency_profile.device}: "
+            + ", ".join(f"s={s:g} {ms:.3g} ms" for s, ms in measured.items())
+        )
+        if Path(args.model).is_dir():  # at its saved default depth still: the saved model changes by its profile only
+            model.save_pretrained(args.model)
+            print(f"saved the profile into {args.model}")
     if args.max_latency_ms is not None or args.max_gflops is not None:
         flops = args.max_gflops * 1e9 if args.max_gflops is not None else None
         model.set_budget(max_flops=flops, max_latency_ms=args.max_latency_ms)  # switches to the depth it picks

@@ -8,6 +8,7 @@ import json
 import pytest
 import timm
 import torch
+from PIL import Image
 
 from adaptive_depth import AdaptiveDepth, BudgetError, ConfigError, LatencyProfile
 from adaptive_depth.budget import describe_device
@@ -99,3 +100,31 @@ def test_evaluation_keeps_the_profile_it_measured_with_the_depths_interleaved() 
     leader = timm.create_model("regnetx_002", num_classes=4).train()
     (gflops, ms) = measure_costs(leader, model.example_input(1), [0.5, 1.0])[1.0]
     assert gflops > 0 and ms > 0 and leader.training
+
+
+def test_predict_refuses_another_devices_profile_and_profile_measures_this_one(tmp_path, capsys) -> None:
+    from scripts import load_script
+
+    model = _model()
+    model.set_labels(["a", "b", "c", "d"])
+    model.config.latency_profile = LatencyProfile(
+        "cuda: NVIDIA H100 80GB HBM3",
+        [3, 32, 32],
+        "float32",
+        {"1": {str(s): 1.0 for s in model.config.scaling_factors}},
+    ).to_dict()
+    model.save_pretrained(tmp_path / "model")
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(tmp_path / "a.png")
+    predict = load_script("examples/predict.py")
+    argv = [str(tmp_path / "model"), str(tmp_path / "a.png"), "--max-latency-ms", "10000"]
+    with pytest.raises(BudgetError, match="measured on 'cuda: NVIDIA H100 80GB HBM3'.*--profile"):
+        predict.main(argv)
+    assert predict.main([*argv, "--device", "cpu", "--profile"]) == 0
+    out = capsys.readouterr().out
+    assert "latency on cpu: " in out and out.splitlines()[-1].startswith(f"{tmp_path / 'a.png'}: ")
+    saved = AdaptiveDepth.from_pretrained(tmp_path / "model").latency_profile
+    assert saved.device == describe_device("cpu")  # saved into the folder: the next run uses it
+    assert predict.main(argv) == 0
+    with pytest.raises(SystemExit):
+        predict.main([*argv, "--device", "gpu"])
+    assert "--device 'gpu' is not a torch device" in capsys.readouterr().err
