@@ -17,7 +17,7 @@ from .errors import (
     WeightsUnavailableError,
 )
 from .gates import DepthGate
-from .model import AdaptiveDepth
+from .model import AdaptiveDepth, pretrained_or_random
 
 __all__ = [
     "AdaptiveDepth",
@@ -38,4 +38,5 @@ __all__ = [
     "UnknownModelError",
     "WeightsUnavailableError",
     "__version__",
+    "pretrained_or_random",
 ]

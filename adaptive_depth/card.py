@@ -9,7 +9,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .budget import LatencyProfile
 from .config import AdaptiveDepthConfig, BaseModelRef
-from .report import PLOT_NAME, TrainingReport
+from .report import PLOT_NAME, TrainingReport, published_dataset_name
 
 __all__ = ["CARD_MARKER", "build_model_card"]
 
@@ -53,7 +53,7 @@ def build_model_card(
         tags.append(base.source)
     training = config.extra.get("training")
     report = TrainingReport.from_dict(training) if training else None
-    dataset = report.dataset if report is not None else None
+    dataset = published_dataset_name(report.dataset) if report is not None and report.dataset else None
     data = ModelCardData(
         library_name="adaptive-depth",
         pipeline_tag="image-classification",
@@ -144,13 +144,13 @@ def _eval_results(report: TrainingReport | None) -> list[EvalResult]:
     """Top-1 of the deployed model at every depth, as ``model-index`` entries of the card's metadata."""
     if report is None:
         return []
-    dataset = report.dataset or "held-out split"
+    dataset = published_dataset_name(report.dataset) if report.dataset else "held-out split"
     return [
         EvalResult(
             task_type="image-classification",
             dataset_type=dataset,
             dataset_name=dataset,
-            dataset_split="evaluation",
+            dataset_split=report.eval_split or "evaluation",
             metric_type="accuracy",
             metric_name=f"top-1 accuracy at scaling factor {r.scaling_factor:g}",
             metric_value=round(r.top1, 2),
@@ -168,11 +168,12 @@ def _training_section(report: TrainingReport) -> str:
         str(report.config.get("leader")), "a Leader"
     )
     plot = f"\n![accuracy vs FLOPs]({PLOT_NAME})\n" if report.has_costs else ""
+    split = f"the `{report.eval_split}` split" if report.eval_split else "the held-out split"
     return f"""
 ## Training results
 
 Cooperative training ({teammates}, {leader}); the deployed model is Teammate **{report.deployed}**, the better one
-by mean top-1 over the trained depths. Accuracy on the held-out split; FLOPs per image; latency at batch 1 on the
+by mean top-1 over the trained depths. Accuracy on {split}; FLOPs per image; latency at batch 1 on the
 training machine.
 
 {report.table()}

@@ -8,6 +8,7 @@ that was trained.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -91,7 +92,12 @@ def create_transform(
     extra = {"scale": scale, "hflip": hflip, "color_jitter": None} if training else {}
     tf = timm.data.create_transform(**cfg, is_training=training, **extra)
     mode = "L" if channels == 1 else "RGB"
-    return T.Compose([T.Lambda(lambda img: img.convert(mode)), tf])
+    # a module-level function, not a lambda: DataLoader workers started by spawn (macOS, Windows) unpickle it
+    return T.Compose([T.Lambda(functools.partial(_convert, mode=mode)), tf])
+
+
+def _convert(image: Image.Image, mode: str) -> Image.Image:
+    return image.convert(mode)
 
 
 class PreprocessingMixin:

@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["PLOT_NAME", "DepthResult", "TrainingReport", "pareto_plot", "results_markdown"]
+__all__ = ["PLOT_NAME", "DepthResult", "TrainingReport", "pareto_plot", "published_dataset_name", "results_markdown"]
 
 PLOT_NAME = "pareto.png"
 
@@ -56,7 +56,10 @@ class TrainingReport:
         steps: optimizer steps taken.
         processes: processes that trained it (data parallel).
         wall_time_s: training, evaluation and saving, in seconds (set by the script that ran it).
-        dataset: what it was trained on.
+        dataset: what it was trained on, as it may be published (:func:`published_dataset_name`: a Hub id, an
+            embedded dataset's name, or only the name of a local folder).
+        eval_split: where the accuracies were measured: the evaluation split's name, or ``"<train split> (held
+            out)"``.
         training_flops: training compute, every process: forward + backward of what learned, forwards of what
             taught (``adaptive_depth.training.compute``).
     """
@@ -69,6 +72,7 @@ class TrainingReport:
     processes: int = 1
     wall_time_s: float | None = None
     dataset: str | None = None
+    eval_split: str | None = None
     training_flops: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,6 +98,21 @@ class TrainingReport:
     def has_costs(self) -> bool:
         """True if FLOPs were counted (there is something to plot)."""
         return any(r.gflops is not None for r in self.results)
+
+
+def published_dataset_name(spec: str) -> str:
+    """What a model card and ``config.json`` may say about a training dataset: a local folder by its name only.
+
+    ``imagefolder:/home/me/photos`` is ``imagefolder:photos`` and a local dataset folder ``/data/shop`` is ``shop``,
+    so a pushed model does not publish where its data lies on the training machine; a Hub id or an embedded
+    dataset's name is kept as it is.
+    """
+    if spec.startswith("imagefolder:"):
+        return "imagefolder:" + Path(spec.removeprefix("imagefolder:")).expanduser().resolve().name
+    path = Path(spec).expanduser()
+    if path.is_absolute() or spec.startswith((".", "~")) or path.exists():
+        return path.resolve().name if path.exists() else path.name
+    return spec
 
 
 def _fmt(value: Any, spec: str) -> str:

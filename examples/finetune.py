@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
@@ -29,27 +30,36 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from transformers import HfArgumentParser
 
-from adaptive_depth import AdaptiveDepth, AdaptiveDepthError, ConfigError
-from adaptive_depth.loading import HubOptions, load_base_model, resolve
-from adaptive_depth.model import pretrained_or_random
+from adaptive_depth import AdaptiveDepth, AdaptiveDepthError, ConfigError, pretrained_or_random
 from adaptive_depth.policy import POLICIES
-from adaptive_depth.report import PLOT_NAME
+from adaptive_depth.report import PLOT_NAME, published_dataset_name
 from adaptive_depth.training import (
     DIGITS,
     EMBEDDED_DATASETS,
     CooperativeTrainer,
+    ImageClassificationData,
+    OutputDir,
     TrainingConfig,
+    TrainingResult,
     accelerator_kwargs,
     load_image_classification_data,
+    load_leader,
     make_loaders,
 )
-from adaptive_depth.training.checkpoints import check_output_dir, check_resume, prepare_output_dir
-from adaptive_depth.training.evaluate import TrainingResult
 from adaptive_depth.training.recipes import DEFAULT_RECIPE, RECIPES
 
 DIGITS_IMAGE_SIZE = 32  # digits are 8x8: upsampling them to 224 px would only cost time
 DIGITS_LEARNING_RATE = 1e-2  # measured: regnetx_002 from random init reaches 98% in 10 epochs, 78% at 1e-3
 DIGITS_MODEL = "regnetx_002"
+FIXED_LEADERS = ("frozen", "cached")  # a teacher trained before this run: its own head, no training here
+# The names transformers' example scripts and TrainingArguments use, accepted for ours (docs/training.md).
+ALIASES = {
+    "--num_train_epochs": ("epochs", int),
+    "--per_device_train_batch_size": ("batch_size", int),
+    "--model_name_or_path": ("model", str),
+    "--dataset_name": ("dataset", str),
+}
+TRUE, FALSE = ("true", "yes", "1"), ("false", "no", "0")
 
 
 @dataclass
@@ -78,7 +88,7 @@ class ScriptArguments:
     label_column: str | None = field(default=None, metadata={"help": "default: detected"})
     train_split: str | None = field(default=None, metadata={"help": "default: train"})
     eval_split: str | None = field(
-        default=None, metadata={"help": "default: validation/valid/val/test, or 20%% held out"}
+        default=None, metadata={"help": "default: validation/valid/val/test with labels, or 20%% held out"}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "a seeded subset"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "a seeded subset"})
@@ -97,8 +107,18 @@ class ScriptArguments:
     save_total_limit: int | None = field(default=None, metadata={"help": "keep at most this many checkpoints"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint folder, or 'latest'"})
     keep_checkpoints: bool = field(default=False, metadata={"help": "keep this run's checkpoints after it finished"})
-    push_to_hub: str | None = field(default=None, metadata={"help": "push the deployed model to this repo id"})
-    report_to: str = field(default="none", metadata={"help": "accelerate trackers: none, all, tensorboard, wandb..."})
+    push_to_hub: str | None = field(
+        default=None,
+        metadata={
+            "help": "push the deployed model to this repo id (alone: to --hub-model-id, else the output folder's name)",
+            "nargs": "?",
+            "const": "true",
+        },
+    )
+    hub_model_id: str | None = field(default=None, metadata={"help": "the repo id --push-to-hub pushes to"})
+    report_to: str = field(
+        default="none", metadata={"help": "accelerate trackers: none, all, or names (tensorboard,wandb...)"}
+    )
     latency: bool = field(default=True, metadata={"help": "measure latency at batch 1 in the report"})
     verbose: bool = field(default=False, metadata={"help": "show the libraries' INFO logs too"})
 
@@ -108,18 +128,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, Training
     parser = HfArgumentParser(
         (ScriptArguments, TrainingConfig), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    for alias, (dest, kind) in ALIASES.items():  # no default of their own: the canonical flag's stays
+        parser.add_argument(alias, dest=dest, type=kind, default=argparse.SUPPRESS, help=f"same as --{dest}")
+    for precision in ("bf16", "fp16"):
+        parser.add_argument(f"--{precision}", action="store_true", help=f"same as --mixed-precision {precision}")
     parser.set_defaults(learning_rate=None)  # unset: the dataset's default (1e-2 on the embedded data)
     chosen, _ = parser.parse_known_args(argv)  # the recipe first: its values are the other flags' defaults
     parser.set_defaults(**RECIPES[chosen.recipe].overrides)
-    namespace = parser.parse_args(argv)
-    values = vars(namespace)
+    values = vars(parser.parse_args(argv))
+    precisions = [p for p in ("bf16", "fp16") if values.pop(p)]
     script = ScriptArguments(**{f.name: values.pop(f.name) for f in fields(ScriptArguments)})
     if script.pretrained and script.random_init:
         parser.error("--pretrained and --random-init exclude each other")
+    if len(precisions) > 1:
+        parser.error("--bf16 and --fp16 exclude each other")
+    if precisions and script.mixed_precision not in (None, precisions[0]):
+        parser.error(f"--{precisions[0]} and --mixed-precision {script.mixed_precision} disagree")
+    script.mixed_precision = precisions[0] if precisions else script.mixed_precision
     try:
         script.checkpointing_steps = checkpointing_steps(script.checkpointing_steps)  # type: ignore[assignment]
+        script.push_to_hub = push_target(script.push_to_hub, script.hub_model_id, script.output_dir)
+        trackers(script.report_to)
     except ValueError as e:
-        parser.error(f"--checkpointing-steps: {e}")
+        parser.error(str(e))
     unknown = sorted(set(script.metrics or []) - {"top1", "top5"})
     if unknown:
         parser.error(f"--metrics takes top1 and top5, got {unknown}")
@@ -136,7 +167,86 @@ def checkpointing_steps(value: str | int) -> str | int:
         return value
     if isinstance(value, str) and value.isdigit() and int(value) > 0:
         return int(value)
-    raise ValueError(f"expected 'epoch', 'no' or a positive number of steps, got {value!r}")
+    raise ValueError(f"--checkpointing-steps: expected 'epoch', 'no' or a positive number of steps, got {value!r}")
+
+
+def push_target(push_to_hub: str | None, hub_model_id: str | None, output_dir: Path) -> str | None:
+    """The repo id to push to: ``--push-to-hub REPO``, or transformers' ``--push_to_hub [true] --hub_model_id REPO``
+    (without ``--hub_model_id``: the output folder's name, as transformers does); ``None``: no push."""
+    flag = (push_to_hub or "").lower()
+    if push_to_hub is None or flag in FALSE:
+        if hub_model_id:
+            raise ValueError(f"--hub-model-id {hub_model_id} names the repo to push to: add --push-to-hub")
+        return None
+    if flag in TRUE:
+        return hub_model_id or output_dir.resolve().name
+    if hub_model_id and hub_model_id != push_to_hub:
+        raise ValueError(f"--push-to-hub {push_to_hub} and --hub-model-id {hub_model_id} name two repos; give one")
+    return push_to_hub
+
+
+def trackers(report_to: str) -> list[str] | None:
+    """``--report-to`` as accelerate's ``log_with``: every tracker named must be known and installed, as transformers'
+    Trainer checks (accelerate would drop a missing one without a word, and the run would log nothing)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    names = [name.strip() for name in report_to.split(",") if name.strip() not in ("", "none")]
+    installed = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name != "all" and name not in LOGGER_TYPE_TO_CLASS:
+            known = sorted(LOGGER_TYPE_TO_CLASS)
+            raise ValueError(f"--report-to {name!r}: no such tracker; choose none, all, or one of {known}")
+        if name != "all" and name not in installed:
+            raise ValueError(
+                f"--report-to {name}: {name} is not installed (pip install {name.replace('_', '-')}), so nothing "
+                "would be logged; install it, or pass --report-to none"
+            )
+    return names or None
+
+
+def load_data(args: ScriptArguments, config: TrainingConfig) -> ImageClassificationData:
+    """The training and evaluation images, every one decoded once and every label checked, before a model is built."""
+    data = load_image_classification_data(
+        args.dataset,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        train_split=args.train_split,
+        eval_split=args.eval_split,
+        seed=config.seed,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
+        check_images=args.image_check,
+        skip_bad_images=args.skip_bad_images,
+    )
+    if args.metrics and "top5" in args.metrics and data.num_classes <= 5:
+        raise ConfigError(f"top-5 accuracy needs more than 5 classes; {data.source} has {data.num_classes}")
+    return data
+
+
+def image_size(args: ScriptArguments, data: ImageClassificationData) -> int | None:
+    """``--image-size``, else 32 px on the embedded datasets, else ``None`` (the model's own)."""
+    return args.image_size or (DIGITS_IMAGE_SIZE if data.source in EMBEDDED_DATASETS else None)
+
+
+def run_settings(args: ScriptArguments, data: ImageClassificationData) -> dict[str, Any]:
+    """This script's choices that shape the training, recorded in every checkpoint (beside the training config and
+    the mixed precision) so that a resume with others is refused. Flags that act only on evaluation, saving or
+    speed (``--max-eval-samples``, ``--metrics``, ``--num-workers``...) may change."""
+    return {
+        "model": args.model,
+        "weights": "pretrained" if args.pretrained else "random" if args.random_init else "auto",
+        "leader_model": args.leader_model,
+        "policy": args.policy,
+        "image_size": image_size(args, data),
+        "dataset": args.dataset,
+        "train_split": data.train_split,
+        "eval_split": data.eval_split,
+        "image_column": data.image_column,
+        "label_column": data.label_column,
+        "max_train_samples": args.max_train_samples,
+        "training_images": len(data.train),
+        "classes": data.num_classes,
+    }
 
 
 def build_model(
@@ -153,6 +263,30 @@ def build_model(
         scaling_factors=config.scaling_factors,
         input_size=input_size,
     )
+
+
+def build_players(
+    args: ScriptArguments, config: TrainingConfig, data: ImageClassificationData, accelerator: Accelerator
+) -> tuple[list[AdaptiveDepth], torch.nn.Module | None]:
+    """The Teammates (class names set) and the Leader the trainer does not make itself (``None``: it makes it)."""
+    size = image_size(args, data)
+    input_size = [3, size, size] if size else None
+    with accelerator.main_process_first():  # one process downloads, the others read the cache
+        teammates = [build_model(args, config, data.num_classes, config.seed, input_size)]
+        if config.num_teammates > 1:  # same weights source as the first, its own head initialisation
+            args.random_init = args.random_init or not teammates[0].config.base_model.pretrained
+            teammates.append(build_model(args, config, data.num_classes, config.seed + 1, input_size))
+        leader = None
+        if args.leader_model:
+            fixed = config.leader in FIXED_LEADERS
+            leader = load_leader(args.leader_model, num_classes=None if fixed else data.num_classes)
+    if config.leader in FIXED_LEADERS and leader is None:
+        leader = own_teacher(teammates[0], args.model)
+    for teammate in teammates:  # class names travel with the saved model (config.json, card, exports)
+        teammate.set_labels(data.class_names)
+    if accelerator.is_main_process:
+        print(teammates[0].depth_summary())
+    return teammates, leader
 
 
 def own_teacher(model: AdaptiveDepth, name: str) -> torch.nn.Module:
@@ -175,65 +309,28 @@ def main(argv: list[str] | None = None) -> int:
     args, config = parse_args(argv)
     configure_logging(args.verbose)
     work_offline_if_the_hub_is_unreachable()
-    # Every bad input is an error here, before any model is built or any step is taken.
-    resume = args.resume_from_checkpoint is not None
-    check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resume=resume)
-    data = load_image_classification_data(
-        args.dataset,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        train_split=args.train_split,
-        eval_split=args.eval_split,
-        seed=config.seed,
-        max_train_samples=args.max_train_samples,
-        max_eval_samples=args.max_eval_samples,
-        check_images=args.image_check,
-        skip_bad_images=args.skip_bad_images,
+    # Every bad input is an error before a model is built, and nothing in the output folder changes before the
+    # models and the trainer exist: a refused run loses nothing.
+    output = OutputDir(
+        args.output_dir, overwrite=args.overwrite_output_dir, resume_from_checkpoint=args.resume_from_checkpoint
     )
-    top5 = "top5" in args.metrics if args.metrics else None
-    if top5 and data.num_classes <= 5:
-        raise ConfigError(f"top-5 accuracy needs more than 5 classes; {data.source} has {data.num_classes}")
-
+    data = load_data(args, config)
+    log_with = trackers(args.report_to)
     accelerator = Accelerator(
         **accelerator_kwargs(config),  # gradient accumulation; DDP told of blocks a training mode leaves unused
         mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        log_with=log_with,
         project_config=ProjectConfiguration(
             project_dir=str(args.output_dir), logging_dir=str(args.output_dir / "logs")
         ),
     )
     configure_logging(args.verbose, accelerator.is_main_process)
-    checkpoints_in = None if args.checkpointing_steps == "no" else args.output_dir
-    if resume:  # the checkpoint exists, is complete and fits these settings: checked before anything is removed
-        check_resume(checkpoints_in, args.resume_from_checkpoint, config.to_dict(), accelerator.num_processes)
+    settings = run_settings(args, data)
+    checkpoint = output.checkpoint_to_resume(config, settings, accelerator)  # complete, and of these settings
     set_seed(config.seed)
-    image_size = args.image_size or (DIGITS_IMAGE_SIZE if data.source in EMBEDDED_DATASETS else None)
-    input_size = [3, image_size, image_size] if image_size else None
-    with accelerator.main_process_first():  # one process downloads, the others read the cache
-        teammates = [build_model(args, config, data.num_classes, config.seed, input_size)]
-        if config.num_teammates > 1:  # same weights source as the first, its own head initialisation
-            args.random_init = args.random_init or not teammates[0].config.base_model.pretrained
-            teammates.append(build_model(args, config, data.num_classes, config.seed + 1, input_size))
-        leader = None
-        if args.leader_model:
-            hub = HubOptions()
-            leader = load_base_model(
-                resolve(args.leader_model, hub),
-                pretrained=True,
-                hub=hub,
-                model_kwargs={},
-                num_classes=None if args.leader == "frozen" else data.num_classes,
-            ).model
-    if config.leader == "frozen" and leader is None:
-        leader = own_teacher(teammates[0], args.model)
-    for teammate in teammates:  # class names travel with the saved model (config.json, card, exports)
-        teammate.set_labels(data.class_names)
+    teammates, leader = build_players(args, config, data, accelerator)
     size = teammates[0].config.input_size
-    if accelerator.is_main_process:
-        print(teammates[0].depth_summary())
     loaders = make_loaders(data, teammates[0], **config.loader_options, input_size=size, num_workers=args.num_workers)
-
-    checkpoint_steps = args.checkpointing_steps if isinstance(args.checkpointing_steps, int) else None
     trainer = CooperativeTrainer(
         teammates,
         config,
@@ -242,40 +339,43 @@ def main(argv: list[str] | None = None) -> int:
         leader=leader,
         accelerator=accelerator,
         num_classes=data.num_classes,
-        top5=top5,
-        output_dir=checkpoints_in,
-        checkpoint_steps=checkpoint_steps,
+        top5="top5" in args.metrics if args.metrics else None,
+        output_dir=None if args.checkpointing_steps == "no" else args.output_dir,
+        checkpoint_steps=args.checkpointing_steps if isinstance(args.checkpointing_steps, int) else None,
         recalibration_loader=loaders.recalibration,
         save_total_limit=args.save_total_limit,
+        settings=settings,
     )
-    if accelerator.is_main_process:  # everything checked: now clear what --overwrite-output-dir replaces
-        prepare_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resume=resume)
-    accelerator.wait_for_everyone()
-    if args.report_to != "none":
-        accelerator.init_trackers("adaptive-depth-finetune", config=config.to_dict() | {"model": args.model})
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    result = trainer.evaluate(latency=args.latency)
-    wall = time.perf_counter() - start
-    result.report.wall_time_s = round(wall, 1)
-    result.report.dataset = data.source
-    trainer.save(result, args.output_dir, push_to_hub=args.push_to_hub)
-    if args.report_to != "none":
-        log_results(accelerator, result, args.output_dir)
-    if not args.keep_checkpoints:
-        trainer.remove_checkpoints()
+    with output.claim(accelerator):  # this run's alone from here; --overwrite-output-dir has cleared its part
+        if log_with:
+            accelerator.init_trackers("adaptive-depth-finetune", config=config.to_dict() | {"model": args.model})
+        start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=checkpoint)
+        result = trainer.evaluate(latency=args.latency)
+        result.report.wall_time_s = round(time.perf_counter() - start, 1)
+        result.report.dataset, result.report.eval_split = published_dataset_name(data.source), data.eval_source
+        output.save(trainer, result, push_to_hub=args.push_to_hub)
+        if log_with:
+            log_results(accelerator, result, args.output_dir)
+        output.finish(trainer, keep_checkpoints=args.keep_checkpoints)
     accelerator.end_training()
     if accelerator.is_main_process:
-        print(
-            f"\n{data.source}: {len(data.train)} training / {len(data.eval)} evaluation images, "
-            f"{data.num_classes} classes, {accelerator.num_processes} process(es), {wall / 60:.1f} min"
-        )
-        print(result.table())
-        print(
-            f"\nsaved the deployed model (teammate {result.deployed}) to {args.output_dir}; load it with "
-            f"AdaptiveDepth.from_pretrained({str(args.output_dir)!r})"
-        )
+        print_summary(args, data, result, accelerator.num_processes)
     return 0
+
+
+def print_summary(args: ScriptArguments, data: ImageClassificationData, result: TrainingResult, processes: int) -> None:
+    """What was trained on what, the per-depth table, and where the model is."""
+    minutes = (result.report.wall_time_s or 0) / 60
+    print(
+        f"\n{data.source}: {len(data.train)} training images ({data.train_split}) / {len(data.eval)} evaluation "
+        f"images ({data.eval_source}), {data.num_classes} classes, {processes} process(es), {minutes:.1f} min"
+    )
+    print(result.table())
+    print(
+        f"\nsaved the deployed model (teammate {result.deployed}) to {args.output_dir}; load it with "
+        f"AdaptiveDepth.from_pretrained({str(args.output_dir)!r})"
+    )
 
 
 def work_offline_if_the_hub_is_unreachable() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import random
 from pathlib import Path
 
 import datasets
@@ -166,3 +168,103 @@ def test_cluttered_digits_are_a_harder_split_of_the_same_digits() -> None:
     assert (data.num_classes, len(data.train), len(data.eval)) == (10, 2874, 50)
     with pytest.raises(DataError, match="canvas >= 28"):
         cluttered_digits_dataset(canvas=16)
+
+
+# ---------------------------------------------------------------------- labels and evaluation splits
+
+
+def _splits(monkeypatch: pytest.MonkeyPatch, **splits: tuple[list, object]) -> None:
+    """``datasets.load_dataset`` returns these splits: name -> (labels, label feature), a 4x4 image each."""
+
+    def split(labels: list, feature: object) -> datasets.Dataset:
+        features = datasets.Features({"image": datasets.Image(), "label": feature})
+        return datasets.Dataset.from_dict({"image": [Image.new("L", (4, 4))] * len(labels), "label": labels}, features)
+
+    loaded = datasets.DatasetDict({name: split(*value) for name, value in splits.items()})
+    monkeypatch.setattr(datasets, "load_dataset", lambda spec, **_: loaded)
+
+
+def test_labels_that_are_not_0_to_k_minus_1_become_classes_named_by_their_values(monkeypatch) -> None:
+    integers = datasets.Value("int64")
+    _splits(monkeypatch, train=([0, 2, 5, 5, 2, 0], integers), test=([5, 0, 2], integers))
+    data = load_image_classification_data("sparse", check_images=False)
+    assert (data.class_names, data.num_classes) == (["0", "2", "5"], 3)
+    assert data.train["label"] == [0, 1, 2, 2, 1, 0] and data.eval["label"] == [2, 0, 1]  # label 5 is class 2
+    words = datasets.Value("string")
+    _splits(monkeypatch, train=(["dog", "cat", "eel", "cat"], words), validation=(["eel", "dog"], words))
+    data = load_image_classification_data("words", check_images=False)
+    assert data.class_names == ["cat", "dog", "eel"] and data.train["label"] == [1, 0, 2, 0]
+    assert data.eval["label"] == [2, 1] and data.eval_source == "validation"
+    _splits(monkeypatch, train=([0, 1, -1, 1], datasets.ClassLabel(names=["a", "b"])))
+    with pytest.raises(DataError, match=r"1 of 4 training images have no label \(-1 in 'label'\)"):
+        load_image_classification_data("holes", check_images=False)
+    _splits(monkeypatch, train=([0.5, 1.5], datasets.Value("float32")))
+    with pytest.raises(DataError, match="holds Value.*float32.*not class labels"):
+        load_image_classification_data("floats", label_column="label", check_images=False)
+
+
+def test_an_unlabeled_evaluation_split_is_skipped_and_a_named_one_refused(monkeypatch, caplog) -> None:
+    names = datasets.ClassLabel(names=["a", "b"])
+    train = ([0, 1] * 10, names)
+    _splits(monkeypatch, train=train, test=([-1] * 6, names))  # the usual form of a Hub test split
+    with caplog.at_level("WARNING"):
+        data = load_image_classification_data("hub", check_images=False)
+    assert "'test' split) has no labels" in caplog.text
+    assert data.eval_split is None and data.eval_source == "train (held out)" and len(data.eval) == 4
+    _splits(monkeypatch, train=train, validation=([1, 0, 1], names), test=([-1] * 6, names))
+    assert load_image_classification_data("hub", check_images=False).eval_split == "validation"
+    with pytest.raises(DataError, match="'test' split has no labels.*leave --eval-split out"):
+        load_image_classification_data("hub", eval_split="test", check_images=False)
+    _splits(monkeypatch, train=train, test=([1, -1, 0, -1], names))  # partly labeled: the labeled images only
+    data = load_image_classification_data("hub", check_images=False)
+    assert data.eval_split == "test" and data.eval["label"] == [1, 0]
+
+
+def test_evaluation_labels_are_matched_to_the_training_classes_by_name(monkeypatch) -> None:
+    train = ([0, 1, 2] * 4, datasets.ClassLabel(names=["cat", "dog", "eel"]))
+    reordered = datasets.ClassLabel(names=["eel", "cat", "dog"])
+    _splits(monkeypatch, train=train, test=([0, 1, 2], reordered))
+    assert load_image_classification_data("pets", check_images=False).eval["label"] == [2, 0, 1]
+    _splits(monkeypatch, train=train, test=([0, 1], datasets.ClassLabel(names=["cat", "cow"])))
+    with pytest.raises(DataError, match=r"'test' split\) has labels the training split lacks: \['cow'\]"):
+        load_image_classification_data("pets", check_images=False)
+    _splits(monkeypatch, train=train, test=([0, 7], datasets.Value("int64")))  # indices beyond the classes
+    with pytest.raises(DataError, match=r"lacks: \['#7'\]"):
+        load_image_classification_data("pets", check_images=False)
+
+
+def test_transforms_and_datasets_pickle_so_spawned_workers_can_load(tmp_path: Path) -> None:
+    """``--num-workers > 0`` where workers are spawned (macOS, Windows, Linux from Python 3.14) pickles all of these."""
+    from torch.utils.data import DataLoader
+
+    from adaptive_depth import AdaptiveDepth
+    from adaptive_depth.training import make_loaders
+
+    model = AdaptiveDepth.wrap(timm.create_model("test_convnext", num_classes=10), input_size=[3, 32, 32])
+    image = digits_dataset()["train"][0]["image"]
+    for transform in (
+        build_transform(model.model, train=True, input_size=[3, 32, 32]),
+        build_transform(model.model, train=False, input_size=[3, 32, 32]),
+        model.create_transform(),
+        model.create_transform(training=True),
+    ):
+        again = pickle.loads(pickle.dumps(transform))
+        outputs = []
+        for tf in (transform, again):  # the same augmentation draws from the same seeds
+            torch.manual_seed(1)
+            random.seed(1)
+            outputs.append(tf(image))
+        assert torch.equal(*outputs)
+    data = load_image_classification_data("digits", max_train_samples=8, max_eval_samples=8)
+    loaders = make_loaders(data, model, batch_size=4, seed=0, input_size=[3, 32, 32])
+    for loader in (loaders.train, loaders.recalibration, loaders.eval):
+        pickle.dumps(loader.dataset)
+        pickle.dumps(loader.sampler)
+    train = loaders.train
+    spawned = DataLoader(
+        train.dataset, batch_size=4, sampler=train.sampler, num_workers=1, multiprocessing_context="spawn"
+    )
+    batches = list(spawned)
+    assert len(batches) == 2
+    for (images, labels), (expected_images, expected_labels) in zip(batches, train):
+        assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)  # same seeded views

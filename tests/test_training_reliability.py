@@ -22,13 +22,8 @@ from adaptive_depth.training import (
     load_image_classification_data,
     make_loaders,
 )
-from adaptive_depth.training.checkpoints import (
-    STATE_NAME,
-    check_output_dir,
-    checkpoint_dirs,
-    prepare_output_dir,
-    resolve_checkpoint,
-)
+from adaptive_depth.training.checkpoints import STATE_NAME, checkpoint_dirs, resolve_checkpoint
+from adaptive_depth.training.output_dir import check_output_dir, prepare_output_dir
 from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]

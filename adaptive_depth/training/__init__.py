@@ -15,6 +15,8 @@ from .embedded import (
 from .evaluate import evaluate_accuracy
 from .loaders import EpochSampler, Loaders, TransformedDataset, make_loaders
 from .losses import CooperativeLogits, CooperativeLoss, cooperative_loss, kd_loss, sfsl_weights
+from .models import load_leader
+from .output_dir import OutputDir
 from .players import CooperativeModel, logits_of
 from .trainer import CooperativeTrainer, TrainingResult, accelerator_kwargs
 
@@ -31,6 +33,7 @@ __all__ = [
     "EpochSampler",
     "ImageClassificationData",
     "Loaders",
+    "OutputDir",
     "TrainingConfig",
     "TrainingReport",
     "TrainingResult",
@@ -45,6 +48,7 @@ __all__ = [
     "find_bad_images",
     "kd_loss",
     "load_image_classification_data",
+    "load_leader",
     "logits_of",
     "make_loaders",
     "sfsl_weights",

@@ -1,10 +1,11 @@
-"""Training checkpoints and output folders: complete or invisible, resumable only by the run that wrote them.
+"""Training checkpoints: complete or invisible, resumable only by the run that wrote them, with its settings.
 
 A checkpoint is a folder ``<output_dir>/checkpoints/step_<N>`` holding accelerate's state (model weights in
 safetensors; optimizer and RNG states, which accelerate reads back with ``torch.load(weights_only=True)``) and
-this library's own state in ``trainer_state.json`` (progress, learning-rate schedule, the training config and
-the run's id). It is written under a temporary name and renamed when complete, so an interrupted save is never
-taken for a checkpoint. Nothing of ours is pickled.
+this library's own state in ``trainer_state.json`` (progress, learning-rate schedule, the training config, the
+run's other settings and its id). It is written under a temporary name and renamed when complete, so an interrupted
+save is never taken for a checkpoint. Nothing of ours is pickled. The output folder around the checkpoints is
+``output_dir.py``'s.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import logging
 import shutil
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,19 +22,19 @@ from typing import Any
 from accelerate import Accelerator
 
 from ..errors import CheckpointError, ConfigError
-from ..hub import NORMS_NAME, WEIGHTS_NAME, is_ours
 
 __all__ = [
+    "CHECKPOINTS_DIR",
     "CHECKPOINT_PREFIX",
-    "FINAL_OUTPUTS",
     "STATE_NAME",
     "Progress",
-    "check_output_dir",
     "check_resumable",
     "check_resume",
     "checkpoint_dirs",
+    "checkpoint_step",
     "load_checkpoint",
-    "prepare_output_dir",
+    "recorded_settings",
+    "remove_run_checkpoints",
     "resolve_checkpoint",
     "save_checkpoint",
 ]
@@ -43,17 +45,6 @@ CHECKPOINT_PREFIX = "step_"
 CHECKPOINTS_DIR = "checkpoints"
 STATE_NAME = "trainer_state.json"  # written last, inside the checkpoint: a checkpoint without it is incomplete
 STATE_FORMAT = 1
-# What a finished run writes into its output folder (README.md only counts when we generated it).
-FINAL_OUTPUTS = (
-    "config.json",
-    WEIGHTS_NAME,
-    NORMS_NAME,
-    "README.md",
-    "pareto.png",
-    "training_config.json",
-    "results.json",
-)
-RUN_DIRS = (CHECKPOINTS_DIR, "logs")  # written while training; a resumed run finds them there
 
 
 @dataclass
@@ -134,9 +125,12 @@ def resolve_checkpoint(output_dir: Path | None, checkpoint: str | Path) -> Path:
     """The checkpoint folder ``checkpoint`` names: a path, or ``"latest"`` (the last complete one)."""
     if str(checkpoint) == "latest":
         dirs = checkpoint_dirs(output_dir)
+        if output_dir is None:
+            raise ConfigError("resuming from 'latest' needs the output folder the checkpoints are in (output_dir)")
         if not dirs:
-            where = f"{output_dir}/{CHECKPOINTS_DIR}" if output_dir is not None else "(no output_dir)"
-            raise ConfigError(f"no complete checkpoint to resume from in {where}; start without resuming")
+            raise ConfigError(
+                f"no complete checkpoint to resume from in {output_dir / CHECKPOINTS_DIR}; start without resuming"
+            )
         return dirs[-1]
     path = Path(checkpoint)
     if not path.is_dir():
@@ -150,15 +144,49 @@ def resolve_checkpoint(output_dir: Path | None, checkpoint: str | Path) -> Path:
 RESUMABLE_CHANGES = ("epochs", "per_depth_norms", "recalibration_batches")
 
 
-def check_resumable(state: dict[str, Any], config: dict[str, Any], processes: int, path: Path) -> None:
-    """Refuse to resume a checkpoint written with other settings or another number of processes."""
-    saved = state.get("config", {})
-    changed = sorted(k for k, v in config.items() if saved.get(k, v) != v and k not in RESUMABLE_CHANGES)
+def recorded_settings(settings: Mapping[str, Any] | None, accelerator: Accelerator) -> dict[str, Any]:
+    """What a checkpoint records of a run besides its :class:`TrainingConfig`: ``settings`` (the model, data, input
+    size... a script chose) and the mixed precision, as JSON values (tuples become lists), so that they compare
+    equal to what is read back."""
+    values = {**(settings or {}), "mixed_precision": str(accelerator.mixed_precision)}
+    try:
+        return json.loads(json.dumps(values))
+    except TypeError as e:
+        raise ConfigError(f"run settings must be JSON values (text, numbers, lists), got {values!r}: {e}") from e
+
+
+def _differences(saved: Mapping[str, Any], now: Mapping[str, Any], exempt: tuple[str, ...] = ()) -> list[str]:
+    """``key=saved (this run: now)`` for every key both hold with other values, but for ``exempt``."""
+    return [
+        f"{k}={saved[k]!r} (this run: {v!r})"
+        for k, v in sorted(now.items())
+        if k in saved and saved[k] != v and k not in exempt
+    ]
+
+
+def check_resumable(
+    state: dict[str, Any],
+    config: dict[str, Any],
+    processes: int,
+    path: Path,
+    settings: Mapping[str, Any] | None = None,
+) -> None:
+    """Refuse to resume a checkpoint written with other settings or another number of processes.
+
+    ``config`` is compared field by field (but for :data:`RESUMABLE_CHANGES`), and so is every entry of
+    ``settings`` (:func:`recorded_settings`) that the checkpoint recorded; one it did not record (a checkpoint of an
+    earlier version) is named in a warning, since it cannot be checked.
+    """
+    changed = _differences(state.get("config", {}), config, RESUMABLE_CHANGES)
+    changed += _differences(state.get("settings", {}), settings or {})
     if changed:
         raise ConfigError(
-            f"{path} was written by a run with other settings ({', '.join(f'{k}={saved[k]!r}' for k in changed)}); "
-            "resume with the settings it was trained with, or start a new run"
+            f"{path} was written by a run with other settings ({', '.join(changed)}); resume with the settings it "
+            "was trained with, or start a new run (in another --output-dir, or with --overwrite-output-dir)"
         )
+    unchecked = sorted(set(settings or {}) - set(state.get("settings", {})))
+    if unchecked:
+        logger.warning("%s does not record %s: resuming without checking them", path, ", ".join(unchecked))
     if state.get("processes", processes) != processes:
         raise ConfigError(
             f"{path} was written by {state['processes']} process(es); resume it with the same number "
@@ -166,11 +194,18 @@ def check_resumable(state: dict[str, Any], config: dict[str, Any], processes: in
         )
 
 
-def check_resume(output_dir: Path | None, checkpoint: str | Path, config: dict[str, Any], processes: int) -> Path:
-    """The checkpoint a resumed run would load, checked (complete, this run's settings and processes) without
-    loading it: call it before anything in the output folder is removed."""
+def check_resume(
+    output_dir: Path | None,
+    checkpoint: str | Path,
+    config: dict[str, Any],
+    processes: int,
+    *,
+    settings: Mapping[str, Any] | None = None,
+) -> Path:
+    """The checkpoint a resumed run would load, checked (complete, this run's config, settings and processes)
+    without loading it: call it before anything in the output folder is removed."""
     path = resolve_checkpoint(output_dir, checkpoint)
-    check_resumable(_read_state(path), config, processes, path)
+    check_resumable(_read_state(path), config, processes, path, settings)
     return path
 
 
@@ -186,44 +221,11 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
     return state
 
 
-def check_output_dir(output_dir: Path, *, overwrite: bool = False, resume: bool = False) -> None:
-    """Refuse an output folder where a run would lose the user's files (reads only: see :func:`prepare_output_dir`)."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"--output-dir {output_dir} is a file; pick a folder")
-    entries = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
-    allowed = set(RUN_DIRS) if resume else set()
-    blocking = [name for name in entries if name not in allowed]
-    if blocking and not overwrite:
-        what = "a resumed run may only find checkpoints/ and logs/ there" if resume else "a fresh run needs it empty"
-        raise ConfigError(
-            f"--output-dir {output_dir} holds {blocking[:5]}: {what}. Pick another folder, or pass "
-            "--overwrite-output-dir to replace what adaptive-depth wrote there"
-            + ("" if resume else " (or --resume-from-checkpoint latest to continue a run)")
-        )
-
-
-def prepare_output_dir(output_dir: Path, *, overwrite: bool = False, resume: bool = False) -> None:
-    """Make ``output_dir`` ready for a run, before anything is trained; refuse what would lose the user's files.
-
-    A fresh run needs an empty (or new) folder; a resumed one may find only what a run writes while training
-    (``checkpoints/``, ``logs/``). ``overwrite`` removes what this library wrote there before (a finished model,
-    and for a fresh run the old checkpoints, so that it can never resume from another run); files of anyone else
-    are left alone. Call it on the main process only.
-    """
-    check_output_dir(output_dir, overwrite=overwrite, resume=resume)
-    if overwrite and output_dir.is_dir():
-        for name in FINAL_OUTPUTS:
-            path = output_dir / name
-            if path.is_file() and (name != "README.md" or is_ours(path)):
-                path.unlink()
-        if not resume:
-            for path in (output_dir / CHECKPOINTS_DIR).glob(f"*{CHECKPOINT_PREFIX}*"):
-                if path.is_dir() and (checkpoint_step(path) is not None or path.name.endswith(".incomplete")):
-                    shutil.rmtree(path)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-test-{uuid.uuid4().hex}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"--output-dir {output_dir} cannot be written ({e}); pick another folder") from e
+def remove_run_checkpoints(output_dir: Path | None, run_id: str) -> None:
+    """Delete the checkpoints of run ``run_id`` (after it finished); other runs' stay. An emptied
+    ``checkpoints/`` folder goes too. Call it on the main process only."""
+    for path in checkpoint_dirs(output_dir, run_id=run_id):
+        shutil.rmtree(path, ignore_errors=True)
+    root = output_dir / CHECKPOINTS_DIR if output_dir is not None else None
+    if root is not None and root.is_dir() and not any(root.iterdir()):
+        root.rmdir()

@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import ConfigError, DataError
 from ..preprocessing import create_transform, data_config
 from .embedded import DIGITS, EMBEDDED_DATASETS, load_embedded
+from .labels import is_label_value, label_kind, labeled_eval_split, training_classes
 
 __all__ = ["ImageClassificationData", "build_transform", "find_bad_images", "load_image_classification_data"]
 
@@ -46,6 +47,13 @@ class ImageClassificationData:
     image_column: str
     label_column: str
     source: str
+    train_split: str = "train"
+    eval_split: str | None = None  # None: held out of the training split
+
+    @property
+    def eval_source(self) -> str:
+        """Where the evaluation images come from: a split's name, or ``"<train split> (held out)"``."""
+        return self.eval_split or f"{self.train_split} (held out)"
 
 
 def _load(spec: str, cache_dir: str | None) -> datasets.DatasetDict:
@@ -94,10 +102,10 @@ def _label_column(ds: datasets.Dataset, override: str | None, spec: str) -> str:
         return _named_column(ds, override, "label", spec)
     found = [name for name, f in ds.features.items() if isinstance(f, datasets.ClassLabel)]
     found += [n for n in LABEL_NAMES if n in ds.features and n not in found]
-    found = [n for n in found if isinstance(ds.features[n], datasets.ClassLabel) or "int" in str(ds.features[n])]
+    found = [n for n in found if isinstance(ds.features[n], datasets.ClassLabel) or is_label_value(ds.features[n])]
     if not found:
         raise DataError(
-            f"{spec} has no label column (a ClassLabel, or an integer column named one of {LABEL_NAMES}); "
+            f"{spec} has no label column (a ClassLabel, or an integer or string column named one of {LABEL_NAMES}); "
             f"columns are {ds.column_names}; name it with --label-column"
         )
     return found[0]
@@ -126,14 +134,22 @@ def load_image_classification_data(
     check_images: bool = True,
     skip_bad_images: bool = False,
 ) -> ImageClassificationData:
-    """Load an image-classification dataset and detect its image and label columns.
+    """Load an image-classification dataset, detect its image and label columns and check its labels.
+
+    The training labels become classes ``0..K-1``: a ``ClassLabel`` keeps its names; integer or string labels are
+    the classes in sorted order, named by their values (``{0, 2, 5}`` are classes 0, 1, 2 named ``"0"``, ``"2"``,
+    ``"5"``). A training image without a label (-1) is an error. The evaluation labels are matched to the training
+    classes by name (a ``ClassLabel`` listing them in another order is remapped); a label the training split lacks
+    is an error, and an evaluation image without a label is left out.
 
     Args:
         spec: ``"digits"``, ``"imagefolder:PATH"`` or a Hub dataset id.
         image_column, label_column: override the detection.
         train_split: default ``"train"`` (or the only split).
-        eval_split: default the first of validation / valid / val / test; without one, ``eval_fraction`` of the
-            training split is held out (stratified by label when the labels are a ``ClassLabel``).
+        eval_split: default the first of validation / valid / val / test that has labels (an unlabeled one, such
+            as a Hub ``test`` split of -1 labels, is skipped with a warning); without one, ``eval_fraction`` of the
+            training split is held out (stratified by label when the labels are a ``ClassLabel``). A split named
+            here must have labels.
         max_train_samples, max_eval_samples: keep this many (a seeded random subset).
         check_images: decode every image once, before training, so that a broken file is found (and named) now,
             not at some step of the run (not needed for the embedded datasets).
@@ -141,9 +157,11 @@ def load_image_classification_data(
     """
     if not isinstance(spec, str) or not spec:
         raise DataError(f"dataset must be a non-empty string: {FORMS}")
+    for n, limit in (("train", max_train_samples), ("eval", max_eval_samples)):
+        if limit is not None and limit < 1:
+            raise DataError(f"max_{n}_samples must be a positive integer, got {limit!r}")
     loaded = _load(spec, cache_dir)
     train_name = _split(loaded, train_split, ["train", *list(loaded)[:1]], spec)
-    eval_name = _split(loaded, eval_split, EVAL_SPLITS, spec)
     train = loaded[train_name]
     image = _image_column(train, image_column, spec)
     if spec.startswith("imagefolder:") and label_column is None and "label" not in train.features:
@@ -152,11 +170,15 @@ def load_image_classification_data(
             "put each class's images in a subfolder of its own, at least two classes"
         )
     label = _label_column(train, label_column, spec)
-    feature = train.features[label]
-    if eval_name is None or eval_name == train_name:
+    train_kind = label_kind(train.features[label], label, spec)
+    train, names = training_classes(train, label, f"{spec} ({train_name!r} split)")
+    if len(names) < 2:
+        raise DataError(f"{spec} has {len(names)} class(es) in {label!r}; classification needs at least 2")
+    evaluation, eval_name = _evaluation_split(loaded, eval_split, train_name, label, names, train_kind, spec)
+    if evaluation is None:
         if not 0 < eval_fraction < 1:
             raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction!r}")
-        stratify = label if isinstance(feature, datasets.ClassLabel) else None
+        stratify = label if train_kind == "classlabel" else None
         try:
             parts = train.train_test_split(test_size=eval_fraction, seed=seed, stratify_by_column=stratify)
         except ValueError as e:  # too few images to hold out a share of every class
@@ -165,17 +187,6 @@ def load_image_classification_data(
                 "pass an evaluation split (--eval-split) or more data"
             ) from e
         train, evaluation = parts["train"], parts["test"]
-    else:
-        evaluation = loaded[eval_name]
-    if isinstance(feature, datasets.ClassLabel):
-        names = list(feature.names)
-    else:
-        names = [str(v) for v in sorted(set(train[label]))]
-    if len(names) < 2:
-        raise DataError(f"{spec} has {len(names)} class(es) in {label!r}; classification needs at least 2")
-    for n, limit in (("train", max_train_samples), ("eval", max_eval_samples)):
-        if limit is not None and limit < 1:
-            raise DataError(f"max_{n}_samples must be a positive integer, got {limit!r}")
     if max_train_samples is not None and max_train_samples < len(train):
         train = train.shuffle(seed=seed).select(range(max_train_samples))
     if max_eval_samples is not None and max_eval_samples < len(evaluation):
@@ -183,7 +194,46 @@ def load_image_classification_data(
     if check_images and spec not in EMBEDDED_DATASETS:
         train = _without_bad_images(train, image, f"{spec} ({train_name})", skip_bad_images)
         evaluation = _without_bad_images(evaluation, image, f"{spec} (evaluation)", skip_bad_images)
-    return ImageClassificationData(train, evaluation, len(names), names, image, label, spec)
+    return ImageClassificationData(train, evaluation, len(names), names, image, label, spec, train_name, eval_name)
+
+
+def _evaluation_split(
+    loaded: datasets.DatasetDict,
+    name: str | None,
+    train_name: str,
+    label: str,
+    train_names: list[str],
+    train_kind: str,
+    spec: str,
+) -> tuple[datasets.Dataset | None, str | None]:
+    """The labeled evaluation split and its name; ``(None, None)``: hold out a share of the training split.
+
+    A split named by the user must have labels. Picked automatically, the first of :data:`EVAL_SPLITS` with labels
+    is used: an unlabeled one (a Hub ``test`` split whose labels are all -1) is skipped with a warning, since every
+    prediction would count as wrong.
+    """
+    if name is not None:
+        name = _split(loaded, name, (), spec)
+        if name == train_name:
+            return None, None
+        evaluation = labeled_eval_split(loaded[name], label, train_names, train_kind, f"{spec} ({name!r} split)")
+        if evaluation is None:
+            raise DataError(
+                f"{spec}: the {name!r} split has no labels (every {label!r} is -1, or it has no such column), so it "
+                f"cannot measure accuracy; name a labeled split with --eval-split, or leave --eval-split out to hold "
+                f"out a share of {train_name!r}"
+            )
+        return evaluation, name
+    for candidate in EVAL_SPLITS:
+        if candidate not in loaded or candidate == train_name:
+            continue
+        where = f"{spec} ({candidate!r} split)"
+        evaluation = labeled_eval_split(loaded[candidate], label, train_names, train_kind, where)
+        if evaluation is not None:
+            logger.info("%s: evaluating on the %r split", spec, candidate)
+            return evaluation, candidate
+        logger.warning("%s has no labels (every %r is -1): not used for evaluation", where, label)
+    return None, None
 
 
 def find_bad_images(ds: datasets.Dataset, image_column: str, batch_size: int = 256) -> list[tuple[int, str, str]]:
