@@ -29,7 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slo-ms", type=float, default=50.0, help="latency objective of every request (default: 50)")
     depth = p.add_mutually_exclusive_group()
     depth.add_argument("--scaling-factor", type=float, help="serve every batch at this depth instead of adapting")
-    depth.add_argument("--max-latency-ms", type=float, help="serve at the depth set_budget() picks for this budget")
+    depth.add_argument(
+        "--max-latency-ms", type=float, help="serve at the depth set_budget() picks: a full batch within this budget"
+    )
     p.add_argument("--max-batch-size", type=int, default=16, help="the most requests in one batch (default: 16)")
     p.add_argument("--margin-ms", type=float, default=0.0, help="time kept from every deadline for the way back")
     p.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "0.0.0.0", "::"], help="default: loopback")

@@ -33,7 +33,8 @@ class PolicySpec:
     Args:
         slo_ms: the latency objective of every request.
         scaling_factor: serve every batch at this depth instead of adapting.
-        max_latency_ms: serve every batch at the depth ``model.set_budget(max_latency_ms=...)`` picks (batch 1).
+        max_latency_ms: serve every batch at the depth ``model.set_budget(max_latency_ms=...)`` picks for a full
+            batch: the largest whose ``max_batch_size`` images are measured within this many milliseconds.
         max_batch_size: the most requests in one batch.
         margin_ms: time kept aside from every deadline for moving answers back to the client.
     """
@@ -62,7 +63,7 @@ class PolicySpec:
         if self.scaling_factor is not None:
             return FixedDepth(profile, self.slo_ms, self.scaling_factor, **common)
         if self.max_latency_ms is not None:
-            s = model.set_budget(max_latency_ms=self.max_latency_ms)
+            s = model.set_budget(max_latency_ms=self.max_latency_ms, batch_size=self.max_batch_size)
             return FixedDepth(profile, self.slo_ms, s, **common)
         return DepthController(profile, self.slo_ms, scaling_factors=depths, **common)
 
@@ -97,8 +98,8 @@ def serving_profile(
                 if not missing:
                     return saved
                 why = f"its profile has no batch sizes {missing}"
-            except BudgetError as e:
-                why = str(e).split(":", 1)[0]  # "the latency profile was measured on X (...), but ..."
+            except BudgetError:
+                why = f"its profile was measured on {saved.device!r} ({saved.dtype}), another device"
     logger.warning("measuring latency at batch sizes %s before serving: %s", sizes, why)
     model.profile(batch_size=sizes, warmup=warmup, repeats=repeats)
     return LatencyProfile.from_dict(model.config.latency_profile)

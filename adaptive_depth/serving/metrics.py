@@ -110,12 +110,19 @@ class WorkerMetrics:
             buckets=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
             registry=None,
         )
+        self.batch_seconds = Histogram(
+            f"{PREFIX}_batch_seconds",
+            "Time a batch took, from the decision to its answers (decoding, forward pass, encoding)",
+            buckets=[1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0],
+            registry=None,
+        )
 
-    def record(self, decision: Decision, images: int, decide_seconds: float) -> None:
-        """One batch served: the decision, the images answered, the time the decision took."""
+    def record(self, decision: Decision, images: int, decide_seconds: float, batch_seconds: float) -> None:
+        """One batch served: the decision, the images answered, the time the decision and the batch took."""
         s = f"{decision.scaling_factor:g}"
         self.batches.labels(scaling_factor=s).inc()
         self.images.labels(scaling_factor=s).inc(images)
         self.batch_size.observe(images)
         self.depth.set(decision.scaling_factor)
         self.decide_seconds.observe(decide_seconds)
+        self.batch_seconds.observe(batch_seconds)

@@ -143,9 +143,9 @@ class DepthControlledLoop(LitLoop):
             batch = [waiting.popleft() for _ in range(decision.batch_size)]
             served = self._serve(lit_api, batch, decision.scaling_factor, transport, callback_runner)
             if served:
-                elapsed_ms = (time.perf_counter() - start) * 1e3
-                lit_api.policy.observe(decision.scaling_factor, served, elapsed_ms)
-                lit_api.metrics.record(decision, served, decide_seconds)
+                elapsed = time.perf_counter() - start
+                lit_api.policy.observe(decision.scaling_factor, served, elapsed * 1e3)
+                lit_api.metrics.record(decision, served, decide_seconds, elapsed)
 
     def _collect(self, waiting: deque, request_queue: Any, limit: int) -> bool:
         """Move requests from LitServe's queue to ``waiting`` (blocking for one if none waits); False: stop."""
