@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .budget import LatencyProfile
-from .errors import ConfigError
+from .errors import ConfigError, ScalingFactorError
 from .policy import POLICIES, check_scaling_factor, depth_key
 
 __all__ = ["LIBRARY_NAME", "AdaptiveDepthConfig", "BaseModelRef", "BlockSpec", "StageSpec"]
@@ -151,6 +153,56 @@ class BaseModelRef:
             raise ConfigError(f"base_model.source must be one of {BASE_SOURCES}, got {self.source!r}")
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) > 0
+
+
+def _size(name: str, value: object) -> list[int]:
+    """``[C, H, W]`` as three positive ints, or a :class:`ConfigError` that quotes ``value``."""
+    if not isinstance(value, list | tuple) or len(value) != 3 or not all(_is_count(v) for v in value):
+        raise ConfigError(
+            f"{name} must be [channels, height, width], three positive integers (e.g. [3, 224, 224]), got {value!r}"
+        )
+    return [int(v) for v in value]
+
+
+def _flops(value: object) -> dict[str, float]:
+    """The FLOPs cache with canonical depth keys; a key that is no scaling factor or a count that is no finite,
+    non-negative number is a :class:`ConfigError`."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"config flops must map scaling factors to FLOPs, got {value!r:.200}")
+    out: dict[str, float] = {}
+    for key, count in value.items():
+        try:
+            s = check_scaling_factor(float(key))
+        except (TypeError, ValueError, ScalingFactorError) as e:
+            raise ConfigError(f"config flops has the key {key!r}, which is no scaling factor in (0, 1]") from e
+        if isinstance(count, bool) or not isinstance(count, numbers.Real) or not math.isfinite(count) or count < 0:
+            raise ConfigError(
+                f"config flops[{key!r}] must be a finite, non-negative number of FLOPs, got {count!r}; delete the "
+                "entry (it is counted again when asked for) or save the model again"
+            )
+        out[depth_key(s)] = count
+    return out
+
+
+def _labels(value: object) -> dict[str, str]:
+    """Class names as ``{"0": name, ...}``; a list of names is taken in order."""
+    if isinstance(value, list):
+        value = {str(i): name for i, name in enumerate(value)}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config id2label must map class indices to names, got {value!r:.200}")
+    out: dict[str, str] = {}
+    for key, name in value.items():
+        if not str(key).isdigit() or not isinstance(name, str | int | float) or isinstance(name, bool):
+            raise ConfigError(
+                f'config id2label must map class indices ("0", "1"...) to names, got {key!r}: {name!r}; '
+                "set class names with model.set_labels([...])"
+            )
+        out[str(int(key))] = str(name)
+    return out
+
+
 @dataclass
 class AdaptiveDepthConfig:
     """Configuration of an :class:`~adaptive_depth.AdaptiveDepth` model.
@@ -163,13 +215,18 @@ class AdaptiveDepthConfig:
         input_size: ``[C, H, W]`` of the example input used for probing and FLOP counts.
         default_scaling_factor: depth the model runs at after loading.
         discovery: how the blocks were found: ``"metadata"``, ``"probe"`` or ``"override"``.
-        flops: FLOPs of one forward pass (batch 1, ``input_size``) at each scaling factor, keyed by ``depth_key(s)``.
+        flops: FLOPs of one forward pass (batch 1, ``flops_input_size``) at each scaling factor, keyed by
+            ``depth_key(s)``: a cache, counted again when asked for at another input size.
+        flops_input_size: the ``input_size`` the cached ``flops`` were counted at.
         norm_stats: scaling factors with their own BatchNorm statistics (saved in ``depth_norms.safetensors``).
         latency_profile: latency per trained depth measured by ``AdaptiveDepth.profile`` on a device
             (a :class:`~adaptive_depth.budget.LatencyProfile` as a dict), used by ``set_budget``.
         id2label: class index (as a string, JSON keys are strings) -> class name, set by ``set_labels``.
         image_processor: a transformers image processor is saved beside the model (``preprocessor_config.json``).
         extra: free-form metadata (training report, latency profile...).
+        files: fingerprints of the other files saved with this config, by name: the save's id for safetensors files
+            (also in their metadata), the SHA-256 of the bytes for JSON files. Written by ``save_pretrained``; a file
+            that does not match belongs to another save and is refused.
     """
 
     base_model: BaseModelRef
@@ -180,11 +237,13 @@ class AdaptiveDepthConfig:
     default_scaling_factor: float = 1.0
     discovery: str = "metadata"
     flops: dict[str, float] = field(default_factory=dict)
+    flops_input_size: list[int] | None = None
     norm_stats: list[float] = field(default_factory=list)
     latency_profile: dict[str, Any] | None = None
     id2label: dict[str, str] = field(default_factory=dict)
     image_processor: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
     library_name: str = LIBRARY_NAME
     format_version: int = FORMAT_VERSION
     library_version: str = ""
@@ -212,15 +271,28 @@ class AdaptiveDepthConfig:
         self.norm_stats = sorted({check_scaling_factor(s) for s in self.norm_stats})
         if self.latency_profile is not None:  # validated here, kept as plain JSON
             self.latency_profile = LatencyProfile.from_dict(self.latency_profile).to_dict()
-        if len(self.input_size) != 3 or any(int(v) <= 0 for v in self.input_size):
-            raise ConfigError(f"input_size must be [channels, height, width], got {self.input_size!r}")
-        self.input_size = [int(v) for v in self.input_size]
+        self.input_size = _size("input_size", self.input_size)
+        if self.flops_input_size is not None:
+            self.flops_input_size = _size("flops_input_size", self.flops_input_size)
+        elif self.flops:
+            self.flops = {}  # counted before the cache recorded its input size: count again, at today's
+        self.flops = _flops(self.flops)
+        self.id2label = _labels(self.id2label)
+        if not isinstance(self.files, dict) or not all(isinstance(v, str) for v in self.files.values()):
+            raise ConfigError(f"config files must map file names to fingerprints, got {self.files!r:.200}")
         if self.library_name != LIBRARY_NAME:
             raise ConfigError(f"not an {LIBRARY_NAME} config (library_name={self.library_name!r})")
         if not self.library_version:
             from . import __version__
 
             self.library_version = __version__
+
+    def current_flops(self) -> dict[str, float]:
+        """The FLOPs cache (``flops``), emptied first if it was counted at another ``input_size`` than today's."""
+        if self.flops_input_size != self.input_size:
+            self.flops = {}
+            self.flops_input_size = list(self.input_size)
+        return self.flops
 
     def structure_digest(self) -> str:
         """A digest of what the saved weights depend on: stages and blocks, policy, recalibrated depths.

@@ -29,7 +29,7 @@ from huggingface_hub.errors import (
 from torch import nn
 
 from .config import AdaptiveDepthConfig, BaseModelRef
-from .errors import CheckpointError, UnknownModelError, WeightsUnavailableError
+from .errors import CheckpointError, ConfigError, UnknownModelError, WeightsUnavailableError
 
 __all__ = [
     "PREPROCESSING_KEYS",
@@ -139,8 +139,21 @@ def _close_timm_names(name: str) -> list[str]:
     return difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
 
 
-def resolve(name_or_path: str | os.PathLike[str], hub: HubOptions) -> Resolved:
-    """Find out whether ``name_or_path`` is a local folder, a Hub repo, or a timm registry name."""
+def _timm_registry_name(name: str) -> str | None:
+    """``"convnext_atto.d2_in1k"`` for a timm Hub id (``timm/convnext_atto.d2_in1k``, ``hf-hub:timm/...``) that timm's
+    registry knows, so that a random initialisation needs no download; ``None`` otherwise."""
+    org, _, repo = name.removeprefix("hf-hub:").removeprefix("hf_hub:").partition("/")
+    if org != "timm" or not repo or "/" in repo:
+        return None
+    return repo if timm.is_model(timm.models.split_model_name_tag(repo)[0]) else None
+
+
+def resolve(name_or_path: str | os.PathLike[str], hub: HubOptions, *, pretrained: bool = True) -> Resolved:
+    """Find out whether ``name_or_path`` is a local folder, a Hub repo, or a timm registry name.
+
+    With ``pretrained=False``, a timm Hub id that cannot be fetched is taken from timm's registry (its architecture
+    and data config are there), so a random initialisation works offline.
+    """
     name = str(name_or_path)
     if os.path.isfile(name):
         raise UnknownModelError(
@@ -157,6 +170,9 @@ def resolve(name_or_path: str | os.PathLike[str], hub: HubOptions) -> Resolved:
         config = _read_json(config_path)
         return Resolved(_kind_of(config, f"folder {name!r}"), name, config, local=True)
     if name.startswith(("hf-hub:", "hf_hub:")):
+        registry = _timm_registry_name(name)
+        if not pretrained and registry is not None and not _cached(name, hub):
+            return Resolved("timm", registry)
         return Resolved("timm", name)
     if name.startswith("local-dir:"):
         return Resolved("timm", name, local=True)
@@ -171,9 +187,20 @@ def resolve(name_or_path: str | os.PathLike[str], hub: HubOptions) -> Resolved:
                 "and that you are logged in (`hf auth login`) for private or gated repos"
             ) from e
         except LocalEntryNotFoundError as e:
+            registry = _timm_registry_name(name)
+            if not pretrained and registry is not None:
+                logger.info("%s is not cached and the Hub is unreachable: timm's registry entry %s", name, registry)
+                return Resolved("timm", registry)
+            hint = (
+                _OFFLINE_HINT
+                if pretrained
+                else "Its architecture is described by the repo's config.json, which random initialisation needs too: "
+                "connect to the Hub once (or `hf download <repo>`), or name a timm architecture (e.g. 'resnet50', "
+                "timm.list_models()) or a local folder"
+            )
             raise WeightsUnavailableError(
                 f"cannot fetch {name!r}: there is no local folder of that name, the Hub is unreachable (offline, or "
-                f"HF_HUB_OFFLINE=1) and the repo is not in the local cache. {_OFFLINE_HINT}"
+                f"HF_HUB_OFFLINE=1) and the repo is not in the local cache. {hint}"
             ) from e
         except EntryNotFoundError as e:
             raise UnknownModelError(
@@ -191,6 +218,21 @@ def resolve(name_or_path: str | os.PathLike[str], hub: HubOptions) -> Resolved:
         f"{name!r} is not a timm model name, a Hub repo id ('org/name') or an existing folder.{hint} "
         "See timm.list_models() for timm names"
     )
+
+
+def _cached(hub_name: str, hub: HubOptions) -> bool:
+    """True if the config of ``hf-hub:<repo>`` can be had (the Hub reachable, or the file cached)."""
+    try:
+        hub.download(hub_name.split(":", 1)[1], CONFIG_NAME)
+    except (LocalEntryNotFoundError, OSError):
+        return False
+    except Exception:  # a missing or private repo: timm reports it as it would
+        return True
+    return True
+
+
+def _unexpected_keyword(error: TypeError) -> bool:
+    return "unexpected keyword argument" in str(error)
 
 
 def _timm_kwargs(num_classes: int | None, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -216,6 +258,14 @@ def _load_timm(
     except (LocalEntryNotFoundError, FileNotFoundError, OSError) as e:
         raise WeightsUnavailableError(
             f"cannot load pretrained weights for timm model {name!r}: {type(e).__name__}: {e}. {_OFFLINE_HINT}"
+        ) from e
+    except TypeError as e:
+        if not _unexpected_keyword(e):
+            raise
+        raise ConfigError(
+            f"timm model {name!r}: {e}. Keyword arguments go to "
+            "timm.create_model and the architecture's constructor (e.g. drop_path_rate, in_chans, img_size); the "
+            "loading options are dtype and device_map"
         ) from e
     arch = model.pretrained_cfg.get("architecture") or timm.models.split_model_name_tag(name)[0]
     tag = model.pretrained_cfg.get("tag")
@@ -250,7 +300,12 @@ def _transformers_class(config: transformers.PretrainedConfig) -> type[transform
 
 
 def _load_transformers(
-    resolved: Resolved, pretrained: bool, num_classes: int | None, kwargs: dict[str, Any], hub: HubOptions
+    resolved: Resolved,
+    pretrained: bool,
+    num_classes: int | None,
+    kwargs: dict[str, Any],
+    hub: HubOptions,
+    loader_kwargs: dict[str, Any],
 ) -> BaseModel:
     hub_args = {
         "revision": hub.revision,
@@ -262,7 +317,10 @@ def _load_transformers(
     if num_classes is not None:
         config_kwargs["num_labels"] = num_classes
     try:
-        config = transformers.AutoConfig.from_pretrained(resolved.location, **hub_args, **config_kwargs)
+        # Config attributes set the config; the rest is for transformers' loader (dtype, device_map...) or unknown.
+        config, unused = transformers.AutoConfig.from_pretrained(
+            resolved.location, return_unused_kwargs=True, **hub_args, **config_kwargs
+        )
         saved_labels = transformers.AutoConfig.from_pretrained(resolved.location, **hub_args).num_labels
         cls = _transformers_class(config)
         if pretrained:
@@ -272,12 +330,24 @@ def _load_transformers(
                 use_safetensors=True,
                 ignore_mismatched_sizes=num_classes is not None,
                 **hub_args,
+                **loader_kwargs,
+                **unused,
             )
+        elif unused:
+            raise TypeError(f"unexpected keyword argument(s) {sorted(unused)}")
         else:
             model = cls(config)
     except OSError as e:
         raise WeightsUnavailableError(
             f"cannot load transformers model {resolved.location!r} (safetensors weights only): {e}. {_OFFLINE_HINT}"
+        ) from e
+    except TypeError as e:
+        if not _unexpected_keyword(e):
+            raise
+        raise ConfigError(
+            f"transformers model {resolved.location!r}: {e}. Keyword arguments set attributes of the model's "
+            "config, or go to transformers' loader with pretrained weights (dtype, device_map, quantization_config, "
+            "attn_implementation...); this one is neither"
         ) from e
     ref = describe_base_model(model, name=resolved.location)
     ref.pretrained = pretrained
@@ -307,14 +377,19 @@ def load_base_model(
     num_classes: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
     hub: HubOptions | None = None,
+    loader_kwargs: dict[str, Any] | None = None,
 ) -> BaseModel:
-    """Build the timm / transformers model ``resolved`` points to, with its pretrained weights unless told not to."""
+    """Build the timm / transformers model ``resolved`` points to, with its pretrained weights unless told not to.
+
+    ``model_kwargs`` go to ``timm.create_model`` or the transformers config; ``loader_kwargs`` to transformers'
+    ``from_pretrained`` (``dtype``, ``device_map``, ``quantization_config``), with pretrained weights only.
+    """
     hub = hub or HubOptions()
     kwargs = dict(model_kwargs or {})
     if resolved.kind == "timm":
         return _load_timm(resolved, pretrained, num_classes, kwargs, hub)
     if resolved.kind == "transformers":
-        return _load_transformers(resolved, pretrained, num_classes, kwargs, hub)
+        return _load_transformers(resolved, pretrained, num_classes, kwargs, hub, dict(loader_kwargs or {}))
     raise ValueError(f"cannot build a base model from a {resolved.kind!r} location")
 
 
@@ -368,7 +443,8 @@ def rebuild_base_model(ref: BaseModelRef, model: nn.Module | None = None) -> nn.
             raise CheckpointError("the saved config has no transformers config (base_model.hf_config)")
         hf_config = dict(ref.hf_config)
         try:
-            config = transformers.AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
+            # from_dict is to_dict's inverse (TimmWrapperConfig keeps its class count as num_classes there)
+            config = transformers.CONFIG_MAPPING[hf_config["model_type"]].from_dict(hf_config)
         except (TypeError, ValueError, KeyError) as e:
             raise CheckpointError(f"the saved transformers config (base_model.hf_config) is invalid: {e}") from e
         cls = getattr(transformers, ref.architecture or "", None)

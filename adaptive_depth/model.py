@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,14 +28,19 @@ from .gates import is_gated, unwrap_gates
 from .hub import (
     NORMS_NAME,
     PROCESSOR_NAME,
+    SAVE_ID_KEY,
     STRUCTURE_KEY,
     WEIGHTS_NAME,
+    check_saved_together,
     check_weights,
     fetch,
+    fingerprint_json,
     load_image_processor,
     read_safetensors,
+    recover_interrupted_saves,
     replace_files_atomically,
 )
+from .load_options import LoadOptions, check_saved_model_arguments
 from .loading import (
     CONFIG_NAME,
     HubOptions,
@@ -60,16 +66,35 @@ OPTIONAL_FILES = (NORMS_NAME, PROCESSOR_NAME, PLOT_NAME)  # written only by the 
 
 def _default_input_size(model: nn.Module) -> list[int]:
     """``[C, H, W]`` the model expects, from what it says about itself (timm data config, transformers config)."""
-    if isinstance(getattr(model, "pretrained_cfg", None), dict):
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict):
         import timm.data
 
-        return list(timm.data.resolve_model_data_config(model)["input_size"])
+        size = list(timm.data.resolve_model_data_config(model)["input_size"])
+        # the data config keeps the pretrained weights' channels; a model built with in_chans=1 takes one
+        first = cfg.get("first_conv")
+        first = first[0] if isinstance(first, list | tuple) and first else first
+        try:
+            conv = model.get_submodule(first) if isinstance(first, str) else None
+        except AttributeError:
+            conv = None
+        if isinstance(getattr(conv, "in_channels", None), int):
+            size[0] = conv.in_channels
+        return size
     config = getattr(model, "config", None)
     image_size = getattr(config, "image_size", None)
     if image_size is not None:
         h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)[-2:]
         return [int(getattr(config, "num_channels", 3)), int(h), int(w)]
     return [3, 224, 224]
+
+
+def _record_input_size(model: nn.Module, config: AdaptiveDepthConfig) -> None:
+    """Make ``config.input_size`` a timm base's data config too (``timm.data`` reads it from ``pretrained_cfg``)."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and config.base_model.source == "timm":
+        model.pretrained_cfg = {**cfg, "input_size": tuple(config.input_size)}
+        config.base_model.pretrained_cfg = timm_preprocessing(model.pretrained_cfg)
 
 
 class AdaptiveDepth(
@@ -153,11 +178,7 @@ class AdaptiveDepth(
             **config_kwargs,
         )
         logger.info("found %d gateable blocks in %d stages (%s)", config.num_gateable, len(config.stages), found.method)
-        cfg = getattr(model, "pretrained_cfg", None)
-        if isinstance(cfg, dict) and config.base_model.source == "timm":
-            # the resolution the model is used at becomes its data config (timm.data reads it from here)
-            model.pretrained_cfg = {**cfg, "input_size": tuple(config.input_size)}
-            config.base_model.pretrained_cfg = timm_preprocessing(model.pretrained_cfg)
+        _record_input_size(model, config)
         wrapped = cls(model, config)
         saving = 1 - wrapped.fewest_blocks_flops_ratio()
         if saving < MIN_SAVING:
@@ -179,7 +200,7 @@ class AdaptiveDepth(
         pretrained: bool = True,
         num_classes: int | None = None,
         model: nn.Module | None = None,
-        policy: str = "last",
+        policy: str | None = None,
         scaling_factors: Sequence[float] | None = None,
         block_patterns: Sequence[str] | None = None,
         input_size: Sequence[int] | None = None,
@@ -202,37 +223,69 @@ class AdaptiveDepth(
             num_classes: replace the classifier with a fresh one for this many classes.
             model: for a saved model that wraps a custom module: an instance of that module. If loading fails,
                 it is left exactly as it was.
-            policy, scaling_factors, block_patterns, input_size: see :meth:`wrap` (new wraps only).
+            policy, scaling_factors, block_patterns, input_size: see :meth:`wrap`. A saved model honours
+                ``scaling_factors`` (the depths it reports) and ``input_size`` (checked by one forward pass); its
+                ``policy`` and blocks are those it was trained with, and another value is an error.
             revision, cache_dir, token, local_files_only, force_download: Hub download options.
-            **model_kwargs: passed to ``timm.create_model`` or the transformers config (e.g. ``drop_path_rate``).
+            **model_kwargs: ``dtype`` (or ``torch_dtype``), ``device_map`` (one device) and, for a transformers base
+                with pretrained weights, ``quantization_config``, as transformers takes them; the rest goes to
+                ``timm.create_model`` or the transformers config (e.g. ``drop_path_rate``, ``in_chans``). A name that
+                nothing takes is an error.
         """
         hub = HubOptions(revision, cache_dir, token, local_files_only, force_download)
-        resolved = resolve(pretrained_model_name_or_path, hub)
+        if os.path.isdir(pretrained_model_name_or_path):
+            recover_interrupted_saves(Path(pretrained_model_name_or_path))
+        resolved = resolve(pretrained_model_name_or_path, hub, pretrained=pretrained)
+        options = LoadOptions.pop_from(model_kwargs)
         if resolved.kind == "adaptive":
-            if num_classes is not None or model_kwargs:
-                raise ConfigError(
-                    f"{pretrained_model_name_or_path!s} is a saved adaptive-depth model; it cannot be rebuilt with "
-                    f"num_classes / {sorted(model_kwargs)}. Fine-tune it to change its head"
-                )
-            return cls._load_saved(resolved, hub, model)
+            where = str(pretrained_model_name_or_path)
+            options.check_without_quantization(f"the saved adaptive-depth model {where}")
+            saved_policy = (resolved.config or {}).get("policy")
+            check_saved_model_arguments(
+                where,
+                saved_policy=saved_policy,
+                policy=policy,
+                num_classes=num_classes,
+                block_patterns=block_patterns,
+                model_kwargs=model_kwargs,
+            )
+            loaded = cls._load_saved(resolved, hub, model, options)
+            if scaling_factors is not None:
+                loaded.config.scaling_factors = AdaptiveDepthConfig(
+                    base_model=loaded.config.base_model, stages=loaded.config.stages, scaling_factors=scaling_factors
+                ).scaling_factors
+            if input_size is not None:
+                loaded.use_input_size(input_size)
+            return loaded
         if model is not None:
             raise ConfigError("model= is only for loading a saved adaptive-depth model that wraps a custom module")
+        loader_kwargs = {}
+        if resolved.kind == "transformers" and pretrained:
+            loader_kwargs, options = options.for_transformers(), LoadOptions()  # transformers applies them
+        else:
+            options.check_without_quantization(f"{resolved.location!r} ({resolved.kind}, pretrained={pretrained})")
         if "img_size" in model_kwargs and input_size is None:
             size = model_kwargs["img_size"]
             h, w = (size, size) if isinstance(size, int) else size
             input_size = [int(model_kwargs.get("in_chans", 3)), h, w]
         base, ref, processor = load_base_model(
-            resolved, pretrained=pretrained, num_classes=num_classes, model_kwargs=model_kwargs, hub=hub
+            resolved,
+            pretrained=pretrained,
+            num_classes=num_classes,
+            model_kwargs=model_kwargs,
+            hub=hub,
+            loader_kwargs=loader_kwargs,
         )
         wrapped = cls.wrap(
             base,
-            policy=policy,
+            policy=policy or "last",
             scaling_factors=scaling_factors,
             block_patterns=block_patterns,
             input_size=input_size,
             base_model=ref,
         )
         wrapped.image_processor = processor
+        options.apply(wrapped)  # after discovery, which probed the model in float32
         return wrapped
 
     @classmethod
@@ -250,17 +303,22 @@ class AdaptiveDepth(
     ) -> AdaptiveDepth:
         """``ModelHubMixin`` hook: load a saved adaptive-depth repo."""
         hub = HubOptions(revision, cache_dir, token, local_files_only, force_download)
+        if os.path.isdir(model_id):
+            recover_interrupted_saves(Path(model_id))
         resolved = resolve(model_id, hub)
         if resolved.kind != "adaptive":
             raise CheckpointError(f"{model_id!r} is a {resolved.kind} model, not a saved adaptive-depth model")
         return cls._load_saved(resolved, hub, model)
 
     @classmethod
-    def _load_saved(cls, resolved: Resolved, hub: HubOptions, model: nn.Module | None) -> AdaptiveDepth:
+    def _load_saved(
+        cls, resolved: Resolved, hub: HubOptions, model: nn.Module | None, options: LoadOptions | None = None
+    ) -> AdaptiveDepth:
         """Check every file against the config and the model first; only then gate the model and load."""
         config = AdaptiveDepthConfig.from_dict(resolved.config or {})
         weights_path = fetch(resolved, WEIGHTS_NAME, hub)
         tensors, metadata = read_safetensors(weights_path)
+        check_saved_together(config, WEIGHTS_NAME, weights_path, metadata=metadata)
         base = rebuild_base_model(config.base_model, model)
         check_structure(base, config)
         check_weights(base, tensors, metadata, config, weights_path)
@@ -268,7 +326,8 @@ class AdaptiveDepth(
         norms, norm_tensors, norms_path = None, {}, ""
         if norm_names:
             norms_path = fetch(resolved, NORMS_NAME, hub)
-            norm_tensors, _ = read_safetensors(norms_path)
+            norm_tensors, norms_metadata = read_safetensors(norms_path)
+            check_saved_together(config, NORMS_NAME, norms_path, metadata=norms_metadata)
             norms = DepthNorms(batchnorm_layers(base))
             norms.check_tensors(norm_tensors, norm_names, norms_path)
         elif resolved.local and STRUCTURE_KEY not in metadata and (Path(resolved.location) / NORMS_NAME).is_file():
@@ -278,7 +337,10 @@ class AdaptiveDepth(
             )
         processor = None
         if config.image_processor:
-            processor = load_image_processor(fetch(resolved, PROCESSOR_NAME, hub))
+            processor_path = fetch(resolved, PROCESSOR_NAME, hub)
+            if config.files:  # a save that fingerprinted its files
+                check_saved_together(config, PROCESSOR_NAME, processor_path)
+            processor = load_image_processor(processor_path)
         instance = cls(base, config)  # the first change to a model the caller passed
         instance.image_processor = processor
         try:
@@ -291,7 +353,32 @@ class AdaptiveDepth(
         except Exception:
             unwrap_gates(base)
             raise
+        if options is not None:
+            floating = [t.dtype for t in tensors.values() if t.is_floating_point()]
+            options.apply(instance, floating[0] if floating else None)
         return instance.eval()
+
+    def use_input_size(self, input_size: Sequence[int]) -> AdaptiveDepth:
+        """Run at another ``[C, H, W]``: preprocessing, FLOPs and the example input follow; checked by one forward pass.
+
+        Raises:
+            ConfigError: the model does not run at that size (a ViT with a fixed position embedding, other channels).
+        """
+        previous = list(self.config.input_size)
+        self.config.input_size = AdaptiveDepthConfig(
+            base_model=self.config.base_model, stages=self.config.stages, input_size=list(input_size)
+        ).input_size
+        try:
+            with torch.no_grad(), self.scaled(1.0):
+                self(self.example_input())
+        except Exception as e:
+            self.config.input_size = previous
+            raise ConfigError(
+                f"{type(self.model).__name__} does not run at input_size={list(input_size)!r} ({type(e).__name__}: "
+                f"{e}); it was saved at {previous}"
+            ) from e
+        _record_input_size(self.model, self.config)
+        return self
 
     @property
     def training_report(self) -> TrainingReport | None:
@@ -319,26 +406,31 @@ class AdaptiveDepth(
         if config is not None:
             raise ConfigError("save_pretrained() writes the model's own config; edit model.config instead")
         folder = Path(save_directory)
-        with replace_files_atomically(folder, keep_foreign=("README.md",)) as staging:
+        # OPTIONAL_FILES this save does not write were left by an earlier save of another model: they go
+        # The depth lock: the model as it is between the scaled() blocks of serving threads.
+        with (
+            replace_files_atomically(folder, keep_foreign=("README.md",), replaces=OPTIONAL_FILES) as staging,
+            self.depth_lock(),
+        ):
             super().save_pretrained(staging, model_card_kwargs=model_card_kwargs)
-            stale = [name for name in OPTIONAL_FILES if not (staging / name).exists()]
-        for name in stale:  # left by an earlier save of another model: it would describe that model
-            (folder / name).unlink(missing_ok=True)
         if push_to_hub:
             return self.push_to_hub(repo_id or folder.name, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
         return None
 
     def _save_pretrained(self, save_directory: Path) -> None:
+        self._check_storable()
         self.flops_table()
         self.config.default_scaling_factor = self._scaling_factor or 1.0
         norms = self.depth_norms
         if norms is None:
             self.config.norm_stats = []
+        save_id = uuid.uuid4().hex  # in every safetensors file and in config.json: a mixed folder is refused
+        self.config.files = {WEIGHTS_NAME: save_id}
         self.config.image_processor = self.image_processor is not None
         if self.image_processor is not None:
             self.image_processor.save_pretrained(save_directory)  # preprocessor_config.json, as transformers reads it
-        self.config.save(save_directory / CONFIG_NAME)
-        metadata = {"format": "pt", STRUCTURE_KEY: self.config.structure_digest()}
+            self.config.files[PROCESSOR_NAME] = fingerprint_json(save_directory / PROCESSOR_NAME)
+        metadata = {"format": "pt", STRUCTURE_KEY: self.config.structure_digest(), SAVE_ID_KEY: save_id}
         if norms is not None:
             norms.suspend()  # model.safetensors holds the statistics the model was trained with
         try:
@@ -348,11 +440,35 @@ class AdaptiveDepth(
                 norms.resume()
         if norms is not None and self.config.norm_stats:
             sets = {depth_key(s): tuple(self.depth_for(s)) for s in self.config.norm_stats}
-            save_file(norms.to_tensors(sets), str(save_directory / NORMS_NAME), metadata={"format": "pt"})
+            save_file(
+                norms.to_tensors(sets),
+                str(save_directory / NORMS_NAME),
+                metadata={"format": "pt", SAVE_ID_KEY: save_id},
+            )
+            self.config.files[NORMS_NAME] = save_id
+        self.config.save(save_directory / CONFIG_NAME)
         report = self.training_report
         if report is not None and report.has_costs:
             rows = [r.to_dict() for r in report.results]
             pareto_plot(rows, save_directory / PLOT_NAME, title=self.config.base_model.name or "")
+
+    def _check_storable(self) -> None:
+        """Raise :class:`ConfigError` if the state holds what safetensors cannot store (quantized modules)."""
+        packed = sorted(
+            {name.rsplit(".", 2)[0] for name, v in self.model.state_dict().items() if not isinstance(v, torch.Tensor)}
+            | {
+                name.rsplit(".", 1)[0]
+                for name, v in self.model.state_dict().items()
+                if isinstance(v, torch.Tensor) and v.is_quantized
+            }
+        )
+        if packed:
+            raise ConfigError(
+                f"save_pretrained() cannot save this model: {len(packed)} module(s) hold quantized or packed weights "
+                f"(e.g. {packed[:3]}, made by torch.ao.quantization.quantize_dynamic or similar), which safetensors "
+                "cannot store. Save the float model and quantize it again after loading, or export one depth "
+                "(model.export(s)) and save that with torch.export / ONNX"
+            )
 
     def push_to_hub(  # type: ignore[override]
         self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any

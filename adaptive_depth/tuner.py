@@ -8,6 +8,7 @@ memory; nothing touches files or the Hub.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import logging
 import numbers
@@ -42,9 +43,11 @@ class DepthTuner(nn.Module):
 
     Thread safety: the depth is state of the model. :meth:`scaled` (and every method that visits other depths
     and comes back: :meth:`flops`, :meth:`profile`, :meth:`export`, :meth:`recalibrate_norms`) holds a lock, so
-    threads that use ``with model.scaled(s): model(x)`` get their own depth, one thread at a time. Plain
-    :meth:`set_scaling_factor` followed by a call is not safe across threads: give each thread its own copy
-    (``copy.deepcopy(model)``) to serve depths in parallel.
+    threads that use ``with model.scaled(s): model(x)`` get their own depth, one thread at a time. Reading the model
+    whole holds the same lock: ``state_dict()``, ``load_state_dict()``, ``copy.deepcopy(model)`` and
+    ``save_pretrained()`` wait for a thread inside ``scaled()`` and see the model at its own depth, never one half
+    switched. Plain :meth:`set_scaling_factor` followed by a call is not safe across threads: give each thread its
+    own copy (``copy.deepcopy(model)``) to serve depths in parallel.
     """
 
     def __init__(self, model: nn.Module, config: AdaptiveDepthConfig) -> None:
@@ -75,6 +78,25 @@ class DepthTuner(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._lock = threading.RLock()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DepthTuner:
+        # Under the depth lock: a thread inside scaled() has switched gates and statistics for a while, and a copy
+        # taken then would keep that depth's statistics with another depth's gates.
+        with self._lock:
+            copied = type(self).__new__(type(self))
+            memo[id(self)] = copied
+            copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+            return copied
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's state (training statistics whatever the depth), read under the depth lock."""
+        with self._lock:
+            return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load weights and training statistics (see ``torch.nn.Module.load_state_dict``) under the depth lock."""
+        with self._lock:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------ depth
     @property
@@ -292,9 +314,10 @@ class DepthTuner(nn.Module):
     def _cached_flops(self, scaling_factor: float) -> int:
         """FLOPs at one depth, counted once and kept in ``config.flops`` (saved with the model)."""
         key = depth_key(scaling_factor)
-        if key not in self.config.flops:
-            self.config.flops[key] = self.flops(scaling_factor)
-        return int(self.config.flops[key])
+        cache = self.config.current_flops()  # emptied if counted at another input size
+        if key not in cache:
+            cache[key] = self.flops(scaling_factor)
+        return int(cache[key])
 
     def fewest_blocks_flops_ratio(self) -> float:
         """FLOPs with the fewest blocks that can run (every gateable block off but one per stage) over s = 1.

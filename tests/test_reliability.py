@@ -3,7 +3,9 @@ and loads, hand-edited configs, and errors that say what is wrong."""
 
 from __future__ import annotations
 
+import copy
 import json
+import sys
 import threading
 from pathlib import Path
 
@@ -141,6 +143,42 @@ def test_scaled_is_safe_across_threads() -> None:
     assert wrong == []
 
 
+def test_state_dict_save_and_deepcopy_wait_for_threads_inside_scaled(tmp_path: Path) -> None:
+    model = _recalibrated()
+    expected = {s: model.set_scaling_factor(s)(X) for s in (0.25, 1.0)}  # ends at s = 1, the model's own depth
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    served, done = [], threading.Event()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, so that a missing lock shows within a few calls
+
+    def serve() -> None:
+        try:
+            for _ in range(15):
+                with torch.no_grad(), model.scaled(0.25):
+                    served.append(torch.equal(model(X), expected[0.25]))
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        states, copies, saves = [], [], 0
+        while not done.is_set():
+            sd = model.state_dict()
+            states.append(all(torch.equal(sd[k], v) for k, v in trained.items()))
+            with torch.no_grad():
+                copies.append(torch.equal(copy.deepcopy(model)(X), expected[1.0]))
+            if saves < 3:
+                model.save_pretrained(tmp_path)
+                saves += 1
+    finally:
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert all(served) and all(states) and all(copies), (served.count(False), states.count(False), copies.count(False))
+    again = AdaptiveDepth.from_pretrained(tmp_path)
+    assert again.scaling_factor == 1.0 and torch.equal(again(X), expected[1.0])
+
+
 # ---------------------------------------------------------------------- saving and loading
 
 
@@ -253,6 +291,19 @@ def test_free_fields_of_the_config_may_be_edited(tmp_path: Path) -> None:
     assert AdaptiveDepth.from_pretrained(tmp_path).scaling_factor == 0.5
 
 
+def test_flops_follow_an_edited_input_size_and_labels_may_be_a_list(tmp_path: Path) -> None:
+    model = _resnet()
+    at_32 = model.flops_table()
+    model.save_pretrained(tmp_path)
+    _edit(tmp_path, lambda c: c.update(input_size=[3, 64, 64], id2label=["a", "b", "c", "d", "e"]))
+    again = AdaptiveDepth.from_pretrained(tmp_path)
+    assert again.id2label == dict(enumerate("abcde"))
+    at_64 = again.flops_table()  # counted again at the edited size, not the cache of 32 px
+    assert at_64 == {s: again.flops(s) for s in at_64}
+    assert all(3.5 < at_64[s] / at_32[s] < 4.5 for s in at_32)
+    assert again.set_budget(max_flops=at_32[1.0]) < 1.0  # the budget sees the FLOPs of today's size
+
+
 # ---------------------------------------------------------------------- errors
 
 
@@ -264,8 +315,28 @@ def test_free_fields_of_the_config_may_be_edited(tmp_path: Path) -> None:
         (lambda c: c["base_model"].update(architecture="resnet_does_not_exist"), "does not have"),
         (lambda c: c.update(format_version="1"), "positive integer"),
         (lambda c: c.update(stages="layer1"), "stages"),
+        (lambda c: c.update(input_size="332"), "input_size"),
+        (lambda c: c.update(input_size=[3, 32.5, 32]), "input_size"),
+        (lambda c: c["flops"].update({"1.0": float("nan")}), "finite, non-negative"),
+        (lambda c: c["flops"].update({"1.0": "296e6"}), "finite, non-negative"),
+        (lambda c: c["flops"].update({"1.0": -1}), "finite, non-negative"),
+        (lambda c: c["flops"].update({"2": 1e6}), "no scaling factor"),
+        (lambda c: c.update(id2label={"cat": "0"}), "class indices"),
     ],
-    ids=["base-model-null", "bad-model-args", "unknown-architecture", "format-version-string", "stages-string"],
+    ids=[
+        "base-model-null",
+        "bad-model-args",
+        "unknown-architecture",
+        "format-version-string",
+        "stages-string",
+        "input-size-string",
+        "input-size-float",
+        "flops-nan",
+        "flops-string",
+        "flops-negative",
+        "flops-bad-depth",
+        "labels-by-name",
+    ],
 )
 def test_broken_configs_raise_library_errors(tmp_path: Path, edit, match: str) -> None:
     _resnet().save_pretrained(tmp_path)
