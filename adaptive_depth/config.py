@@ -29,6 +29,7 @@ FORMAT_VERSION = 1
 DEFAULT_SCALING_FACTORS = (0.25, 0.5, 0.75, 1.0)
 BASE_SOURCES = ("timm", "transformers", "module")
 UNIT_KINDS = ("block", "branch")
+OUTPUTS = ("tensor", "tuple", "inputs")  # what a block returns (BlockSpec.output)
 GATE_LABELS = {"block": "blocks", "branch": "branches"}  # what a stage of each kind gates, as summaries print it
 
 
@@ -42,9 +43,11 @@ class BlockSpec:
             (shape-changing) block, which always runs.
         input_kwarg: keyword that carries the block's main input when the parent passes it by keyword
             (``None``: the first positional argument).
-        output: what the block returns, ``"tensor"`` or ``"tuple"``; a skipped block returns its input
-            in the same structure.
-        output_len: length of the tuple a ``"tuple"`` block returns.
+        output: what the block returns, ``"tensor"``, ``"tuple"`` (its main output first, then others), or
+            ``"inputs"`` (one tensor for each of its first ``output_len`` positional arguments, as TNT's blocks take
+            and return pixel and patch embeddings); a skipped block returns its input in the same structure (for
+            ``"inputs"``: those arguments).
+        output_len: length of the tuple a ``"tuple"`` or ``"inputs"`` block returns.
         kind: ``"block"``: a module that is residual as a whole (skipped: it returns its input); ``"branch"``: a
             module whose output its block only adds to a shortcut (``x = shortcut + attn(x)``; skipped: it returns
             zeros, so the add gives the shortcut). Configs saved before branches existed load as ``"block"``.
@@ -58,8 +61,8 @@ class BlockSpec:
     kind: str = "block"
 
     def __post_init__(self) -> None:
-        if self.output not in ("tensor", "tuple"):
-            raise ConfigError(f"block {self.name!r}: output must be 'tensor' or 'tuple', got {self.output!r}")
+        if self.output not in OUTPUTS:
+            raise ConfigError(f"block {self.name!r}: output must be one of {OUTPUTS}, got {self.output!r}")
         if self.kind not in UNIT_KINDS:
             raise ConfigError(f"block {self.name!r}: kind must be one of {UNIT_KINDS}, got {self.kind!r}")
         if self.kind == "branch" and (not self.gateable or self.output != "tensor"):

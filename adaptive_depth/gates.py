@@ -2,7 +2,8 @@
 
 A gate replaces a block in its parent module (the block stays reachable as ``gate.base_layer``). When the
 gate is off the block is not called at all: the gate hands back its input in the structure the block
-returns (the tensor itself, or ``(tensor, None, ...)`` for a block that returns a tuple). This is the
+returns (the tensor itself, ``(tensor, None, ...)`` for a block that returns a tuple, or all its tensor arguments
+for a block that transforms each of them, such as TNT's ``(pixel_embed, patch_embed)``). This is the
 ``y = x + m * (block(x) - x)`` of the paper with ``m`` in {0, 1}, as control flow instead of arithmetic, so
 a skipped block costs nothing. Switching is a Python boolean: no weights move.
 
@@ -45,6 +46,7 @@ class DepthGate(nn.Module):
         self.active = True
         self.input_kwarg = spec.input_kwarg
         self.tuple_len = spec.output_len if spec.output == "tuple" else 0
+        self.inputs_len = spec.output_len if spec.output == "inputs" else 0
         self.zeros_when_off = spec.kind == "branch"
         self.register_state_dict_post_hook(_drop_inner_prefix)
         self.register_load_state_dict_pre_hook(_add_inner_prefix)
@@ -60,6 +62,8 @@ class DepthGate(nn.Module):
         x = kwargs[self.input_kwarg] if self.input_kwarg is not None and not args else args[0]
         if self.zeros_when_off:
             return torch.zeros_like(x)  # discovery checked that the branch returns a tensor of its input's shape
+        if self.inputs_len:
+            return tuple(args[: self.inputs_len])
         if self.tuple_len:
             return (x,) + (None,) * (self.tuple_len - 1)
         return x

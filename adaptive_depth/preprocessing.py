@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -20,7 +21,7 @@ from torch import nn
 from .errors import ConfigError
 from .loading import timm_preprocessing
 
-__all__ = ["PreprocessingMixin", "create_transform", "data_config"]
+__all__ = ["PreprocessingMixin", "convert_image", "create_transform", "data_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +94,27 @@ def create_transform(
     tf = timm.data.create_transform(**cfg, is_training=training, **extra)
     mode = "L" if channels == 1 else "RGB"
     # a module-level function, not a lambda: DataLoader workers started by spawn (macOS, Windows) unpickle it
-    return T.Compose([T.Lambda(functools.partial(_convert, mode=mode)), tf])
+    return T.Compose([T.Lambda(functools.partial(convert_image, mode=mode)), tf])
 
 
-def _convert(image: Image.Image, mode: str) -> Image.Image:
-    return image.convert(mode)
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL's 16- and 32-bit one-channel images
+
+
+def convert_image(image: Image.Image, mode: str = "RGB") -> Image.Image:
+    """``image`` in ``mode`` (``"RGB"``, or ``"L"`` for a one-channel model), high bit depths scaled, not clipped.
+
+    PIL's own ``convert`` clips a 16- or 32-bit image to 0..255, so a 16-bit PNG (mode ``"I;16"``, as PIL and
+    ``datasets`` decode it) comes out in a handful of values. Here integer images (``"I;16*"``, ``"I"``) are read
+    on the 16-bit scale, 0..65535 to 0..255 (larger values saturate); float images (``"F"``) on 0..1 when every
+    value lies in it, else on 0..255. A module-level function, so that transforms pickle (DataLoader workers).
+    """
+    if image.mode in HIGH_BIT_MODES:
+        values = np.asarray(image).astype(np.float64)
+        finite = values[np.isfinite(values)]
+        unit = image.mode == "F" and finite.size > 0 and finite.min() >= 0 and finite.max() <= 1
+        scale = 255.0 if unit else 1.0 if image.mode == "F" else 255.0 / 65535.0
+        image = Image.fromarray(np.clip(np.nan_to_num(values * scale), 0, 255).round().astype(np.uint8))
+    return image if image.mode == mode else image.convert(mode)
 
 
 class PreprocessingMixin:

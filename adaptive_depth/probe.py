@@ -37,7 +37,9 @@ class Call:
         input_kwarg: keyword that carried the main input (``None``: the first positional argument).
         input_meta: shape and dtype of the main input (``None``: no tensor).
         output_meta: shape and dtype of the main output (``None``: no tensor, or not recorded).
-        output: ``"tensor"`` or ``"tuple"`` (the main output came first in a tuple).
+        output: ``"tensor"``, ``"tuple"`` (the main output came first in a tuple), or ``"inputs"`` (a tuple of as
+            many tensors as the module's first positional arguments, each of its argument's shape and dtype: TNT's
+            blocks take and return ``(pixel_embed, patch_embed)``).
         output_len: length of that tuple.
     """
 
@@ -73,6 +75,16 @@ def _main_output(output: Any) -> tuple[torch.Tensor | None, str, int]:
     return None, "tensor", 1
 
 
+def _returns_its_inputs(args: tuple[Any, ...], output: Any) -> bool:
+    """True if ``output`` is a tuple of two or more tensors shaped like the first positional arguments, one for one."""
+    if type(output) is not tuple or len(output) < 2 or len(args) < len(output):
+        return False
+    return all(
+        isinstance(a, torch.Tensor) and isinstance(o, torch.Tensor) and (a.shape, a.dtype) == (o.shape, o.dtype)
+        for a, o in zip(args, output)
+    )
+
+
 def keeps_shape(call: Call) -> bool:
     """True if the module returned a tensor of its main input's shape and dtype."""
     return call.input_meta is not None and call.output_meta == call.input_meta
@@ -105,11 +117,13 @@ def probe(model: nn.Module, example_input: torch.Tensor) -> dict[str, Call]:
         return hook
 
     def post_hook(name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, _args: Any, _kwargs: Any, output: Any) -> None:
+        def hook(_module: nn.Module, args: tuple[Any, ...], _kwargs: Any, output: Any) -> None:
             call = calls[name]
             if call.calls != 1:
                 return
             y, call.output, call.output_len = _main_output(output)
+            if _returns_its_inputs(args, output):
+                call.output = "inputs"
             call.output_meta = (y.shape, y.dtype) if y is not None else None
             if not keeps_shape(call):
                 call.args = call.kwargs = None  # only a shape-keeping module can be a block
@@ -176,19 +190,31 @@ def is_residual(module: nn.Module, call: Call) -> bool:
         return False
     x, _ = main_input(call.args, call.kwargs)
     params = dict(module.named_parameters())
-    if not params or x is None or not x.is_floating_point() or float(x.float().std()) == 0.0:
-        return False  # nothing to zero, or an input too degenerate to tell (e.g. after a zero-init layer)
-    low, high = torch.aminmax(x)
-    if not bool(high > 0):
-        return False  # ReLU(x) would be all zeros, like the output of a zeroed conv
+    if not params or x is None or not _telling(x):
+        return False
     zeros = {name: torch.zeros_like(p) for name, p in params.items()}
     try:
         with torch.no_grad():
-            y, _, _ = _main_output(functional_call(module, zeros, call.args, call.kwargs))
+            output = functional_call(module, zeros, call.args, call.kwargs)
     except Exception:  # an exotic module that cannot run with zero weights is not a block we can reason about
         return False
-    if y is None or y.shape != x.shape:
+    if call.output == "inputs":  # every tensor it hands on must come through, or a skip would change one
+        return _returns_its_inputs(call.args, output) and all(_passes_through(a, o) for a, o in zip(call.args, output))
+    y, _, _ = _main_output(output)
+    return y is not None and _passes_through(x, y)
+
+
+def _telling(x: torch.Tensor) -> bool:
+    """False for an input too degenerate to tell a pass-through from zeros: constant (e.g. after a zero-init layer),
+    or with no positive value (``ReLU(x)`` would be all zeros, like the output of a zeroed conv)."""
+    return x.is_floating_point() and float(x.float().std()) != 0.0 and bool(x.max() > 0)
+
+
+def _passes_through(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """True if ``y`` is ``x``, or ``act(x)`` for one of the activations a residual block may end in."""
+    if y.shape != x.shape or not _telling(x):
         return False
+    low, high = torch.aminmax(x)
     atol = 1e-4 * max(abs(float(low)), abs(float(high)))  # relative: fresh models can carry tiny activations
     xs, ys = _sample(x), _sample(y)
     plausible = [act for act in _TRAILING_ACTIVATIONS if not _clearly_differs(ys, act(xs), atol)]

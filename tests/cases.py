@@ -113,6 +113,10 @@ TIMM_CASES = [
         window_sizes=[4, 4, 3, 2],  # stage 2 pads its 4x4 tokens to 3x3 windows, stage 3 is one window
     ),
     _timm("repvit_m0_9", 64, embed_dim=(8, 16, 24, 32), depth=(2, 2, 3, 2)),
+    # Blocks that take and return two tensors (pixel and patch embeddings): a skipped one hands both on.
+    _timm(
+        "tnt_s_patch16_224", 32, img_size=32, embed_dim=32, inner_dim=8, depth=4, num_heads_inner=1, num_heads_outer=2
+    ),
 ]
 
 HF_CASES = [
@@ -210,6 +214,7 @@ DISCOVERY_DIGESTS = {
     "timm/pvt_v2_b0": "eef5f388d53ba6a9",
     "timm/tiny_vit_5m_224": "49b4f2ff3e15e815",
     "timm/repvit_m0_9": "a61bfbecfc34e127",
+    "timm/tnt_s_patch16_224": "a3c68933cf618d29",
     "hf/resnet": "b731c3d144114f1e",
     "hf/resnet-backbone": "cd36348f0be01dea",
     "hf/convnext": "1e422d7dc7d5e8ff",
