@@ -30,7 +30,7 @@ from torch import nn
 
 from .card import CARD_MARKER
 from .config import AdaptiveDepthConfig
-from .errors import CheckpointError, WeightsUnavailableError
+from .errors import CheckpointError, ConfigError, WeightsUnavailableError
 from .loading import CONFIG_NAME, HubOptions, Resolved
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "STRUCTURE_KEY",
     "WEIGHTS_NAME",
     "check_saved_together",
+    "check_storable",
     "check_weights",
     "fetch",
     "fingerprint_json",
@@ -133,6 +134,22 @@ def check_weights(
         raise CheckpointError(
             f"the weights in {source} do not match the {config.base_model.architecture} architecture of its "
             f"config.json: missing {missing[:5]}, unexpected {unexpected[:5]}, other shapes {wrong[:5]}"
+        )
+
+
+def check_storable(model: nn.Module) -> None:
+    """Raise :class:`ConfigError` if ``model``'s state holds what safetensors cannot store (quantized modules)."""
+    state = model.state_dict()
+    packed = sorted(
+        {name.rsplit(".", 2)[0] for name, v in state.items() if not isinstance(v, torch.Tensor)}
+        | {name.rsplit(".", 1)[0] for name, v in state.items() if isinstance(v, torch.Tensor) and v.is_quantized}
+    )
+    if packed:
+        raise ConfigError(
+            f"save_pretrained() cannot save this model: {len(packed)} module(s) hold quantized or packed weights "
+            f"(e.g. {packed[:3]}, made by torch.ao.quantization.quantize_dynamic or similar), which safetensors "
+            "cannot store. Save the float model and quantize it again after loading, or export one depth "
+            "(model.export(s)) and save that with torch.export / ONNX"
         )
 
 

@@ -32,6 +32,7 @@ from .hub import (
     STRUCTURE_KEY,
     WEIGHTS_NAME,
     check_saved_together,
+    check_storable,
     check_weights,
     fetch,
     fingerprint_json,
@@ -49,11 +50,10 @@ from .loading import (
     load_base_model,
     rebuild_base_model,
     resolve,
-    timm_preprocessing,
 )
 from .norms import DepthNorms, batchnorm_layers
 from .policy import depth_key
-from .preprocessing import PreprocessingMixin
+from .preprocessing import PreprocessingMixin, default_input_size, record_input_size
 from .report import PLOT_NAME, TrainingReport, pareto_plot
 from .tuner import DepthTuner, check_structure
 
@@ -62,39 +62,6 @@ __all__ = ["AdaptiveDepth", "pretrained_or_random"]
 logger = logging.getLogger(__name__)
 MIN_SAVING = 0.2  # a wrap whose fewest blocks save less than this share of the FLOPs warns
 OPTIONAL_FILES = (NORMS_NAME, PROCESSOR_NAME, PLOT_NAME)  # written only by the models that have them
-
-
-def _default_input_size(model: nn.Module) -> list[int]:
-    """``[C, H, W]`` the model expects, from what it says about itself (timm data config, transformers config)."""
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict):
-        import timm.data
-
-        size = list(timm.data.resolve_model_data_config(model)["input_size"])
-        # the data config keeps the pretrained weights' channels; a model built with in_chans=1 takes one
-        first = cfg.get("first_conv")
-        first = first[0] if isinstance(first, list | tuple) and first else first
-        try:
-            conv = model.get_submodule(first) if isinstance(first, str) else None
-        except AttributeError:
-            conv = None
-        if isinstance(getattr(conv, "in_channels", None), int):
-            size[0] = conv.in_channels
-        return size
-    config = getattr(model, "config", None)
-    image_size = getattr(config, "image_size", None)
-    if image_size is not None:
-        h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)[-2:]
-        return [int(getattr(config, "num_channels", 3)), int(h), int(w)]
-    return [3, 224, 224]
-
-
-def _record_input_size(model: nn.Module, config: AdaptiveDepthConfig) -> None:
-    """Make ``config.input_size`` a timm base's data config too (``timm.data`` reads it from ``pretrained_cfg``)."""
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and config.base_model.source == "timm":
-        model.pretrained_cfg = {**cfg, "input_size": tuple(config.input_size)}
-        config.base_model.pretrained_cfg = timm_preprocessing(model.pretrained_cfg)
 
 
 class AdaptiveDepth(
@@ -160,7 +127,7 @@ class AdaptiveDepth(
                 "model you have, or adaptive_depth.gates.unwrap_gates(model) first"
             )
         if example_input is None:
-            size = list(input_size) if input_size is not None else _default_input_size(model)
+            size = list(input_size) if input_size is not None else default_input_size(model)
             example_input = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
             param = next(model.parameters(), None)
             if param is not None:
@@ -178,7 +145,7 @@ class AdaptiveDepth(
             **config_kwargs,
         )
         logger.info("found %d gateable blocks in %d stages (%s)", config.num_gateable, len(config.stages), found.method)
-        _record_input_size(model, config)
+        record_input_size(model, config)
         wrapped = cls(model, config)
         saving = 1 - wrapped.fewest_blocks_flops_ratio()
         if saving < MIN_SAVING:
@@ -377,7 +344,7 @@ class AdaptiveDepth(
                 f"{type(self.model).__name__} does not run at input_size={list(input_size)!r} ({type(e).__name__}: "
                 f"{e}); it was saved at {previous}"
             ) from e
-        _record_input_size(self.model, self.config)
+        record_input_size(self.model, self.config)
         return self
 
     @property
@@ -418,7 +385,7 @@ class AdaptiveDepth(
         return None
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        self._check_storable()
+        check_storable(self.model)
         self.flops_table()
         self.config.default_scaling_factor = self._scaling_factor or 1.0
         norms = self.depth_norms
@@ -451,24 +418,6 @@ class AdaptiveDepth(
         if report is not None and report.has_costs:
             rows = [r.to_dict() for r in report.results]
             pareto_plot(rows, save_directory / PLOT_NAME, title=self.config.base_model.name or "")
-
-    def _check_storable(self) -> None:
-        """Raise :class:`ConfigError` if the state holds what safetensors cannot store (quantized modules)."""
-        packed = sorted(
-            {name.rsplit(".", 2)[0] for name, v in self.model.state_dict().items() if not isinstance(v, torch.Tensor)}
-            | {
-                name.rsplit(".", 1)[0]
-                for name, v in self.model.state_dict().items()
-                if isinstance(v, torch.Tensor) and v.is_quantized
-            }
-        )
-        if packed:
-            raise ConfigError(
-                f"save_pretrained() cannot save this model: {len(packed)} module(s) hold quantized or packed weights "
-                f"(e.g. {packed[:3]}, made by torch.ao.quantization.quantize_dynamic or similar), which safetensors "
-                "cannot store. Save the float model and quantize it again after loading, or export one depth "
-                "(model.export(s)) and save that with torch.export / ONNX"
-            )
 
     def push_to_hub(  # type: ignore[override]
         self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any

@@ -21,7 +21,14 @@ from torch import nn
 from .errors import ConfigError
 from .loading import timm_preprocessing
 
-__all__ = ["PreprocessingMixin", "convert_image", "create_transform", "data_config"]
+__all__ = [
+    "PreprocessingMixin",
+    "convert_image",
+    "create_transform",
+    "data_config",
+    "default_input_size",
+    "record_input_size",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +68,40 @@ def data_config(model: nn.Module, processor: Any = None, input_size: Sequence[in
     if input_size is not None:
         cfg["input_size"] = tuple(int(v) for v in input_size)
     return cfg
+
+
+def default_input_size(model: nn.Module) -> list[int]:
+    """``[C, H, W]`` the model expects, from what it says about itself (timm data config, transformers config)."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict):
+        import timm.data
+
+        size = list(timm.data.resolve_model_data_config(model)["input_size"])
+        # the data config keeps the pretrained weights' channels; a model built with in_chans=1 takes one
+        first = cfg.get("first_conv")
+        first = first[0] if isinstance(first, list | tuple) and first else first
+        try:
+            conv = model.get_submodule(first) if isinstance(first, str) else None
+        except AttributeError:
+            conv = None
+        if isinstance(getattr(conv, "in_channels", None), int):
+            size[0] = conv.in_channels
+        return size
+    config = getattr(model, "config", None)
+    image_size = getattr(config, "image_size", None)
+    if image_size is not None:
+        h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)[-2:]
+        return [int(getattr(config, "num_channels", 3)), int(h), int(w)]
+    return [3, 224, 224]
+
+
+def record_input_size(model: nn.Module, config: Any) -> None:
+    """Make ``config.input_size`` (an ``AdaptiveDepthConfig``'s) a timm base's data config too (``timm.data`` reads it
+    from ``pretrained_cfg``)."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and config.base_model.source == "timm":
+        model.pretrained_cfg = {**cfg, "input_size": tuple(config.input_size)}
+        config.base_model.pretrained_cfg = timm_preprocessing(model.pretrained_cfg)
 
 
 def _processor_size(processor: Any) -> int | None:
