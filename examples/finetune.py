@@ -32,10 +32,10 @@ from transformers import HfArgumentParser
 
 from adaptive_depth import AdaptiveDepth, AdaptiveDepthError, ConfigError, pretrained_or_random
 from adaptive_depth.policy import POLICIES
-from adaptive_depth.report import PLOT_NAME, published_dataset_name
 from adaptive_depth.training import (
     DIGITS,
     EMBEDDED_DATASETS,
+    PLOT_NAME,
     CooperativeTrainer,
     ImageClassificationData,
     OutputDir,
@@ -45,6 +45,7 @@ from adaptive_depth.training import (
     load_image_classification_data,
     load_leader,
     make_loaders,
+    published_dataset_name,
 )
 from adaptive_depth.training.recipes import DEFAULT_RECIPE, RECIPES
 
@@ -223,6 +224,11 @@ def load_data(args: ScriptArguments, config: TrainingConfig) -> ImageClassificat
     return data
 
 
+def weights(args: ScriptArguments) -> str:
+    """``pretrained_or_random``'s ``weights``: required (``--pretrained``), random on purpose, or auto."""
+    return "pretrained" if args.pretrained else "random" if args.random_init else "auto"
+
+
 def image_size(args: ScriptArguments, data: ImageClassificationData) -> int | None:
     """``--image-size``, else 32 px on the embedded datasets, else ``None`` (the model's own)."""
     return args.image_size or (DIGITS_IMAGE_SIZE if data.source in EMBEDDED_DATASETS else None)
@@ -234,7 +240,7 @@ def run_settings(args: ScriptArguments, data: ImageClassificationData) -> dict[s
     speed (``--max-eval-samples``, ``--metrics``, ``--num-workers``...) may change."""
     return {
         "model": args.model,
-        "weights": "pretrained" if args.pretrained else "random" if args.random_init else "auto",
+        "weights": weights(args),
         "leader_model": args.leader_model,
         "policy": args.policy,
         "image_size": image_size(args, data),
@@ -253,10 +259,9 @@ def build_model(
     args: ScriptArguments, config: TrainingConfig, num_classes: int, seed: int, input_size: list[int] | None
 ) -> AdaptiveDepth:
     """One teammate: pretrained weights when they can be had (required with --pretrained), else random init."""
-    weights = "pretrained" if args.pretrained else "random" if args.random_init else "auto"
     return pretrained_or_random(
         args.model,
-        weights=weights,
+        weights=weights(args),
         seed=seed,  # the new head's initialisation
         num_classes=num_classes,
         policy=args.policy,

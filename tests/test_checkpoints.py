@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from adaptive_depth import AdaptiveDepth, CheckpointError, ConfigError
+from adaptive_depth.hub import read_safetensors
 
 
 @pytest.fixture
@@ -18,18 +19,21 @@ def saved(tmp_path: Path) -> Path:
     return tmp_path / "model"
 
 
+def _edit_weights(saved: Path, edit) -> None:
+    """Rewrite the weights as one save still (its metadata, the save's id, kept): only the tensors differ."""
+    weights, metadata = read_safetensors(saved / "model.safetensors")
+    edit(weights)
+    save_file(weights, saved / "model.safetensors", metadata=metadata)
+
+
 def test_missing_tensor_is_an_error(saved: Path) -> None:
-    weights = load_file(saved / "model.safetensors")
-    weights.pop("fc.weight")
-    save_file(weights, saved / "model.safetensors")
+    _edit_weights(saved, lambda weights: weights.pop("fc.weight"))
     with pytest.raises(CheckpointError, match="fc.weight"):
         AdaptiveDepth.from_pretrained(saved)
 
 
 def test_unexpected_tensor_is_an_error(saved: Path) -> None:
-    weights = load_file(saved / "model.safetensors")
-    weights["extra.weight"] = weights["fc.weight"].clone()
-    save_file(weights, saved / "model.safetensors")
+    _edit_weights(saved, lambda weights: weights.update({"extra.weight": weights["fc.weight"].clone()}))
     with pytest.raises(CheckpointError, match="extra.weight"):
         AdaptiveDepth.from_pretrained(saved)
 

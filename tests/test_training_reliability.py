@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import timm
+import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from PIL import Image
@@ -23,7 +28,7 @@ from adaptive_depth.training import (
     make_loaders,
 )
 from adaptive_depth.training.checkpoints import STATE_NAME, checkpoint_dirs, resolve_checkpoint
-from adaptive_depth.training.output_dir import check_output_dir, prepare_output_dir
+from adaptive_depth.training.output_dir import FINAL_OUTPUTS, LOCK_NAME, OutputDir, check_output_dir, prepare_output_dir
 from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +145,102 @@ def test_script_resume_refuses_a_folder_with_a_finished_model(tmp_path: Path) ->
     with pytest.raises(ConfigError, match="resumed run"):
         _script().main(["--output-dir", str(out), "--resume-from-checkpoint", "latest"])
     assert (out / "model.safetensors").read_text() == "the user's"
+
+
+def test_a_resume_with_other_script_settings_is_refused_and_with_the_same_ones_runs(
+    tmp_path: Path, image_folder: Path
+) -> None:
+    out = tmp_path / "out"
+    common = ["--model", "test_convnext", "--random-init", "--epochs", "1", "--max-train-samples", "32",
+              "--max-eval-samples", "16", "--batch-size", "16", "--no-latency", "--output-dir", str(out)]  # fmt: skip
+    assert _script().main([*common, "--checkpointing-steps", "1", "--keep-checkpoints"]) == 0
+    for name in FINAL_OUTPUTS:  # as if the run had been killed before its final save...
+        (out / name).unlink(missing_ok=True)
+    killed_save = out / ".saving-k1ll3d"  # ...in it: a model save's temporary folder, as hub.py names them
+    killed_save.mkdir()
+    (killed_save / "model.safetensors").write_bytes(b"half a file")
+    resume = [*common, "--resume-from-checkpoint", "latest"]
+    for flags, difference in [
+        (["--policy", "spread"], "policy='last' (this run: 'spread')"),
+        (["--image-size", "48"], "image_size=32 (this run: 48)"),
+        (["--max-train-samples", "24"], "max_train_samples=32 (this run: 24)"),
+        (["--dataset", f"imagefolder:{image_folder}"], f"dataset='digits' (this run: 'imagefolder:{image_folder}')"),
+        (["--leader-model", "resnet18"], "leader_model=None (this run: 'resnet18')"),
+    ]:
+        with pytest.raises(ConfigError, match="other settings.*" + re.escape(difference)):
+            _script().main([*resume, *flags])
+    # Mixed precision is recorded from the Accelerator (one process cannot make a second one with another).
+    state = json.loads((checkpoint_dirs(out)[-1] / STATE_NAME).read_text())
+    settings = {k: v for k, v in state["settings"].items() if k != "mixed_precision"}
+    bf16 = SimpleNamespace(mixed_precision="bf16", num_processes=1)
+    with pytest.raises(ConfigError, match=re.escape("mixed_precision='no' (this run: 'bf16')")):
+        OutputDir(out, resume_from_checkpoint="latest").checkpoint_to_resume(
+            TrainingConfig.from_dict(state["config"]), settings, bf16
+        )
+    # The same settings resume, also without writing new checkpoints (found in the output folder all the same).
+    assert _script().main([*resume, "--checkpointing-steps", "no"]) == 0
+    assert (out / "config.json").is_file() and checkpoint_dirs(out) == []  # the finished run removed its own
+    empty = tmp_path / "empty"
+    with pytest.raises(ConfigError, match=f"no complete checkpoint to resume from in {re.escape(str(empty))}"):
+        _script().main(
+            ["--output-dir", str(empty), "--checkpointing-steps", "no", "--resume-from-checkpoint", "latest"]
+        )
+
+
+def _lock(out: Path, **values: object) -> None:
+    lock = {"token": "another", "pid": os.getpid(), "host": socket.gethostname(), "process_started": 0.0}
+    (out / LOCK_NAME).write_text(json.dumps(lock | {"since": "yesterday"} | values))
+
+
+def test_one_run_at_a_time_holds_an_output_folder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "out"
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    first, second = OutputDir(out), OutputDir(out)  # two runs started on one fresh folder: both pass the check
+    with first.claim(accelerator):
+        busy = rf"in use by a run that is still going \(pid {os.getpid()} "
+        with pytest.raises(ConfigError, match=busy), second.claim(accelerator):
+            pass
+        with pytest.raises(ConfigError, match="in use by a run that is still going"):
+            _script().main(["--output-dir", str(out), "--overwrite-output-dir"])  # refused before anything loads
+    assert not (out / LOCK_NAME).exists()  # released at the end
+    # A run that was killed leaves its lock: stale once its process is gone, or its pid runs another process.
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for pid in (int(ended.stdout), os.getpid()):  # an ended process; this one, but started at another time
+        _lock(out, pid=pid, process_started=12345.0)
+        with caplog.at_level(logging.WARNING), OutputDir(out).claim(accelerator):
+            assert json.loads((out / LOCK_NAME).read_text())["token"] != "another"
+        assert "ended without releasing it" in caplog.text and not (out / LOCK_NAME).exists()
+    _lock(out, host="elsewhere")  # a lock from another host cannot be checked from here
+    with pytest.raises(ConfigError, match=r"a run on another host \(pid \d+ on elsewhere.*if it has ended, delete"):
+        OutputDir(out)
+
+
+def test_a_run_saves_only_while_the_folder_is_still_its_own(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    saved: list[Path] = []
+    trainer = SimpleNamespace(accelerator=accelerator, save=lambda result, path, **_: saved.append(path))
+    output = OutputDir(out)
+    with output.claim(accelerator):
+        (out / LOCK_NAME).unlink()  # deleted by hand, and another run took the folder
+        taken = "no longer this run's.*names another run.*Nothing was saved"
+        with OutputDir(out).claim(accelerator), pytest.raises(ConfigError, match=taken):
+            output.save(trainer, SimpleNamespace())
+        assert saved == []
+    with OutputDir(out).claim(accelerator) as mine:
+        mine.save(trainer, SimpleNamespace())
+    assert saved == [out]
+
+
+def test_evaluation_refuses_labels_outside_the_classes() -> None:
+    from torch import nn
+
+    from adaptive_depth.training import evaluate_accuracy
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    batches = [(torch.zeros(2, 1, 2, 2), torch.tensor([0, -1]))]  # -1: an image without a label
+    with pytest.raises(DataError, match=r"classes 0\.\.2, got \[-1, 0\]"):
+        evaluate_accuracy(model, batches, Accelerator(), [1.0], num_classes=3)
 
 
 # ---------------------------------------------------------------------- data

@@ -1,9 +1,13 @@
 """The example script's conventions and the run guarantees not covered elsewhere: a refused resume removes nothing,
-the checkpoint limit spares other runs, no weight decay on 1-D parameters, every config field a flag, results to
-the trackers, offline detected in one attempt, library chatter only with --verbose."""
+the checkpoint limit spares other runs, no weight decay on 1-D parameters, every config field a flag, transformers'
+flag names, trackers checked and fed, offline detected in one attempt, library chatter only with --verbose, labels
+and splits checked end to end, nothing local published, public imports only."""
 
 from __future__ import annotations
 
+import ast
+import importlib
+import json
 import logging
 import os
 import re
@@ -12,17 +16,20 @@ from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
 
+import datasets
 import pytest
 import timm
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from huggingface_hub import ModelCard
+from PIL import Image
 
 from adaptive_depth import AdaptiveDepth, ConfigError
 from adaptive_depth.report import PLOT_NAME, DepthResult, pareto_plot
 from adaptive_depth.training import CooperativeTrainer, TrainingConfig, load_image_classification_data, make_loaders
 from adaptive_depth.training.checkpoints import checkpoint_dirs
-from scripts import load_script
+from scripts import ROOT, load_script
 
 
 def _script():
@@ -151,3 +158,76 @@ def test_library_chatter_only_with_verbose() -> None:
         root.setLevel(saved[0])
         ours.setLevel(saved[1])
         transformers.logging.set_verbosity(saved[2])
+
+
+def test_transformers_flag_names_are_aliases_and_a_missing_tracker_fails_before_training(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = _script()
+    args, config = script.parse_args(
+        ["--num_train_epochs", "3", "--per_device_train_batch_size", "8", "--model_name_or_path", "resnet18",
+         "--dataset_name", "beans", "--bf16", "--push_to_hub", "--hub_model_id", "me/beans"]
+    )  # fmt: skip
+    assert (config.epochs, config.batch_size, args.model, args.dataset) == (3, 8, "resnet18", "beans")
+    assert (args.mixed_precision, args.push_to_hub) == ("bf16", "me/beans")
+    assert script.parse_args(["--push_to_hub", "--output_dir", "out/run7"])[0].push_to_hub == "run7"  # as transformers
+    assert script.parse_args(["--push-to-hub", "me/x", "--fp16"])[0].push_to_hub == "me/x"
+    assert script.parse_args(["--push_to_hub", "false"])[0].push_to_hub is None
+    assert script.parse_args(["--recipe", "random-depth", "--num_train_epochs", "2"])[1].epochs == 2
+    import accelerate.tracking
+
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])  # none installed
+    for argv, message in [
+        (["--bf16", "--fp16"], "--bf16 and --fp16 exclude each other"),
+        (["--bf16", "--mixed-precision", "fp16"], "--bf16 and --mixed-precision fp16 disagree"),
+        (["--hub_model_id", "me/x"], "add --push-to-hub"),
+        (["--report-to", "tensorboard"], "tensorboard is not installed (pip install tensorboard)"),
+        (["--report_to", "wandb,nope"], "--report-to wandb: wandb is not installed"),  # the first missing one
+        (["--report-to", "nope"], "no such tracker"),
+    ]:
+        with pytest.raises(SystemExit):
+            script.parse_args(argv)
+        assert message in capsys.readouterr().err, argv
+    assert script.trackers("all") == ["all"] and script.trackers("none") is None  # "all": those installed, maybe none
+
+
+def test_labels_and_splits_are_checked_end_to_end_and_the_card_keeps_local_paths_private(tmp_path: Path) -> None:
+    """A local dataset folder with labels {0, 2, 5} and a Hub-style test split without labels (-1)."""
+    folder = tmp_path / "private" / "shop-photos"
+    labels = [0, 2, 5] * 12
+    images = [Image.new("L", (8, 8), 40 * (label % 6)) for label in labels]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features).to_parquet(
+        folder / "data" / "train.parquet"
+    )
+    unlabeled = datasets.Dataset.from_dict({"image": images[:6], "label": [-1] * 6}, features)
+    unlabeled.to_parquet(folder / "data" / "test.parquet")
+    out = tmp_path / "out"
+    argv = ["--dataset", str(folder), "--model", "test_convnext", "--random-init", "--epochs", "1",
+            "--batch-size", "8", "--image-size", "32", "--no-latency", "--checkpointing-steps", "no",
+            "--output-dir", str(out)]  # fmt: skip
+    assert _script().main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert list(config["id2label"].values()) == ["0", "2", "5"]  # the label values, as class names
+    results = json.loads((out / "results.json").read_text())
+    assert all(r["top1"] > 0 for r in results)  # scored on labeled images (the unlabeled test split gave 0.00)
+    card = (out / "README.md").read_text()
+    for saved in (card, json.dumps(config)):
+        assert str(tmp_path) not in saved and "private" not in saved  # where the data lies stays local
+    entry = ModelCard(card).data.eval_results[0]
+    assert (entry.dataset_name, entry.dataset_split) == ("shop-photos", "train (held out)")
+    assert "Accuracy on the `train (held out)` split" in card
+
+
+def test_the_example_script_imports_public_names_only() -> None:
+    """The flagship example uses the public API: the packages' exports, or modules the docs name."""
+    docs = "".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    tree = ast.parse((ROOT / "examples" / "finetune.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            assert not any(a.name.startswith("adaptive_depth") for a in node.names), ast.unparse(node)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("adaptive_depth"):
+            public = node.module in ("adaptive_depth", "adaptive_depth.training") or f"`{node.module}." in docs
+            assert public, f"{node.module} is neither a package nor named in the docs"
+            exported = importlib.import_module(node.module).__all__
+            assert all(a.name in exported for a in node.names), ast.unparse(node)

@@ -1,6 +1,6 @@
 """Cooperative training of adaptive-depth models (docs/training.md): objective, data, Accelerate trainer."""
 
-from ..report import DepthResult, TrainingReport
+from ..report import PLOT_NAME, DepthResult, TrainingReport, published_dataset_name
 from .config import TrainingConfig
 from .data import ImageClassificationData, build_transform, find_bad_images, load_image_classification_data
 from .embedded import (
@@ -25,6 +25,7 @@ __all__ = [
     "DIGITS",
     "DIGIT_PAIRS",
     "EMBEDDED_DATASETS",
+    "PLOT_NAME",
     "CooperativeLogits",
     "CooperativeLoss",
     "CooperativeModel",
@@ -51,5 +52,6 @@ __all__ = [
     "load_leader",
     "logits_of",
     "make_loaders",
+    "published_dataset_name",
     "sfsl_weights",
 ]
