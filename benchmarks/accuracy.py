@@ -16,6 +16,15 @@ a Markdown table (mean ± std over seeds, training time, ratio to plain fine-tun
         --weights pretrained --dataset digits-cluttered --regime r1 --seeds 0 1 2
     python benchmarks/accuracy.py --methods default random-depth plain --seeds 0   # from random weights, on digits
 
+Budget curves (``--budgets``, benchmarks/budgets.py): every method at each training-compute budget, in epochs of
+plain fine-tuning FLOPs, each run's schedule ending at its budget; top-1 per depth with 95% bootstrap intervals over
+paired seeds, the share of seeds in which ``--reference`` wins, and a plot of top-1 at s = 0.25 / 0.5 / 1 against
+compute; runs made apart (one process per seed) merge with ``--merge .../budgets.json``:
+
+    HF_HUB_OFFLINE=1 python benchmarks/accuracy.py --model hf-hub:adaptive-depth-offline/regnetx_002.fractal256_32px \
+        --weights pretrained --dataset digits-cluttered --regime r1 --budgets 1 2 4 8 16 --seeds 0 \
+        --output-dir out/budgets/r1-seed0
+
 Methods (each a TrainingConfig of the same trainer; see docs/benchmarks.md):
     default            TrainingConfig() as a user gets it: a joint Leader and one Teammate
     paper              the paper's configuration: a joint Leader, two Teammates on the same batches
@@ -29,6 +38,11 @@ Methods (each a TrainingConfig of the same trainer; see docs/benchmarks.md):
     plain              the full network fine-tuned alone, then cut to depth s
     random-depth       LayerDrop-style: a random subset of blocks skipped at each step
     random-depth-kd    the same, also distilled from the frozen-leader teacher (labels and teacher, one pass a step)
+    random-depth-nested one nested depth a step (as deployed), the smallest and the full drawn a quarter of the time each
+    cooperative-sampled the default with the full depth and one sampled sub-network a step instead of every depth
+    distill            one nested depth a step, labels and a fixed teacher run without gradients on the same batch
+    distill-cached     the same teacher's outputs made once for 4 augmentation draws per image (no teacher pass)
+    distill-ema        one nested depth a step taught by the EMA of itself at full depth, from a quarter of training
     two-path           ADN-style: full network on labels, the smallest one distilled from it
     alone              each depth fine-tuned on its own (one run per depth)
     random-depth@wall, two-path@wall, random-depth-kd@wall   the same with the default's training time (more epochs)
@@ -62,6 +76,7 @@ from adaptive_depth.training.recipes import DEFAULT_RECIPE, RECIPES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module, also when imported by path in tests
 from accuracy_report import Run, load_runs, teammate_scores, write_report
+from budgets import BudgetRun, load_budget_runs, run_budgets, write_budget_report
 
 SINGLE = {"leader": "none", "interactive": False}  # one network, no peers
 METHODS: dict[str, dict[str, Any]] = {
@@ -74,12 +89,17 @@ METHODS: dict[str, dict[str, Any]] = {
     "inplace-sandwich": {"sampled_depths": 1, "sub_ce_weight": 0.0, **SINGLE},
     "frozen-leader": {"leader": "frozen"},
     "frozen-sandwich": RECIPES["frozen-sandwich"].overrides,
-    "frozen-leader-cached": {"leader": "frozen", "cache_leader_logits": True},
+    "frozen-leader-cached": {"leader": "cached"},
     "no-leader": {"leader": "none"},
     "no-sfsl": {"sfsl_gamma": 0.0},
     "plain": RECIPES["plain"].overrides,  # trained at full depth only, cut to (and recalibrated at) every depth
     "random-depth": RECIPES["random-depth"].overrides,
     "random-depth-kd": {**RECIPES["random-depth"].overrides, "leader": "frozen"},  # and a fixed teacher's logits
+    "random-depth-nested": {"train_depths": "sampled", **SINGLE},  # one nested depth a step, as deployed
+    "cooperative-sampled": {"train_depths": "top+sampled"},  # the default with one sampled sub-network a step
+    "distill": {"train_depths": "sampled", "leader": "frozen", "interactive": False},  # one pass + a fixed teacher
+    "distill-cached": {"train_depths": "sampled", "leader": "cached", "interactive": False},  # no teacher pass
+    "distill-ema": {"train_depths": "sampled", "leader": "ema", "interactive": False, "distill_start": 0.25},
     "two-path": {"sub_ce_weight": 0.0, "distill_warmup_epochs": 0.0, **SINGLE},  # scaling factors: smallest and 1
     "alone": {"full_depth": False, **SINGLE},  # one run per depth
 }
@@ -92,6 +112,10 @@ DEFAULT_METHODS = [
 ]  # fmt: skip
 CHOICES = [*METHODS, *(m + WALL for m in AT_WALL)]
 CHEAPER = ("frozen-leader-cached",)  # on request only
+BUDGET_METHODS = [
+    "plain", "random-depth", "random-depth-nested", "two-path", "default", "cooperative-sampled", "distill",
+    "distill-cached", "distill-ema",
+]  # fmt: skip
 
 
 def configs(method: str, base: TrainingConfig, depths: list[float]) -> list[tuple[TrainingConfig, list[float]]]:
@@ -137,14 +161,13 @@ class Benchmark:
     def train(
         self, config: TrainingConfig, seed: int, eval_depths: list[float], leader: Any = None, *, checkpoint: bool
     ) -> tuple[Any, float]:
-        """Train one config from the checkpoint or its fine-tune; returns the trainer's result and the seconds."""
+        """Train one config from the checkpoint or its fine-tune; returns the trainer's result and the seconds.
+
+        The result's report holds the run's training FLOPs (``report.training_flops``).
+        """
         set_seed(seed)
         model = self.start(seed, config, checkpoint=checkpoint)
-        loaders = make_loaders(
-            self.data, model, batch_size=config.batch_size, seed=seed, input_size=model.config.input_size,
-            with_index=config.cache_leader_logits, streams=config.data_streams,
-            own_order=config.teammate_data == "streams",
-        )  # fmt: skip
+        loaders = make_loaders(self.data, model, **config.loader_options, input_size=model.config.input_size)
         trainer = CooperativeTrainer(
             model, config, loaders.train, loaders.eval, accelerator=Accelerator(**accelerator_kwargs(config)),
             leader=leader, num_classes=self.data.num_classes, top5=False, recalibration_loader=loaders.recalibration,
@@ -182,7 +205,7 @@ class Benchmark:
             self._base(seed)
             return [self._score(run, self.base_results[seed], self.depths, None)]
         leader = None
-        if METHODS[method.removesuffix(WALL)].get("leader") == "frozen":
+        if METHODS[method.removesuffix(WALL)].get("leader") in ("frozen", "cached"):
             if args.regime == "r2":
                 leader = self._base(seed).export(1.0).eval()  # the fine-tuned model: a teacher for free
             else:  # trained plainly first, its time counted
@@ -239,7 +262,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base-lr", type=float, default=None, help="r2: its learning rate (default: --learning-rate)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--methods", nargs="+", choices=CHOICES, default=DEFAULT_METHODS)
+    p.add_argument("--methods", nargs="+", choices=CHOICES, default=None, help="default: the table's or the curves'")
+    p.add_argument(
+        "--budgets",
+        type=float,
+        nargs="+",
+        default=None,
+        help="budget curves: train every method at each training-compute budget, in plain fine-tuning epochs of FLOPs "
+        "(e.g. 1 2 4 8 16; each run's schedule ends at its budget; benchmarks/budgets.py)",
+    )
+    p.add_argument("--reference", default="default", help="budget curves: the method whose wins over each are counted")
     p.add_argument("--policy", choices=["last", "spread"], default="last", help="which blocks a stage drops first")
     p.add_argument(
         "--set",
@@ -263,6 +295,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.input_size = [3, args.image_size, args.image_size]
     args.set = dict(_field(item, p) for item in args.set)
     args.base_lr = args.base_lr or args.learning_rate
+    if args.methods is None:
+        args.methods = BUDGET_METHODS if args.budgets else DEFAULT_METHODS
+    if args.budgets and any(m.endswith(WALL) for m in args.methods):
+        p.error("--budgets gives every method the same compute already: leave the @wall methods out")
     for method in args.methods:
         if method.endswith(WALL) and ("default" not in args.methods or method.removesuffix(WALL) not in args.methods):
             p.error(
@@ -283,7 +319,7 @@ def _field(item: str, parser: argparse.ArgumentParser) -> tuple[str, Any]:
         return name, raw
 
 
-def main(argv: list[str] | None = None) -> list[Run]:
+def main(argv: list[str] | None = None) -> list[Run] | list[BudgetRun]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.merge:
@@ -293,15 +329,23 @@ def main(argv: list[str] | None = None) -> list[Run]:
     )
     start = time.perf_counter()
     bench = Benchmark(args, data)
-    runs = bench.run()
     settings = {k: v if not isinstance(v, Path) else str(v) for k, v in vars(args).items()}
     settings |= {"dataset_source": data.source, "eval_images": len(data.eval)}
+    if args.budgets:
+        budget_runs = run_budgets(bench, args.methods, args.budgets)
+        write_budget_report(args.output_dir, budget_runs, settings)
+        return budget_runs
+    runs = bench.run()
     write_report(args.output_dir, runs, settings, bench.base_seconds, minutes=(time.perf_counter() - start) / 60)
     return runs
 
 
-def merge(args: argparse.Namespace) -> list[Run]:
+def merge(args: argparse.Namespace) -> list[Run] | list[BudgetRun]:
     """``--merge``: one report from the JSON files of separate runs (same settings, other seeds)."""
+    if all(path.name == "budgets.json" for path in args.merge):
+        budget_runs, settings = load_budget_runs(args.merge)
+        write_budget_report(args.output_dir, budget_runs, {**settings, "reference": args.reference})
+        return budget_runs
     runs, settings, bases = load_runs(args.merge)
     settings["seeds"] = sorted({r.seed for r in runs})
     write_report(args.output_dir, runs, settings, bases)

@@ -109,6 +109,31 @@ def test_accuracy_benchmark_r2_starts_every_method_from_one_fine_tuned_model(tmp
     assert "took" in (tmp_path / "accuracy.md").read_text()
 
 
+def test_budget_curves_give_every_method_the_same_compute_and_merge_runs_made_apart(tmp_path: Path) -> None:
+    bench = _script("accuracy")
+    methods = ["plain", "default", "distill"]
+    common = ["--batch-size", "8", "--max-train-samples", "48"]
+    runs = _accuracy(tmp_path / "s0", "--budgets", "2", "4", "--methods", *methods, *common)
+    points = {(r.method, r.budget): r for r in runs}
+    # r1: distill's teacher is the plain run of half its budget, counted; plain at 1 is that extra point
+    assert set(points) == {(m, b) for m in methods for b in (2.0, 4.0)} | {("plain", 1.0)}
+    for (method, budget), run in points.items():
+        assert run.compute == pytest.approx(budget, rel=0.2), (method, budget, run.compute)
+        assert set(run.top1) == {0.5, 1.0} and run.seconds > 0
+    assert points["plain", 2.0].steps == 2 * 48 // 8 and points["default", 2.0].steps < points["plain", 2.0].steps
+    assert points["distill", 4.0].seconds > points["plain", 2.0].seconds  # it includes its teacher's time
+    _accuracy(tmp_path / "s1", "--budgets", "2", "--methods", "plain", "default", *common, "--seeds", "1")
+    merged = bench.main(["--merge", str(tmp_path / "s0" / "budgets.json"), str(tmp_path / "s1" / "budgets.json"),
+                         "--output-dir", str(tmp_path / "all")])  # fmt: skip
+    assert {(r.method, r.seed) for r in merged if r.budget == 2.0} == {(m, s) for m in methods for s in (0, 1)} - {
+        ("distill", 1)
+    }
+    table = (tmp_path / "all" / "budgets.md").read_text()
+    assert "**Budget 4**" in table and "default wins at s=0.5" in table and (tmp_path / "all" / "budgets.png").is_file()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--budgets", "1", "--methods", "default", "random-depth", "random-depth@wall"])
+
+
 def test_inference_benchmark_reports_every_depth_and_the_targets(tmp_path: Path) -> None:
     bench = _script("inference")
     out = tmp_path / "inference.json"
