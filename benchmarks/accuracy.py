@@ -38,8 +38,8 @@ Methods (each a TrainingConfig of the same trainer; see docs/benchmarks.md):
     plain              the full network fine-tuned alone, then cut to depth s
     random-depth       LayerDrop-style: a random subset of blocks skipped at each step
     random-depth-kd    the same, also distilled from the frozen-leader teacher (labels and teacher, one pass a step)
-    random-depth-nested one nested depth a step (as deployed), the smallest and the full drawn a quarter of the time each
-    cooperative-sampled the default with the full depth and one sampled sub-network a step instead of every depth
+    random-depth-nested one nested depth a step (as deployed), the smallest and the full drawn a quarter of the time
+    cooperative-sampled the default with the full depth and one sampled sub-network a step, not every depth
     distill            one nested depth a step, labels and a fixed teacher run without gradients on the same batch
     distill-cached     the same teacher's outputs made once for 4 augmentation draws per image (no teacher pass)
     distill-ema        one nested depth a step taught by the EMA of itself at full depth, from a quarter of training
