@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .auto_classes import register_with_transformers
 from .budget import LatencyProfile
 from .config import AdaptiveDepthConfig, BaseModelRef, BlockSpec, StageSpec
 from .errors import (
@@ -18,6 +19,8 @@ from .errors import (
 )
 from .gates import DepthGate
 from .model import AdaptiveDepth, pretrained_or_random
+
+register_with_transformers()  # pipeline() / Auto classes on a saved model: an error that says what to do instead
 
 __all__ = [
     "AdaptiveDepth",

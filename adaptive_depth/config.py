@@ -230,6 +230,8 @@ class AdaptiveDepthConfig:
         files: fingerprints of the other files saved with this config, by name: the save's id for safetensors files
             (also in their metadata), the SHA-256 of the bytes for JSON files. Written by ``save_pretrained``; a file
             that does not match belongs to another save and is refused.
+        model_type: always ``"adaptive-depth"``: the key transformers' Auto classes read, so that they name this
+            library when given a saved model (see ``adaptive_depth.auto_classes``).
     """
 
     base_model: BaseModelRef
@@ -250,6 +252,7 @@ class AdaptiveDepthConfig:
     library_name: str = LIBRARY_NAME
     format_version: int = FORMAT_VERSION
     library_version: str = ""
+    model_type: str = LIBRARY_NAME
 
     def __post_init__(self) -> None:
         if isinstance(self.base_model, dict):

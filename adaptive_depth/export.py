@@ -14,7 +14,7 @@ from .config import StageSpec
 from .errors import AdaptiveDepthError
 from .gates import unwrap_gates
 
-__all__ = ["ZeroBranch", "export_depth"]
+__all__ = ["ZeroBranch", "config_depth_field", "export_depth"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,18 +75,33 @@ def export_depth(model: nn.Module, stages: Sequence[StageSpec], masks: Sequence[
     return plain
 
 
+def config_depth_field(config: Any, stages: Sequence[StageSpec]) -> str | None:
+    """The transformers config field that holds the block stages' depths (``depths`` or ``num_hidden_layers``).
+
+    ``None`` when the config does not describe them: ``save_pretrained`` of a shallower export would then reload
+    as another network.
+    """
+    # Only whole blocks are in a config's depths: a removed branch leaves its block (and the depth) in place.
+    full = [s.num_blocks for s in stages if s.kind == "block"]
+    depths = getattr(config, "depths", None)
+    if isinstance(depths, (list, tuple)) and list(depths) == full:
+        return "depths"
+    if getattr(config, "num_hidden_layers", None) == sum(full) and len(full) == 1:
+        return "num_hidden_layers"
+    return None
+
+
 def _update_transformers_config(model: nn.Module, stages: Sequence[StageSpec], masks: Sequence[Sequence[bool]]) -> None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
-    # Only whole blocks are in a config's depths: a removed branch leaves its block (and the depth) in place.
     pairs = [(stage, mask) for stage, mask in zip(stages, masks) if stage.kind == "block"]
     full = [s.num_blocks for s, _ in pairs]
     kept = [sum(m) for _, m in pairs]
-    depths = getattr(config, "depths", None)
-    if isinstance(depths, (list, tuple)) and list(depths) == full:
+    field = config_depth_field(config, stages)
+    if field == "depths":
         config.depths = kept
-    elif getattr(config, "num_hidden_layers", None) == sum(full) and len(pairs) == 1:
+    elif field == "num_hidden_layers":
         config.num_hidden_layers = kept[0]
     elif kept != full:
         logger.warning(

@@ -1,197 +1,362 @@
-"""One depth saved (or pushed) as an ordinary timm or transformers repository that loads without this library.
+"""Exports that load without this library: one depth as a timm / transformers repository, or ONNX / torch.export.
 
-- transformers: ``export(s).save_pretrained`` (the config's ``depths`` / ``num_hidden_layers`` already hold the
-  shallower architecture), with the class names in the config and the image processor, so that
-  ``AutoModelForImageClassification.from_pretrained`` and ``pipeline("image-classification")`` load it.
-- timm: ``timm.models.save_for_hf`` with the depth written as the architecture's own argument (ResNet ``layers``,
-  ConvNeXt / Swin / MetaFormer ``depths``, ViT ``depth``) in ``model_args``, so that
-  ``timm.create_model("hf-hub:<repo>")`` or ``timm.create_model("local-dir:<folder>")`` rebuilds and loads it. Where
-  an architecture takes no such argument (RegNet, EfficientNet: depths derived from other settings), saving says so;
-  ``save_pretrained`` of the adaptive model (loaded by this library) always works.
-- A model that gates residual branches inside blocks (TinyViT, RepViT) exports at full depth only: no timm argument
-  or transformers config describes a block without its branch, and saving another depth says so.
+:func:`save_export` (``AdaptiveDepth.save_export``) writes one of three formats into a folder, atomically (every file
+is written and checked in a temporary folder first; a README of your own is kept):
+
+- ``"repo"`` (one depth; the default): an ordinary timm or transformers repository.
+
+  - transformers: ``export(s).save_pretrained`` (the config's ``depths`` / ``num_hidden_layers`` already hold the
+    shallower architecture), with the class names in the config and the image processor, so that
+    ``AutoModelForImageClassification.from_pretrained`` and ``pipeline("image-classification")`` load it.
+  - timm: ``timm.models.save_for_hf`` with the depth written as the architecture's own argument (ResNet ``layers``,
+    ConvNeXt / Swin / MetaFormer ``depths``, ViT ``depth``), checked by rebuilding it with
+    ``timm.create_model("local-dir:...")``; transformers' ``TimmWrapper`` (Auto classes, ``pipeline``) loads it too.
+    Architectures that take no such argument (RegNet, EfficientNet, MobileNet...) are refused: use ONNX.
+  - A model that gates residual branches inside blocks (TinyViT, RepViT) gives a repository at full depth only: no
+    timm argument or transformers config describes a block without its branch.
+
+- ``"onnx"``: ``model.onnx`` (input ``pixel_values`` with a dynamic batch dimension, output ``logits``) beside the
+  base's ``config.json`` (class names, and for a timm base its data config) and, for a transformers base, the image
+  processor's ``preprocessor_config.json``: Optimum's layout. Any architecture that wraps.
+- ``"torch.export"``: ``model.pt2`` (``torch.export.save``; ExecuTorch starts from such a program) beside the same
+  files.
+
+``scaling_factor="all"`` writes ONE graph that holds every trained depth, chosen by a second input ``depth_index``
+(see :mod:`adaptive_depth.export_graph`): ONNX by default, or torch.export. ``config.json`` lists which index is
+which depth under ``adaptive_depth``.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+import json
 import logging
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import HfApi
 from torch import nn
 
 from .errors import ConfigError
-from .hub import replace_files_atomically
-from .loading import timm_preprocessing
+from .export import config_depth_field
+from .export_card import export_card
+from .export_files import (
+    ONNX_DATA_NAME,
+    ONNX_NAME,
+    PROGRAM_NAME,
+    check_outputs,
+    export_program,
+    onnx_session,
+    run_onnx,
+    write_onnx,
+)
+from .export_graph import TensorOutputs, all_depths_module, first_tensor, tensor_output
+from .hub import PROCESSOR_NAME, WEIGHTS_NAME, replace_files_atomically
+from .loading import CONFIG_NAME, timm_preprocessing
+from .preprocessing import match_channels
 from .state import preserved
 
-__all__ = ["ExportMixin"]
+if TYPE_CHECKING:
+    from .model import AdaptiveDepth
+
+__all__ = ["ALL_DEPTHS", "FORMATS", "ExportPlan", "push_export", "save_export"]
 
 logger = logging.getLogger(__name__)
 
+FORMATS = ("repo", "onnx", "torch.export")
+ALL_DEPTHS = "all"  # the scaling factor that asks for every trained depth in one graph
 DEPTH_ARGUMENTS = ("layers", "depths", "depth")  # how timm architectures take their per-stage block counts
+# Files one export writes and another does not: removed from the folder when this export has no such file.
+EXPORT_FILES = (WEIGHTS_NAME, ONNX_NAME, ONNX_DATA_NAME, PROGRAM_NAME, PROCESSOR_NAME)
 
 
-def _timm_depth_args(plain: nn.Module, counts: Sequence[int]) -> dict[str, Any]:
-    """The ``create_model`` argument that gives ``plain``'s architecture these blocks per stage."""
-    accepted = inspect.signature(type(plain).__init__).parameters
+@dataclass
+class ExportPlan:
+    """What one :func:`save_export` call writes.
+
+    Args:
+        format: one of :data:`FORMATS`.
+        depths: ``(scaling factor or None, blocks per stage)`` of each depth the export holds, in input order.
+        all_depths: one graph with every trained depth, selected by ``depth_index``.
+    """
+
+    format: str
+    depths: list[tuple[float | None, list[int]]]
+    all_depths: bool = False
+
+    @property
+    def inputs(self) -> list[str]:
+        """The graph's input names."""
+        return ["pixel_values", "depth_index"] if self.all_depths else ["pixel_values"]
+
+    def describe(self) -> dict[str, Any]:
+        """What ``config.json`` says under ``adaptive_depth``: the format, inputs and depths."""
+        depths = [{"scaling_factor": s, "blocks_per_stage": list(c)} for s, c in self.depths]
+        if self.all_depths:
+            depths = [{"depth_index": i, **d} for i, d in enumerate(depths)]
+        return {"format": self.format, "inputs": self.inputs, "depths": depths}
+
+
+def plan_export(
+    model: AdaptiveDepth, scaling_factor: float | str | None, depth: Sequence[int] | None, format: str | None
+) -> ExportPlan:
+    """Check the request before anything is computed or written; what to export."""
+    if format is not None and format not in FORMATS:
+        raise ConfigError(f"format must be one of {FORMATS}, got {format!r}")
+    if isinstance(scaling_factor, str):
+        if scaling_factor != ALL_DEPTHS:
+            raise ConfigError(
+                f"scaling_factor must be a number in (0, 1] or {ALL_DEPTHS!r} (every trained depth), got "
+                f"{scaling_factor!r}"
+            )
+        if depth is not None:
+            raise ConfigError(f"scaling_factor={ALL_DEPTHS!r} exports every trained depth: leave depth= out")
+        if format == "repo":
+            raise ConfigError(
+                f"a timm / transformers repository holds one depth; scaling_factor={ALL_DEPTHS!r} needs "
+                "format='onnx' (the default for it) or 'torch.export'"
+            )
+        depths = [(s, model.depth_for(s)) for s in model.config.scaling_factors]
+        return ExportPlan(format or "onnx", depths, all_depths=True)
+    counts, s = model.resolve_depth(scaling_factor, depth)
+    plan = ExportPlan(format or "repo", [(s, counts)])
+    if plan.format == "repo":
+        _check_repo_possible(model, counts)
+    return plan
+
+
+def save_export(
+    model: AdaptiveDepth,
+    save_directory: str | Path,
+    scaling_factor: float | str | None = None,
+    *,
+    depth: Sequence[int] | None = None,
+    format: str | None = None,
+) -> Path:
+    """Write ``model`` at one depth (or every trained depth) in a format that loads without adaptive-depth.
+
+    Args:
+        model: the depth-switchable model (this function is its method ``model.save_export`` too).
+        save_directory: the folder, written atomically once the export is checked (a README of your own is kept).
+        scaling_factor: the depth (default: the current one), or ``"all"``: every trained depth in one ONNX or
+            torch.export graph whose input ``depth_index`` picks the depth.
+        depth: explicit blocks per stage instead.
+        format: ``"repo"`` (the default for one depth): an ordinary timm / transformers repository, for
+            architectures whose depth is a constructor argument; ``"onnx"`` (the default for ``"all"``): any
+            architecture, checked in onnxruntime; ``"torch.export"``: ``model.pt2``.
+
+    Returns:
+        The folder. ``"repo"``: ``timm.create_model("local-dir:<folder>", pretrained=True)`` or transformers'
+        ``AutoModelForImageClassification`` / ``pipeline("image-classification", model=<folder>)``.
+    """
+    plan = plan_export(model, scaling_factor, depth, format)
+    folder = Path(save_directory)
+    with replace_files_atomically(folder, keep_foreign=("README.md",)) as staging:
+        if plan.format == "repo":
+            _write_repo(model, plan.depths[0][1], staging)
+        else:
+            _write_graph(model, plan, staging)
+        export_card(model.config.base_model, plan.format, plan.describe()).save(staging / "README.md")
+        stale = [name for name in EXPORT_FILES if not (staging / name).exists()]
+    for name in stale:  # left by an earlier export in another format: it would not match this one
+        (folder / name).unlink(missing_ok=True)
+    return folder
+
+
+def push_export(
+    model: AdaptiveDepth,
+    repo_id: str,
+    scaling_factor: float | str | None = None,
+    *,
+    depth: Sequence[int] | None = None,
+    format: str | None = None,
+    **kwargs: Any,
+) -> str:
+    """:func:`save_export` to a temporary folder, uploaded to ``repo_id`` (``HfApi.upload_folder`` kwargs)."""
+    plan_export(model, scaling_factor, depth, format)  # refuse before a repository is created
+    api = HfApi(token=kwargs.pop("token", None))
+    repo_id = api.create_repo(repo_id, private=kwargs.pop("private", None), exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_export(model, Path(tmp) / "export", scaling_factor, depth=depth, format=format)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, **kwargs)
+
+
+# ---------------------------------------------------------------------- timm / transformers repositories
+def _timm_depth_args(architecture: type[nn.Module], counts: Sequence[int]) -> dict[str, Any] | None:
+    """The ``create_model`` argument that gives ``architecture`` these blocks per stage (``None``: it has none)."""
+    accepted = inspect.signature(architecture.__init__).parameters
     for name in DEPTH_ARGUMENTS:
         if name in accepted:
             if name == "depth":
-                if len(counts) != 1:
-                    break
-                return {"depth": int(counts[0])}
+                return {"depth": int(counts[0])} if len(counts) == 1 else None
             return {name: [int(c) for c in counts]}
-    raise ConfigError(
-        f"timm's {type(plain).__name__} takes no per-stage depth argument ({' / '.join(DEPTH_ARGUMENTS)}), so an "
-        "exported depth cannot be rebuilt by timm alone; save the adaptive model with save_pretrained() (it loads "
-        "with adaptive-depth), or use the in-memory module of model.export(s)"
-    )
+    return None
 
 
-def _check_no_branch_removed(config: Any, counts: Sequence[int]) -> None:
-    """Refuse any depth but the full one of a model that gates residual branches (TinyViT, RepViT).
-
-    No timm argument or transformers config describes a block without its branch, and the stages of such a model
-    are not the architecture's own (TinyViT's first stage gates blocks, the others branches).
-    """
+def _check_repo_possible(model: AdaptiveDepth, counts: Sequence[int]) -> None:
+    """Refuse a repository export that timm / transformers could not rebuild, naming the formats that work."""
+    config, source = model.config, model.config.base_model.source
+    instead = "save_export(folder, s, format='onnx') (or 'torch.export') exports any depth of any architecture"
+    if source not in ("timm", "transformers"):
+        raise ConfigError(f"this model wraps a custom module, so there is no timm / transformers repository: {instead}")
     full = [st.num_blocks for st in config.stages]
-    if not config.gates_branches or list(counts) == full:
+    if config.gates_branches and list(counts) != full:
+        skipped = [st.name for st, n, k in zip(config.stages, full, counts) if st.kind == "branch" and k < n]
+        what = (
+            f"skips residual branches inside blocks (stages {skipped})"
+            if skipped
+            else "gates residual branches inside blocks in some stages, so its stages are not the architecture's"
+        )
+        raise ConfigError(
+            f"cannot save blocks per stage {list(counts)} as a plain {source} repository: this model {what}, and "
+            f"{source} can rebuild a network only from whole-block depths; {instead}"
+        )
+    if list(counts) == full:
+        return  # the architecture as it is
+    if source == "timm" and _timm_depth_args(type(model.model), counts) is None:
+        raise ConfigError(
+            f"timm's {type(model.model).__name__} takes no per-stage depth argument ({' / '.join(DEPTH_ARGUMENTS)}), "
+            f"so timm cannot rebuild this depth from a repository: {instead}"
+        )
+    hf_config = getattr(model.model, "config", None)
+    if source == "transformers" and config_depth_field(hf_config, config.stages) is None:
+        raise ConfigError(
+            f"the {type(hf_config).__name__} of {type(model.model).__name__} does not describe the depths of the "
+            f"stages found ({[st.num_blocks for st in config.stages]} blocks), so transformers cannot rebuild this "
+            f"depth from a repository: {instead}"
+        )
+
+
+def _write_repo(model: AdaptiveDepth, counts: list[int], folder: Path) -> None:
+    plain = model.export(depth=counts).eval()
+    if model.config.base_model.source == "transformers":
+        plain.save_pretrained(folder)  # type: ignore[operator]
+        _processor(model).save_pretrained(folder)
+        _check_rebuild(plain, folder, model.example_input(2))
         return
-    skipped = [st.name for st, n, k in zip(config.stages, full, counts) if st.kind == "branch" and k < n]
-    what = (
-        f"skips residual branches inside blocks (stages {skipped})"
-        if skipped
-        else "gates residual branches inside blocks in some stages, so its stages are not the architecture's"
-    )
-    source = config.base_model.source
-    raise ConfigError(
-        f"cannot save blocks per stage {list(counts)} as a plain {source} repository: this model {what}, and {source} "
-        "can rebuild a network only from whole-block depths. Save the adaptive model with save_pretrained() instead "
-        "(it loads with AdaptiveDepth.from_pretrained, at every depth), or use the in-memory module of "
-        "model.export(s)"
-    )
+    from timm.models import save_for_hf
+
+    # A model that gates branches is exported at full depth only (see _check_repo_possible): the original arguments.
+    depth_args = {} if model.config.gates_branches else _timm_depth_args(type(plain), counts)
+    save_for_hf(plain, str(folder), safe_serialization=True, **_timm_config_args(model, plain, depth_args or {}, {}))
+    _drop_clashing_args(folder / CONFIG_NAME)
+    _check_rebuild(plain, folder, model.example_input(2))
+
+
+def _timm_config_args(
+    model: AdaptiveDepth, plain: nn.Module, depth_args: dict[str, Any], extra: dict[str, Any]
+) -> dict[str, Any]:
+    """``model_config`` / ``model_args`` / ``data_config`` of timm's ``save_for_hf`` / ``save_config_for_hf``."""
+    labels = [model.id2label[i] for i in sorted(model.id2label)]
+    preprocessing = timm_preprocessing(getattr(plain, "pretrained_cfg", {}))
+    cfg = match_channels({**preprocessing, "input_size": model.config.input_size})
+    data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k != "label_names"}
+    model_config = ({"label_names": labels} if labels else {}) | extra
+    return {"model_config": model_config, "model_args": depth_args, "data_config": data_config}
+
+
+def _drop_clashing_args(path: Path) -> None:
+    """Remove ``num_classes`` from the ``model_args`` timm records: the top-level ``num_classes`` already says it,
+    and transformers' ``TimmWrapper`` passes that one too (``got multiple values for keyword argument``)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    args = data.get("model_args") or {}
+    if args.get("num_classes", data.get("num_classes")) == data.get("num_classes"):
+        args.pop("num_classes", None)
+    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
 def _check_rebuild(plain: nn.Module, folder: Path, example: torch.Tensor) -> None:
-    """Load the saved folder the way a user without this library would, and compare one output."""
-    import timm
-
+    """Load the staged folder the way a user without this library would (timm, or the model's transformers class),
+    and compare one output with the export's."""
+    library = "transformers" if hasattr(plain, "save_pretrained") else "timm"
     try:
-        rebuilt = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
-    except Exception as e:  # timm raises many types when arguments and weights disagree
-        raise ConfigError(f"timm cannot rebuild the exported depth from {folder} ({type(e).__name__}: {e})") from e
+        if library == "transformers":
+            rebuilt = type(plain).from_pretrained(folder).eval()  # type: ignore[attr-defined]
+        else:
+            import timm
+
+            rebuilt = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    except Exception as e:  # both raise many types when arguments and weights disagree
+        raise ConfigError(
+            f"{library} cannot rebuild the exported depth ({type(e).__name__}: {e}); nothing was saved"
+        ) from e
     with torch.no_grad(), preserved(plain, train=False):
-        if not torch.allclose(rebuilt(example), plain(example), atol=1e-5, rtol=1e-4):
-            raise ConfigError(f"timm rebuilds another network from {folder}: its outputs differ from the export's")
+        check_outputs(first_tensor(rebuilt(example)), first_tensor(plain(example)), f"the network {library} rebuilds")
 
 
-class ExportMixin:
-    """``save_export`` / ``push_export`` for ``AdaptiveDepth`` (needs ``export``, ``depth_for``, ``config``...)."""
+def _processor(model: AdaptiveDepth) -> Any:
+    """The model's image processor; a transformers base without one (or another base) gets its preprocessing in
+    transformers' generic processor, so that ``AutoImageProcessor`` and ``pipeline()`` find one."""
+    if model.image_processor is not None:
+        return model.image_processor
+    import transformers
 
-    model: nn.Module
-    config: Any
-    image_processor: Any
+    cfg = match_channels(model.data_config)
+    h, w = cfg["input_size"][-2:]
+    return transformers.ViTImageProcessor(
+        size={"height": h, "width": w}, image_mean=list(cfg["mean"]), image_std=list(cfg["std"])
+    )
 
-    def save_export(
-        self, save_directory: str | Path, scaling_factor: float | None = None, *, depth: Sequence[int] | None = None
-    ) -> Path:
-        """Save one depth as a plain timm / transformers repository that loads without adaptive-depth.
 
-        Args:
-            save_directory: the folder (written atomically; a README of your own is kept).
-            scaling_factor: the depth (default: the current one).
-            depth: explicit blocks per stage instead.
+# ---------------------------------------------------------------------- ONNX and torch.export
+def _write_graph(model: AdaptiveDepth, plan: ExportPlan, folder: Path) -> None:
+    """Trace, write and check the graph of ``plan``, then its config (and processor) beside it."""
+    example, check = model.example_input(2), model.example_input(3)  # another batch size than the traced one
+    expected = []
+    with torch.no_grad(), preserved(model, train=False):
+        for _, counts in plan.depths:
+            expected.append(tensor_output(model.set_depth(counts)(check)))
+    if plan.all_depths:
+        module: nn.Module = all_depths_module(model)
+        feeds = [(example, torch.tensor(0))] + [(check, torch.tensor(i)) for i in range(len(plan.depths))]
+    else:
+        module = TensorOutputs(model.export(depth=plan.depths[0][1])).eval()
+        feeds = [(example,), (check,)]
+    with torch.no_grad():
+        program = export_program(module, feeds[0])
+    names = [f"s = {s}, blocks per stage {c}" for s, c in plan.depths]
+    names = [f"depth_index {i} ({name})" for i, name in enumerate(names)] if plan.all_depths else names
+    if plan.format == "onnx":
+        write_onnx(program, folder / ONNX_NAME)
+        session = onnx_session(folder / ONNX_NAME)
+        for feed, want, name in zip(feeds[1:], expected, names):
+            got = run_onnx(session, dict(zip(plan.inputs, feed)))
+            check_outputs(got, want, f"the ONNX file at {name} in onnxruntime")
+    else:
+        with torch.no_grad():
+            for feed, want, name in zip(feeds[1:], expected, names):
+                check_outputs(program.module()(*feed), want, f"the torch.export program at {name}")
+        torch.export.save(program, folder / PROGRAM_NAME)
+    _write_graph_config(model, plan, module, folder)
 
-        Returns:
-            The folder. timm: ``timm.create_model("local-dir:<folder>")``; transformers:
-            ``AutoModelForImageClassification.from_pretrained(<folder>)`` or ``pipeline("image-classification", ...)``.
-        """
-        counts, _ = self.resolve_depth(scaling_factor, depth)  # type: ignore[attr-defined]
-        _check_no_branch_removed(self.config, counts)
-        plain = self.export(scaling_factor, depth=depth).eval()  # type: ignore[attr-defined]
-        folder = Path(save_directory)
-        with replace_files_atomically(folder, keep_foreign=("README.md",)) as staging:
-            if self.config.base_model.source == "transformers":
-                self._save_transformers_export(plain, staging)
-            elif self.config.base_model.source == "timm":
-                self._save_timm_export(plain, counts, staging)
-            else:
-                raise ConfigError(
-                    "this model wraps a custom module: save model.export(s) with torch yourself, or save the adaptive "
-                    "model with save_pretrained()"
-                )
-            self._export_card(counts).save(staging / "README.md")
-        if self.config.base_model.source == "timm":
-            _check_rebuild(plain, folder, self.example_input(2))  # type: ignore[attr-defined]
-        return folder
 
-    def push_export(
-        self, repo_id: str, scaling_factor: float | None = None, *, depth: Sequence[int] | None = None, **kwargs: Any
-    ) -> str:
-        """Save one depth with :meth:`save_export` and upload it to ``repo_id`` (``HfApi.upload_folder`` kwargs)."""
-        api = HfApi(token=kwargs.pop("token", None))
-        repo_id = api.create_repo(repo_id, private=kwargs.pop("private", None), exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_export(Path(tmp) / "export", scaling_factor, depth=depth)
-            return api.upload_folder(repo_id=repo_id, folder_path=folder, **kwargs)
+def _write_graph_config(model: AdaptiveDepth, plan: ExportPlan, module: nn.Module, folder: Path) -> None:
+    """``config.json`` (the base's own format, with ``id2label`` and ``adaptive_depth``) and the preprocessing."""
+    source = model.config.base_model.source
+    extra = {"adaptive_depth": plan.describe()}
+    if source == "transformers":
+        plain = module.model  # type: ignore[union-attr] # TensorOutputs / AllDepthsModule: the transformers model
+        config = copy.deepcopy(plain.config)
+        config.adaptive_depth = extra["adaptive_depth"]
+        config.save_pretrained(folder)
+        _processor(model).save_pretrained(folder)
+    elif source == "timm":
+        from timm.models._hub import save_config_for_hf  # save_for_hf without the weights
 
-    def _save_transformers_export(self, plain: nn.Module, folder: Path) -> None:
-        import transformers
-
-        plain.save_pretrained(folder)  # type: ignore[attr-defined]
-        processor = self.image_processor
-        if processor is None:  # pipeline() needs one: this model's own preprocessing, in the generic processor
-            cfg = self.data_config  # type: ignore[attr-defined]
-            h, w = cfg["input_size"][-2:]
-            processor = transformers.ViTImageProcessor(
-                size={"height": h, "width": w}, image_mean=list(cfg["mean"]), image_std=list(cfg["std"])
-            )
-        processor.save_pretrained(folder)
-
-    def _save_timm_export(self, plain: nn.Module, counts: Sequence[int], folder: Path) -> None:
-        from timm.models import save_for_hf
-
-        labels = [name for _, name in sorted(self.config.id2label.items(), key=lambda kv: int(kv[0]))]
-        cfg = timm_preprocessing(getattr(plain, "pretrained_cfg", {}))
-        # A model that gates branches is exported at full depth only (see above): the original architecture.
-        model_args = {} if self.config.gates_branches else _timm_depth_args(plain, counts)
-        save_for_hf(
-            plain,
-            str(folder),
-            model_config={"label_names": labels} if labels else None,
-            model_args=model_args,
-            safe_serialization=True,
-            data_config={k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k != "label_names"},
-        )
-
-    def _export_card(self, counts: Sequence[int]) -> ModelCard:
-        base = self.config.base_model
-        source = base.source
-        load = (
-            'timm.create_model("hf-hub:<this repo>", pretrained=True)  # or "local-dir:<this folder>"'
-            if source == "timm"
-            else 'transformers.pipeline("image-classification", model="<this repo or folder>")'
-        )
-        return ModelCard(
-            f"""---
-library_name: {source}
-pipeline_tag: image-classification
-tags: [adaptive-depth, image-classification, {source}]
----
-
-# {base.name or base.architecture}, {list(counts)} blocks per stage
-
-One fixed depth of a depth-switchable model made with adaptive-depth, saved as a plain {source} model: the skipped
-blocks are removed, and it loads with {source} alone.
-
-```python
-{load}
-```
-"""
-        )
+        counts = plan.depths[0][1]
+        described = not plan.all_depths and not model.config.gates_branches  # else the architecture's own depth
+        depth_args = (_timm_depth_args(type(model.model), counts) if described else None) or {}
+        id2label = {str(i): n for i, n in sorted(model.id2label.items())}
+        extra |= {"id2label": id2label} if id2label else {}
+        args = _timm_config_args(model, model.model, depth_args, extra)
+        save_config_for_hf(model.model, str(folder / CONFIG_NAME), **args)
+        _drop_clashing_args(folder / CONFIG_NAME)
+    else:
+        id2label = {str(i): n for i, n in sorted(model.id2label.items())}
+        (folder / CONFIG_NAME).write_text(json.dumps({"id2label": id2label, **extra}, indent=2), encoding="utf-8")
+        _processor(model).save_pretrained(folder)

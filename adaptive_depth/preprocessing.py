@@ -27,6 +27,7 @@ __all__ = [
     "create_transform",
     "data_config",
     "default_input_size",
+    "match_channels",
     "record_input_size",
 ]
 
@@ -111,6 +112,18 @@ def _processor_size(processor: Any) -> int | None:
     return int(size) if isinstance(size, int | float) else None
 
 
+def match_channels(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a data config with one ``mean`` / ``std`` value per input channel.
+
+    A one-channel model (``in_chans=1``) keeps the RGB statistics of its pretrained config; its single channel
+    gets their mean, as a grey image converted from RGB would.
+    """
+    cfg = dict(config)
+    if int(cfg["input_size"][0]) == 1 and len(cfg["mean"]) == 3:
+        cfg["mean"], cfg["std"] = (sum(cfg["mean"]) / 3,), (sum(cfg["std"]) / 3,)
+    return cfg
+
+
 def create_transform(
     config: dict[str, Any],
     *,
@@ -127,10 +140,8 @@ def create_transform(
     import timm.data
     from torchvision import transforms as T
 
-    cfg = dict(config)
+    cfg = match_channels(config)
     channels = int(cfg["input_size"][0])
-    if channels == 1 and len(cfg["mean"]) == 3:
-        cfg["mean"], cfg["std"] = (sum(cfg["mean"]) / 3,), (sum(cfg["std"]) / 3,)
     extra = {"scale": scale, "hflip": hflip, "color_jitter": None} if training else {}
     tf = timm.data.create_transform(**cfg, is_training=training, **extra)
     mode = "L" if channels == 1 else "RGB"

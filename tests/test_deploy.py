@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import torch
 import transformers
 from huggingface_hub import ModelCard
 from PIL import Image
+from without_library import run_without_the_library
 
 from adaptive_depth import AdaptiveDepth, ConfigError
 from adaptive_depth.report import DepthResult, TrainingReport
@@ -121,20 +120,6 @@ def test_class_names_travel_to_the_config_the_card_and_the_base_model(tmp_path: 
     assert card.data.library_name == "adaptive-depth"
 
 
-def _run_without_the_library(code: str, **env: str) -> str:
-    """Run ``code`` in a fresh Python that never imports adaptive_depth (checked), offline."""
-    check = "\nimport sys\nassert not any(m.startswith('adaptive_depth') for m in sys.modules), 'imported the plugin'\n"
-    done = subprocess.run(
-        [sys.executable, "-c", code + check],
-        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
 def test_a_timm_export_loads_with_timm_alone_from_a_folder_and_the_hub_cache(tmp_path: Path, hub_repo) -> None:
     model = AdaptiveDepth.from_pretrained("resnet18", pretrained=False, num_classes=3, input_size=(3, 32, 32)).eval()
     model.set_labels(["cat", "dog", "fish"])
@@ -144,24 +129,78 @@ def test_a_timm_export_loads_with_timm_alone_from_a_folder_and_the_hub_cache(tmp
     with torch.no_grad():
         expected = model.set_scaling_factor(0.5)(x)
     snapshot = hub_repo("me/resnet18-half", folder)
+    IMAGE.save(tmp_path / "image.png")
     code = f"""
-import timm, torch
+import timm, torch, transformers
 x = torch.load({str(tmp_path / "x.pt")!r})
-for name in ("local-dir:{folder}", "hf-hub:me/resnet18-half"):
+for i, name in enumerate(("local-dir:{folder}", "hf-hub:me/resnet18-half")):
     m = timm.create_model(name, pretrained=True).eval()
     print(name, [len(layer) for layer in (m.layer1, m.layer2, m.layer3, m.layer4)], m.pretrained_cfg["label_names"])
-    torch.save(m(x), {str(tmp_path / "out.pt")!r})
+    torch.save(m(x), {str(tmp_path)!r} + f"/out{{i}}.pt")
+# transformers' TimmWrapper reads the same repository: Auto classes and pipeline()
+wrapped = transformers.AutoModelForImageClassification.from_pretrained({str(folder)!r}).eval()
+print("wrapper", type(wrapped).__name__, wrapped.config.id2label)
+torch.save(wrapped(x).logits, {str(tmp_path / "out2.pt")!r})
+classify = transformers.pipeline("image-classification", model={str(folder)!r})
+print("labels", sorted(p["label"] for p in classify({str(tmp_path / "image.png")!r}, top_k=3)))
 """
-    out = _run_without_the_library(code, HF_HOME=os.environ["HF_HOME"])
+    out = run_without_the_library(code, HF_HOME=os.environ["HF_HOME"])
     assert out.count("[1, 1, 1, 1] ['cat', 'dog', 'fish']") == 2, out
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=1e-4, atol=1e-5)
+    assert "wrapper TimmWrapperForImageClassification {0: 'cat', 1: 'dog', 2: 'fish'}" in out, out
+    assert "labels ['cat', 'dog', 'fish']" in out, out
+    for i in range(3):
+        torch.testing.assert_close(torch.load(tmp_path / f"out{i}.pt"), expected, rtol=1e-4, atol=1e-5)
     assert snapshot.is_dir()
+
+
+def test_the_timm_check_runs_before_anything_is_in_place_and_a_failed_one_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adaptive_depth import export_repo
+
+    model = AdaptiveDepth.from_pretrained("resnet18", pretrained=False, num_classes=3, input_size=(3, 32, 32)).eval()
+    folder = model.save_export(tmp_path / "out", 1.0)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    checked, real_check = [], export_repo._check_rebuild
+
+    def spy(plain: torch.nn.Module, staged: Path, example: torch.Tensor) -> None:
+        checked.append((staged, {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}))
+        real_check(plain, staged, example)
+
+    monkeypatch.setattr(export_repo, "_check_rebuild", spy)
+    model.save_export(folder, 0.5)
+    [(staged, in_place)] = checked
+    assert staged != folder and staged.parent == folder  # the staging folder, inside the destination
+    assert in_place == before  # while the new export was checked, the earlier one was still in place, untouched
+    after = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert after != before  # and replaced once the check passed
+
+    def refuse(*_: object) -> None:
+        raise ConfigError("timm rebuilds another network")
+
+    monkeypatch.setattr(export_repo, "_check_rebuild", refuse)
+    with pytest.raises(ConfigError, match="another network"):
+        model.save_export(folder, 0.25)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == after  # nothing changed, nothing left behind
+
+
+def test_a_one_channel_timm_model_exports(tmp_path: Path) -> None:
+    model = AdaptiveDepth.from_pretrained(
+        "resnet18", pretrained=False, num_classes=3, in_chans=1, input_size=(1, 32, 32)
+    ).eval()
+    folder = model.save_export(tmp_path / "grey", 0.5)
+    rebuilt = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    assert rebuilt.pretrained_cfg["input_size"][0] == 1 and len(rebuilt.pretrained_cfg["mean"]) == 1
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model.set_scaling_factor(0.5)(x), rtol=1e-4, atol=1e-5)
 
 
 def test_a_timm_architecture_without_a_depth_argument_is_a_clear_error(tmp_path: Path) -> None:
     model = AdaptiveDepth.from_pretrained("regnetx_002", pretrained=False, num_classes=3, input_size=(3, 32, 32))
-    with pytest.raises(ConfigError, match="no per-stage depth argument"):
+    with pytest.raises(ConfigError, match=r"no per-stage depth argument.*format='onnx'"):
         model.save_export(tmp_path / "x", 0.5)
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_transformers_export_loads_with_automodel_and_pipeline(tmp_path: Path, hub_repo, fake_hub_upload) -> None:
@@ -186,7 +225,7 @@ for name in ({str(folder)!r}, "me/resnet-half"):  # a folder, and a Hub id read 
     classify = transformers.pipeline("image-classification", model=name)
     print("labels", sorted(p["label"] for p in classify({str(tmp_path / "image.png")!r}, top_k=3)))
 """
-    out = _run_without_the_library(code, HF_HOME=os.environ["HF_HOME"])
+    out = run_without_the_library(code, HF_HOME=os.environ["HF_HOME"])
     mean = [round(v, 3) for v in model.data_config["mean"]]
     assert out.count(f"depths [2, 2] mean {mean}") == 2 and out.count("labels ['cat', 'dog', 'fish']") == 2, out
 
@@ -232,3 +271,25 @@ def test_predict_reads_a_transformers_models_logits(tmp_path: Path) -> None:
     with torch.no_grad():
         logits = model(model.create_transform()(IMAGE).unsqueeze(0)).logits[0]
     assert name == ("no", "yes")[int(logits.argmax())] and p == pytest.approx(float(logits.softmax(-1).max()))
+
+
+def test_pipeline_and_auto_classes_given_a_saved_adaptive_model_say_what_to_do(tmp_path: Path) -> None:
+    model = AdaptiveDepth.from_pretrained("resnet18", pretrained=False, num_classes=3, input_size=(3, 32, 32))
+    model.save_pretrained(tmp_path / "saved")
+    advice = r"saved adaptive-depth model.*AdaptiveDepth.from_pretrained.*save_export"
+    for load in (
+        lambda: transformers.pipeline("image-classification", model=str(tmp_path / "saved")),
+        lambda: transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "saved"),
+    ):
+        with pytest.raises(ConfigError, match=advice):
+            load()
+    assert AdaptiveDepth.from_pretrained(tmp_path / "saved").config.model_type == "adaptive-depth"
+    # Without this library, transformers' own error names the model type instead of "Unrecognized model".
+    code = f"""
+import transformers
+try:
+    transformers.AutoConfig.from_pretrained({str(tmp_path / "saved")!r})
+except ValueError as e:
+    print(e)
+"""
+    assert "model type `adaptive-depth`" in run_without_the_library(code)

@@ -1,0 +1,154 @@
+"""ONNX and torch.export exports: any architecture at one depth, or every trained depth in one file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from adaptive_depth import AdaptiveDepth, ConfigError
+from adaptive_depth.export_graph import tensor_output
+from adaptive_depth.norms import batchnorm_layers
+
+
+def _logits(model: AdaptiveDepth, x: torch.Tensor, s: float) -> torch.Tensor:
+    with torch.no_grad(), model.scaled(s):
+        return tensor_output(model(x))
+
+
+def _resnet_with_depth_norms() -> AdaptiveDepth:
+    """resnet18 with one stage of two blocks (two gated blocks), and BatchNorm statistics of its own per depth."""
+    model = AdaptiveDepth.from_pretrained(
+        "resnet18", pretrained=False, num_classes=3, input_size=(3, 32, 32), layers=[2, 1, 1, 1]
+    )
+    for layer in batchnorm_layers(model.model).values():  # timm zero-initialises each block's last BatchNorm
+        torch.nn.init.uniform_(layer.weight, 0.5, 1.5)
+    model.recalibrate_norms([torch.randn(8, 3, 32, 32) for _ in range(2)])
+    return model.eval()
+
+
+def _timm_vit() -> AdaptiveDepth:
+    return AdaptiveDepth.from_pretrained("test_vit", pretrained=False, num_classes=3, depth=2).eval()
+
+
+def _transformers_vit() -> AdaptiveDepth:
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=3, id2label={0: "cat", 1: "dog", 2: "fish"},
+    )  # fmt: skip
+    return AdaptiveDepth.wrap(transformers.ViTForImageClassification(config)).eval()
+
+
+@pytest.mark.parametrize("make", [_resnet_with_depth_norms, _timm_vit, _transformers_vit])
+def test_every_trained_depth_in_one_onnx_file(tmp_path: Path, make: Callable[[], AdaptiveDepth]) -> None:
+    model = make()
+    folder = model.save_export(tmp_path / "all", "all")
+    weights = sum(t.numel() * t.element_size() for t in model.model.state_dict().values())
+    assert (folder / "model.onnx").stat().st_size < 1.5 * weights  # the weights once (once per depth: 2-4x)
+    described = json.loads((folder / "config.json").read_text())["adaptive_depth"]
+    assert described["inputs"] == ["pixel_values", "depth_index"]
+    assert [d["scaling_factor"] for d in described["depths"]] == model.config.scaling_factors
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, *model.config.input_size)
+    outputs = []
+    for i, depth in enumerate(described["depths"]):
+        assert depth["blocks_per_stage"] == model.depth_for(depth["scaling_factor"])
+        got = torch.from_numpy(session.run(None, {"pixel_values": x.numpy(), "depth_index": np.array(i)})[0])
+        torch.testing.assert_close(got, _logits(model, x, depth["scaling_factor"]), atol=2e-5, rtol=1e-4)
+        outputs.append(got)
+    assert not torch.allclose(outputs[0], outputs[-1], atol=1e-3)  # the depths really differ
+    if model.depth_norms is not None:  # and each runs with its own BatchNorm statistics, not those of training
+        with torch.no_grad(), model.scaled(0.25):
+            model.depth_norms.use(None)
+            assert not torch.allclose(outputs[0], tensor_output(model(x)), atol=1e-3)
+    if model.config.base_model.source == "transformers":  # Optimum's layout, the config transformers reads
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "README.md", "config.json", "model.onnx", "preprocessor_config.json"
+        ]  # fmt: skip
+        assert transformers.AutoConfig.from_pretrained(folder).id2label == {0: "cat", 1: "dog", 2: "fish"}
+
+
+def test_an_architecture_without_a_depth_argument_exports_to_onnx_and_its_card_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = AdaptiveDepth.from_pretrained("regnetx_002", pretrained=False, num_classes=3, input_size=(3, 32, 32))
+    model.set_labels(["cat", "dog", "fish"]).eval()
+    folder = model.save_export(tmp_path / "half", 0.5, format="onnx")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.onnx"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "regnetx_002" and config["id2label"] == {"0": "cat", "1": "dog", "2": "fish"}
+    assert config["adaptive_depth"]["depths"] == [{"scaling_factor": 0.5, "blocks_per_stage": model.depth_for(0.5)}]
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 4):  # the batch dimension is dynamic
+        x = torch.randn(batch, 3, 32, 32)
+        got = torch.from_numpy(session.run(None, {"pixel_values": x.numpy()})[0])
+        torch.testing.assert_close(got, _logits(model, x, 0.5), atol=2e-5, rtol=1e-4)
+    # The card's snippet runs as written (onnxruntime, transformers' image processor; not this library) and names
+    # the class the model picks.
+    image = Image.new("RGB", (50, 40), (200, 30, 90))
+    monkeypatch.chdir(tmp_path)
+    image.save("image.jpg")
+    card = (folder / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0].replace("<this folder>", str(folder))
+    assert "adaptive_depth" not in snippet
+    exec(compile(snippet, "onnx card", "exec"), {})  # our own card's code
+    with torch.no_grad(), model.scaled(0.5):
+        expected = model.id2label[int(model(model.create_transform()(image).unsqueeze(0)).argmax())]
+    assert capsys.readouterr().out.strip().splitlines()[-1] == expected
+
+
+def test_torch_export_programs_of_one_depth_and_of_every_depth(tmp_path: Path) -> None:
+    model = _resnet_with_depth_norms()
+    x = torch.randn(3, 3, 32, 32)
+    one = model.save_export(tmp_path / "half", 0.5, format="torch.export")
+    assert sorted(p.name for p in one.iterdir()) == ["README.md", "config.json", "model.pt2"]
+    torch.testing.assert_close(torch.export.load(one / "model.pt2").module()(x), _logits(model, x, 0.5))
+    every = model.save_export(tmp_path / "all", "all", format="torch.export")
+    program = torch.export.load(every / "model.pt2").module()
+    for i, s in enumerate(model.config.scaling_factors):
+        torch.testing.assert_close(program(x, torch.tensor(i)), _logits(model, x, s))
+
+
+def test_exports_in_another_format_replace_the_files_of_the_first(tmp_path: Path) -> None:
+    model = AdaptiveDepth.from_pretrained("resnet18", pretrained=False, num_classes=3, input_size=(3, 32, 32))
+    folder = model.save_export(tmp_path / "out", 0.5)
+    assert (folder / "model.safetensors").is_file()
+    model.save_export(folder, 0.5, format="torch.export")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.pt2"]
+
+
+@pytest.mark.parametrize(
+    ("scaling_factor", "kwargs", "message"),
+    [
+        (0.5, {"format": "tflite"}, r"format must be one of .* got 'tflite'"),
+        ("half", {}, r"a number in \(0, 1\] or 'all'.* got 'half'"),
+        ("all", {"format": "repo"}, r"repository holds one depth.*format='onnx'"),
+        ("all", {"depth": [1, 1, 1, 1]}, r"leave depth= out"),
+    ],
+)
+def test_export_requests_that_cannot_work_are_refused_before_anything_is_written(
+    tmp_path: Path, scaling_factor: object, kwargs: dict[str, object], message: str
+) -> None:
+    model = AdaptiveDepth.from_pretrained("resnet18", pretrained=False, num_classes=3, input_size=(3, 32, 32))
+    with pytest.raises(ConfigError, match=message):
+        model.save_export(tmp_path / "out", scaling_factor, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_that_onnxruntime_disagrees_with_is_not_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from adaptive_depth import export_repo
+
+    model = AdaptiveDepth.from_pretrained("test_vit", pretrained=False, num_classes=3, depth=2).eval()
+    monkeypatch.setattr(export_repo, "run_onnx", lambda session, feeds: torch.zeros(3, 3))  # a wrong result
+    wrong = r"the ONNX file at s = 1.0, blocks per stage \[2\] in onnxruntime computes another function"
+    with pytest.raises(ConfigError, match=wrong):
+        model.save_export(tmp_path / "out", 1.0, format="onnx")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []  # nothing kept, the staging folder removed
