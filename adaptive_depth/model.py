@@ -19,11 +19,11 @@ from huggingface_hub import ModelCard, ModelHubMixin
 from safetensors.torch import save_file, save_model
 from torch import nn
 
+from . import export_repo
 from .card import build_model_card
 from .config import AdaptiveDepthConfig, BaseModelRef
 from .discovery import discover
 from .errors import CheckpointError, ConfigError, WeightsUnavailableError
-from .export_repo import ExportMixin
 from .gates import is_gated, unwrap_gates
 from .hub import (
     NORMS_NAME,
@@ -67,7 +67,6 @@ OPTIONAL_FILES = (NORMS_NAME, PROCESSOR_NAME, PLOT_NAME)  # written only by the 
 class AdaptiveDepth(
     DepthTuner,
     PreprocessingMixin,
-    ExportMixin,
     ModelHubMixin,
     library_name="adaptive-depth",
     tags=["adaptive-depth", "image-classification"],
@@ -428,6 +427,10 @@ class AdaptiveDepth(
         """
         card_kwargs = {"repo_id": repo_id} | (model_card_kwargs or {})
         return super().push_to_hub(repo_id, model_card_kwargs=card_kwargs, **kwargs)
+
+    # ------------------------------------------------------------------ exports (functions in export_repo.py)
+    save_export = export_repo.save_export
+    push_export = export_repo.push_export
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
         """Model card with YAML metadata and the per-depth table."""
