@@ -372,9 +372,10 @@ def main(argv: list[str] | None = None) -> int:
 def print_summary(args: ScriptArguments, data: ImageClassificationData, result: TrainingResult, processes: int) -> None:
     """What was trained on what, the per-depth table, and where the model is."""
     minutes = (result.report.wall_time_s or 0) / 60
+    scored = f"the {data.eval_split!r} split" if data.eval_split else f"held out of {data.train_split!r}"
     print(
-        f"\n{data.source}: {len(data.train)} training images ({data.train_split}) / {len(data.eval)} evaluation "
-        f"images ({data.eval_source}), {data.num_classes} classes, {processes} process(es), {minutes:.1f} min"
+        f"\n{data.source}: {len(data.train)} training images ({data.train_split!r} split) / {len(data.eval)} "
+        f"evaluation images ({scored}), {data.num_classes} classes, {processes} process(es), {minutes:.1f} min"
     )
     print(result.table())
     print(

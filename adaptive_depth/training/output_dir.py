@@ -38,7 +38,8 @@ import psutil
 from accelerate import Accelerator
 
 from ..errors import ConfigError
-from ..hub import NORMS_NAME, WEIGHTS_NAME, is_ours
+from ..hub import NORMS_NAME, WEIGHTS_NAME, is_ours, is_staging
+from ..loading import CONFIG_NAME
 from .checkpoints import (
     CHECKPOINT_PREFIX,
     CHECKPOINTS_DIR,
@@ -59,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 # What a finished run writes into its output folder (README.md only counts when we generated it).
 FINAL_OUTPUTS = (
-    "config.json",
+    CONFIG_NAME,
     WEIGHTS_NAME,
     NORMS_NAME,
     "README.md",
@@ -69,7 +70,6 @@ FINAL_OUTPUTS = (
 )
 RUN_DIRS = (CHECKPOINTS_DIR, "logs")  # written while training; a resumed run finds them there
 LOCK_NAME = ".adaptive-depth.lock"
-SAVING_PREFIX = ".saving-"  # the temporary folder of a model save (adaptive_depth.hub); a killed save leaves one
 UNREADABLE_LOCK_S = 10.0  # a lock file is written right after it is made: one still unreadable after this is stale
 
 
@@ -136,7 +136,7 @@ def _lock_holder(output_dir: Path, owner: str | None = None) -> str | None:
 
 def _run_file(name: str) -> bool:
     """The lock, or a model save's temporary folder: what a run keeps beside its outputs, never the user's."""
-    return name == LOCK_NAME or name.startswith(SAVING_PREFIX)
+    return name == LOCK_NAME or is_staging(name)
 
 
 def check_output_dir(
