@@ -232,7 +232,7 @@ def _evaluation_split(
         if evaluation is not None:
             logger.info("%s: evaluating on the %r split", spec, candidate)
             return evaluation, candidate
-        logger.warning("%s has no labels (every %r is -1): not used for evaluation", where, label)
+        logger.warning("%s has no labels (every %r is -1, or none at all): not used for evaluation", where, label)
     return None, None
 
 
