@@ -62,6 +62,8 @@ class TrainingReport:
             out)"``.
         training_flops: training compute, every process: forward + backward of what learned, forwards of what
             taught (``adaptive_depth.training.compute``).
+        norms_kept: per Teammate and depth, the BatchNorm statistics kept after the held-out check:
+            ``"recalibrated"`` or ``"training"`` (``None``: no check).
     """
 
     config: dict[str, Any]
@@ -74,6 +76,7 @@ class TrainingReport:
     dataset: str | None = None
     eval_split: str | None = None
     training_flops: float | None = None
+    norms_kept: dict[str, dict[str, str]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict (``config.extra["training"]``)."""

@@ -171,6 +171,7 @@ class Benchmark:
         trainer = CooperativeTrainer(
             model, config, loaders.train, loaders.eval, accelerator=Accelerator(**accelerator_kwargs(config)),
             leader=leader, num_classes=self.data.num_classes, top5=False, recalibration_loader=loaders.recalibration,
+            norm_check_loader=loaders.norm_check,
         )  # fmt: skip
         started = time.perf_counter()
         trainer.train()

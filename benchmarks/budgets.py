@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from adaptive_depth import ConfigError
-from adaptive_depth.training import TrainingConfig
 from adaptive_depth.training.compute import plain_epoch_flops
+from adaptive_depth.training.loaders import hold_out
 
 __all__ = ["TEACHER_SHARE", "BudgetRun", "run_budgets", "write_budget_report"]
 
@@ -55,7 +55,9 @@ def run_budgets(bench: Any, methods: list[str], budgets: list[float]) -> list[Bu
         raise SystemExit(
             "'alone' trains one network per depth: it has no single budget; leave it out of --budgets runs"
         )
-    bench.unit = plain_epoch_flops(bench.start(0, TrainingConfig(), checkpoint=True), len(bench.data.train))
+    base = bench.base_config(0, {}, epochs=1, lr=bench.args.learning_rate)
+    train, _ = hold_out(bench.data.train, base.loader_options["norm_check"])  # the images a run trains on
+    bench.unit = plain_epoch_flops(bench.start(0, base, checkpoint=True), len(train))
     runs: list[BudgetRun] = []
     for seed in bench.args.seeds:
         plain_runs: dict[float, tuple[BudgetRun, Any]] = {}  # r1: plain fine-tunes, also the teachers

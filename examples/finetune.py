@@ -348,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         output_dir=None if args.checkpointing_steps == "no" else args.output_dir,
         checkpoint_steps=args.checkpointing_steps if isinstance(args.checkpointing_steps, int) else None,
         recalibration_loader=loaders.recalibration,
+        norm_check_loader=loaders.norm_check,
         save_total_limit=args.save_total_limit,
         settings=settings,
     )

@@ -59,6 +59,7 @@ def main(modes: list[str], batch_size: int) -> None:
             leader=leader,
             accelerator=Accelerator(**accelerator_kwargs(config)),
             recalibration_loader=loaders.recalibration,
+            norm_check_loader=loaders.norm_check,
         )
         trainer.train()
         checksum = sum(p.detach().double().sum().item() for p in trainer.module.parameters())

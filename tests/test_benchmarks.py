@@ -120,7 +120,8 @@ def test_budget_curves_give_every_method_the_same_compute_and_merge_runs_made_ap
     for (method, budget), run in points.items():
         assert run.compute == pytest.approx(budget, rel=0.2), (method, budget, run.compute)
         assert set(run.top1) == {0.5, 1.0} and run.seconds > 0
-    assert points["plain", 2.0].steps == 2 * 48 // 8 and points["default", 2.0].steps < points["plain", 2.0].steps
+    assert points["plain", 2.0].steps == round(2 * 43 / 8)  # 48 images less 5 held out for the norm check
+    assert points["default", 2.0].steps < points["plain", 2.0].steps
     assert points["distill", 4.0].seconds > points["plain", 2.0].seconds  # it includes its teacher's time
     _accuracy(tmp_path / "s1", "--budgets", "2", "--methods", "plain", "default", *common, "--seeds", "1")
     merged = bench.main(["--merge", str(tmp_path / "s0" / "budgets.json"), str(tmp_path / "s1" / "budgets.json"),

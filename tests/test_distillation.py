@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -152,19 +153,17 @@ def test_cached_teacher_outputs_are_reused_and_refused_for_other_data_or_teacher
     first = _trainer(data, config, leader=teacher)
     first.train()
     # one pass over every draw of every image, before training, none during it (and one FLOP-counting pass)
-    assert calls.count(False) == 3 * 48 // 8 and calls.count(True) == 1
+    images = len(first.train_loader.dataset)  # the training split less the images held out for the norm check
+    assert calls.count(False) == math.ceil(3 * images / 8) and calls.count(True) == 1
     cache = first.players.teacher_cache
     dataset = first.train_loader.dataset
-    keys = torch.tensor([0, 1, 2, 3 * 47 + 2])
+    keys = torch.tensor([0, 1, 2, 3 * (images - 1) + 2])
     with torch.no_grad():
         exact = teacher(torch.stack([dataset.draw_view(int(k)) for k in keys]))
     top = exact.topk(4, dim=-1)
     torch.testing.assert_close(cache.logits(keys).gather(1, top.indices), top.values, atol=1e-2, rtol=1e-2)
-    assert (
-        first.compute.teacher
-        == cache.making_flops
-        == 3 * 48 * count_flops(teacher, first.teammates[0].example_input(1))
-    )
+    per_image = count_flops(teacher, first.teammates[0].example_input(1))
+    assert first.compute.teacher == cache.making_flops == 3 * images * per_image
 
     calls.clear()  # another seed (and budget) reuses the file: no teacher pass at all, the making still charged
     again = _trainer(data, TrainingConfig(**{**config.to_dict(), "seed": 5, "max_steps": 3}), leader=teacher)
@@ -207,10 +206,11 @@ def test_recipes_given_one_compute_budget_spend_the_same_flops(data, recipe: dic
     teacher = _model(1).export(1.0).eval() if recipe.get("leader") in ("frozen", "cached") else None
     trainer = _trainer(data, config, leader=teacher)
     trainer.train()
-    unit = BACKWARD_FACTOR * trainer.teammates[0].flops(1.0) * len(data.train)  # one plain epoch
+    images = len(trainer.train_loader.dataset)
+    unit = BACKWARD_FACTOR * trainer.teammates[0].flops(1.0) * images  # one plain epoch
     assert trainer.training_flops() == pytest.approx(2.0 * unit, rel=0.15)
     if recipe.get("train_depths") == "top":
-        assert trainer.progress.step == 2 * 48 // 8  # exactly two epochs of plain fine-tuning
+        assert trainer.progress.step == round(2 * images / 8)  # two epochs' images of plain fine-tuning
 
 
 def test_a_budget_too_small_for_one_step_is_refused(data) -> None:

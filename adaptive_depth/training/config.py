@@ -72,6 +72,9 @@ class TrainingConfig:
         label_smoothing: of every cross-entropy term.
         seed: everything random (heads, data order, augmentation) derives from it.
         per_depth_norms: recalibrate BatchNorm statistics for every trained depth after training.
+        norm_check_fraction: the share of the training split (at most 1,000 images) held out of training to check
+            each depth's recalibrated statistics against those of training: a depth keeps whichever classifies it
+            better, so per-depth statistics are never worse there (0: no check, recalibrated statistics kept).
         leader_cache_draws, leader_cache_top_k: ``leader="cached"``: augmentation draws fixed per image, and
             the teacher's logits kept per draw (fp16).
         leader_cache: ``leader="cached"``: a file to keep the cache in, reused by later runs on the same data with
@@ -138,6 +141,9 @@ class TrainingConfig:
     seed: int = field(default=0, metadata={"help": "heads, data order, augmentation"})
     per_depth_norms: bool = field(default=True, metadata={"help": "recalibrate BatchNorm per depth after training"})
     recalibration_batches: int = field(default=20, metadata={"help": "batches per depth for the recalibration"})
+    norm_check_fraction: float = field(
+        default=0.1, metadata={"help": "training split held out to check per-depth statistics (0: no check)"}
+    )
     leader_cache_draws: int = field(default=4, metadata={"help": "cached Leader: augmentation draws per image"})
     leader_cache_top_k: int = field(default=10, metadata={"help": "cached Leader: logits kept per draw"})
     leader_cache: str | None = field(default=None, metadata={"help": "cached Leader: file to keep the cache in"})
@@ -194,7 +200,7 @@ class TrainingConfig:
                 f"leader='cached' looks the teacher's outputs up for one view per image; teammate_data="
                 f"{self.teammate_data!r} gives each Teammate its own: use teammate_data='shared' or leader='frozen'"
             )
-        for name in ("warmup_ratio", "distill_warmup_ratio"):
+        for name in ("warmup_ratio", "distill_warmup_ratio", "norm_check_fraction"):
             self._check_number(name, minimum=0.0)
             if getattr(self, name) >= 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -287,6 +293,7 @@ class TrainingConfig:
             "streams": self.data_streams,
             "own_order": self.teammate_data == "streams",
             "teacher_draws": self.leader_cache_draws if self.leader == "cached" else None,
+            "norm_check": self.norm_check_fraction if self.per_depth_norms else 0.0,
         }
 
     @property

@@ -142,13 +142,28 @@ class EpochSampler(torch.utils.data.Sampler[Any]):
         return iter(zip(*orders))
 
 
+NORM_CHECK_MAX = 1000  # images held out of the training split for the BatchNorm check, at most
+
+
 @dataclass
 class Loaders:
-    """The three loaders of a run: augmented training, un-augmented training (BatchNorm recalibration), held-out."""
+    """The loaders of a run: augmented training, un-augmented training (BatchNorm recalibration), held-out
+    evaluation, and (with ``norm_check``) un-augmented training images that training does not see, on which each
+    depth's recalibrated BatchNorm statistics are checked against those of training."""
 
     train: DataLoader
     recalibration: DataLoader
     eval: DataLoader
+    norm_check: DataLoader | None = None
+
+
+def hold_out(train: datasets.Dataset, fraction: float) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Split ``fraction`` of a training split (at most :data:`NORM_CHECK_MAX` images) off, the same for every seed."""
+    count = min(NORM_CHECK_MAX, round(fraction * len(train))) if fraction > 0 else 0
+    if count == 0:
+        return train, None
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+    return train.select(sorted(order[count:])), train.select(sorted(order[:count]))
 
 
 def make_loaders(
@@ -163,6 +178,7 @@ def make_loaders(
     streams: int = 1,
     own_order: bool = True,
     teacher_draws: int | None = None,
+    norm_check: float = 0.0,
 ) -> Loaders:
     """Loaders with the model's own preprocessing (training augmentation on the first), seeded by ``seed``.
 
@@ -180,9 +196,12 @@ def make_loaders(
             images, each stream with its own augmentation).
         teacher_draws: the training loader in draw mode, yielding ``(images, labels, keys)``: ``K`` fixed
             augmentations per image, for cached teacher outputs (``TrainingConfig.leader="cached"``).
+        norm_check: the share of the training split (at most :data:`NORM_CHECK_MAX` images, the same ones whatever
+            the seed) held out of training and recalibration, for ``Loaders.norm_check``.
 
     ``make_loaders(data, model, **config.loader_options, ...)`` sets ``batch_size``, ``seed``, ``streams``,
-    ``own_order`` and ``teacher_draws`` as a :class:`~adaptive_depth.training.TrainingConfig` needs them.
+    ``own_order``, ``teacher_draws`` and ``norm_check`` as a :class:`~adaptive_depth.training.TrainingConfig` needs
+    them.
     """
     inner = getattr(model, "model", model)
     processor = getattr(model, "image_processor", None)
@@ -211,8 +230,10 @@ def make_loaders(
             generator=torch.Generator().manual_seed(seed),
         )
 
+    train, check = hold_out(data.train, norm_check)
     return Loaders(
-        train=loader(data.train, train_tf, shuffle=True, drop_last=True, streams=streams, draws=teacher_draws),
-        recalibration=loader(data.train, eval_tf, shuffle=True),
+        train=loader(train, train_tf, shuffle=True, drop_last=True, streams=streams, draws=teacher_draws),
+        recalibration=loader(train, eval_tf, shuffle=True),
         eval=loader(data.eval, eval_tf, shuffle=False),
+        norm_check=loader(check, eval_tf, shuffle=False) if check is not None else None,
     )

@@ -38,6 +38,7 @@ from .compute import ComputeMeter, ForwardCost, plain_epoch_flops
 from .config import TrainingConfig
 from .evaluate import TrainingResult, evaluate_accuracy, measure_costs
 from .losses import TEAMMATE_NAMES, CooperativeLoss, cooperative_loss
+from .norm_check import keep_better_norms
 from .players import CooperativeModel, logits_of, make_leader, make_teammates
 from .teacher_cache import TeacherCache, cache_fingerprint, make_teacher_cache
 
@@ -73,6 +74,8 @@ class CooperativeTrainer:
             when ``output_dir`` is set).
         recalibration_loader: un-augmented training batches for per-depth BatchNorm statistics (default:
             ``train_loader``).
+        norm_check_loader: un-augmented training images held out of training (``Loaders.norm_check``): each
+            recalibrated depth keeps the statistics, recalibrated or of training, that classify them better.
         log_every: optimizer steps between tracker logs.
         save_total_limit: keep at most this many of this run's checkpoints (the newest); ``None``: all.
         settings: what else decides the run besides ``config`` (a script's model, dataset, input size...), as JSON
@@ -96,6 +99,7 @@ class CooperativeTrainer:
         output_dir: str | Path | None = None,
         checkpoint_steps: int | None = None,
         recalibration_loader: DataLoader | None = None,
+        norm_check_loader: DataLoader | None = None,
         log_every: int = 10,
         save_total_limit: int | None = None,
         settings: Mapping[str, Any] | None = None,
@@ -145,6 +149,8 @@ class CooperativeTrainer:
         self.players: CooperativeModel = acc.unwrap_model(self.module)
         self.eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
         self.recalibration_loader = acc.prepare(recalibration_loader) if recalibration_loader is not None else None
+        self.norm_check_loader = acc.prepare(norm_check_loader) if norm_check_loader is not None else None
+        self.norms_kept: dict[str, dict[str, str]] = {}  # per Teammate and depth: recalibrated or training
         if len(self.train_loader) == 0:
             images = len(train_loader.dataset) if hasattr(train_loader, "dataset") else "too few"  # type: ignore[arg-type]
             raise ConfigError(
@@ -425,6 +431,10 @@ class CooperativeTrainer:
                     t, self.eval_loader, acc, depths, num_classes=num_classes, top5=False, desc=name
                 )
             self.recalibrate(depths)
+            if self.norm_check_loader is not None:
+                for name, t in zip(names, self.teammates):
+                    kept = keep_better_norms(t, self.norm_check_loader, acc, depths)
+                    self.norms_kept[name] = {f"{s:g}": choice for s, choice in kept.items()}
         results: list[DepthResult] = []
         example = self.teammates[0].example_input(1)  # costs do not depend on the pixels
         players: list[tuple[str, nn.Module]] = list(zip(names, self.teammates))
@@ -452,6 +462,7 @@ class CooperativeTrainer:
             steps=self.progress.step,
             processes=acc.num_processes,
             training_flops=self.training_flops(),
+            norms_kept=self.norms_kept or None,
         )
         model.config.extra["training"] = report.to_dict()
         return TrainingResult(model, report)
