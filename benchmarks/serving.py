@@ -45,7 +45,7 @@ import aiohttp
 import torch
 from PIL import Image
 
-from adaptive_depth import AdaptiveDepth
+from adaptive_depth import AdaptiveDepth, BudgetError
 from adaptive_depth.budget import describe_device
 from adaptive_depth.report import TrainingReport
 from adaptive_depth.serving.classifier import profile_batch_sizes
@@ -74,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=224, help="input size with --random-init")
     p.add_argument("--slo-ms", type=float, default=50.0, help="latency objective of every request")
     p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--margin-ms", type=float, help="time kept from every deadline (default: a tenth of the SLO)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server's worker")
     p.add_argument("--duration", type=float, default=40.0, help="seconds of the ramp (the others: half of it)")
     p.add_argument("--calibration-s", type=float, default=8.0, help="seconds of the capacity measurement")
@@ -83,7 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", help="name of the outputs (default: from the model)")
     p.add_argument("--output-dir", type=Path, default=Path("out/serving-bench"), help="JSON results")
     p.add_argument("--plot-dir", type=Path, default=ROOT / "docs" / "img")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.margin_ms is None:
+        args.margin_ms = args.slo_ms / 10
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------- the model
@@ -131,7 +135,8 @@ def server(folder: Path, args: argparse.Namespace, policy: list[str]) -> Iterato
     metrics_dir = tempfile.mkdtemp(prefix="serving-bench-metrics-")
     command = [sys.executable, str(ROOT / "examples" / "serve.py"), str(folder), "--port", str(port),
                "--slo-ms", str(args.slo_ms), "--max-batch-size", str(args.max_batch_size),
-               "--threads", str(args.threads), "--device", "cpu", *policy]  # fmt: skip
+               "--threads", str(args.threads), "--device", "cpu", "--margin-ms", str(args.margin_ms),
+               "--request-timeout-s", str(args.timeout_s), *policy]  # fmt: skip
     log = open(Path(metrics_dir) / "server.log", "w")  # noqa: SIM115 (closed below, after the process)
     env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": metrics_dir, "OMP_NUM_THREADS": str(args.threads)}
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
@@ -164,13 +169,30 @@ def _healthy(url: str) -> bool:
 
 def scrape(url: str) -> dict[str, float]:
     """The server's Prometheus counters: ``{"name{labels}": value}`` of the sample lines."""
-    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=60).read().decode()
     values = {}
     for line in text.splitlines():
         match = re.match(r"^(adaptive_depth_\S+)\s+(\S+)$", line)
         if match:
             values[match.group(1)] = float(match.group(2))
     return values
+
+
+def settle(url: str, every_s: float, limit_s: float = 90.0) -> dict[str, float]:
+    """Wait (at most ``limit_s``) until the server has finished its backlog; its metrics then.
+
+    Requests whose client gave up are still in the server's queue until served or expired (``--timeout-s``);
+    the next trace must not share the machine with them. Finished: no answer in ``every_s`` (more than a batch).
+    """
+    deadline, last = time.monotonic() + limit_s, None
+    while True:
+        metrics = scrape(url)
+        done = sum(v for k, v in metrics.items() if k.startswith("adaptive_depth_requests_total"))
+        served = sum(v for k, v in metrics.items() if k.startswith("adaptive_depth_images_total"))
+        if (done, served) == last or time.monotonic() > deadline:
+            return metrics
+        last = (done, served)
+        time.sleep(every_s)
 
 
 # ---------------------------------------------------------------------------------------------------- the load
@@ -254,12 +276,19 @@ def main(argv: list[str] | None = None) -> dict:
         bodies = payloads(model)
         depths = model.config.scaling_factors
         budget_ms = args.slo_ms / 2  # a full batch within half the SLO: a request may wait for the batch before
+        quiet_s = max(1.0, 2e-3 * max(ms for row in profile.latency_ms.values() for ms in row.values()))
         policies = {
             "s=1": ["--scaling-factor", "1"],
             f"s={depths[0]:g}": ["--scaling-factor", str(depths[0])],
             "set_budget": ["--max-latency-ms", str(budget_ms)],
             "adaptive": [],
         }
+        try:
+            chosen = model.set_budget(max_latency_ms=budget_ms, batch_size=args.max_batch_size)
+            print(f"set_budget(max_latency_ms={budget_ms:g}, batch_size={args.max_batch_size}) -> s = {chosen:g}")
+        except BudgetError as e:
+            print(f"no static set_budget policy: {e}")
+            del policies["set_budget"]
         print(f"serving benchmark: {tag} on {describe_device('cpu')}, SLO {args.slo_ms:g} ms", flush=True)
         results = []
         with ExitStack() as servers:
@@ -277,18 +306,19 @@ def main(argv: list[str] | None = None) -> dict:
                 rate = rate_of(trace, capacity, durations[trace])
                 due = arrivals(rate, 4 * capacity, durations[trace], args.seed + i, args.max_requests)
                 for name, url in urls.items():
-                    before = scrape(url)
+                    before = settle(url, quiet_s)
                     sent = asyncio.run(run_trace(url, due, bodies, args.timeout_s))
-                    row = summarise(name, trace, sent, durations[trace], args.slo_ms, accuracy, before, scrape(url))
+                    after = settle(url, quiet_s)
+                    row = summarise(name, trace, sent, durations[trace], args.slo_ms, accuracy, before, after)
                     results.append(row)
                     print(json.dumps(row["summary"]), flush=True)
-                    time.sleep(1.0)  # the queue drains before the next policy
         data = {
             "model": tag,
             "device": describe_device("cpu"),
             "slo_ms": args.slo_ms,
             "capacity_rps": capacity,
             "max_batch_size": args.max_batch_size,
+            "margin_ms": args.margin_ms,
             "threads": args.threads,
             "set_budget_ms": budget_ms,
             "accuracy": accuracy,

@@ -66,6 +66,9 @@ def summarise(
         "controller_overhead": _delta(before, after, "adaptive_depth_controller_seconds_sum") / batch_seconds
         if batch_seconds
         else None,
+        # the worker's time in batches over the trace's: well below 1 with late answers, the model is not the
+        # bottleneck (the HTTP process, the queues or the client are) and no depth can help
+        "worker_busy": batch_seconds / duration,
     }
     timeline = [[round(s.due, 4), round(s.latency * 1e3, 2) if s.latency else None, s.depth] for s in sent]
     return {"summary": summary, "timeline": timeline}
@@ -143,17 +146,19 @@ def plot(data: dict[str, Any], path: Path) -> Path:
     for col, trace in enumerate(traces):
         results = [r for r in data["results"] if r["summary"]["trace"] == trace]
         duration = data["durations"][trace]
-        bins = np.arange(0.0, duration + 1.0, 1.0)
+        width = max(1.0, duration / 30)  # about 30 bins: enough requests in each to read a rate
+        bins = np.arange(0.0, duration + width, width)
         load, latency, depth = axes[0][col], axes[1][col], axes[2][col]
         due = np.array([t[0] for t in results[0]["timeline"]])
-        load.plot(bins[:-1], np.histogram(due, bins)[0], color="black", label="offered")
+        load.step(bins[:-1], np.histogram(due, bins)[0] / width, where="post", color="black", label="offered")
         load.axhline(data["capacity_rps"], color="grey", linestyle="--", label="capacity at s = 1")
         for r in results:
             policy, timeline = r["summary"]["policy"], r["timeline"]
             colour = colours[policy]
             answered = [t for t in timeline if t[1] is not None]
             on_time = [t[0] for t in answered if t[1] <= data["slo_ms"]]
-            load.plot(bins[:-1], np.histogram(on_time, bins)[0], color=colour, linewidth=0.8, label=policy)
+            goodput = np.histogram(on_time, bins)[0] / width
+            load.step(bins[:-1], goodput, where="post", color=colour, linewidth=0.8, label=f"{policy} on time")
             latency.scatter([t[0] for t in answered], [t[1] for t in answered], s=2, color=colour, alpha=0.4)
             with_depth = np.array([(t[0], t[2]) for t in answered if t[2] is not None])
             if len(with_depth):
@@ -164,7 +169,7 @@ def plot(data: dict[str, Any], path: Path) -> Path:
         latency.axhline(data["slo_ms"], color="red", linestyle=":", label="SLO")
         latency.set_yscale("log")
         load.set_title(f"{trace}: {data['model']}, SLO {data['slo_ms']:g} ms")
-        load.set_ylabel("requests/s (on time: colour)")
+        load.set_ylabel("requests/s")
         latency.set_ylabel("latency (ms)")
         depth.set_ylabel("mean depth s of answers")
         depth.set_xlabel("time (s)")
@@ -176,3 +181,17 @@ def plot(data: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+if __name__ == "__main__":  # draw the table and plot again from a run's JSON
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="table and plot of a benchmarks/serving.py run")
+    parser.add_argument("results", type=Path, help="the JSON that benchmarks/serving.py wrote")
+    parser.add_argument("--plot", type=Path, help="where to draw the plot (default: none)")
+    options = parser.parse_args()
+    run = json.loads(options.results.read_text())
+    print(markdown(run))
+    if options.plot:
+        print(plot(run, options.plot))

@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=1, help="classes per answer")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image accepted (w x h)")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body accepted")
+    p.add_argument("--request-timeout-s", type=float, default=30.0, help="a request waiting longer gets a 504")
     args = p.parse_args(argv)
     for name in ("max_batch_size", "workers", "top_k", "max_pixels", "port"):
         if getattr(args, name) < 1:
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerator=args.device,
         workers_per_device=args.workers,
         max_payload_bytes=int(args.max_body_mb * 1e6),
+        timeout=args.request_timeout_s,
         top_k=args.top_k,
         max_pixels=args.max_pixels,
         threads=args.threads,
