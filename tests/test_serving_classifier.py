@@ -11,7 +11,7 @@ import timm
 import torch
 from PIL import Image
 
-from adaptive_depth import AdaptiveDepth, LatencyProfile
+from adaptive_depth import AdaptiveDepth, ConfigError, LatencyProfile
 from adaptive_depth.serving import DepthController, FixedDepth
 from adaptive_depth.serving.classifier import ImageClassifier, PolicySpec, profile_batch_sizes, serving_profile
 from adaptive_depth.serving.requests import BadRequestError, image_bytes, open_image
@@ -68,6 +68,28 @@ def test_policies_from_the_spec() -> None:
     assert [PolicySpec(slo_ms=50, **kw).name for kw in ({}, {"scaling_factor": 0.5}, {"max_latency_ms": 20})] == [
         "adaptive", "s=0.5", "budget=20ms"
     ]  # fmt: skip
+
+
+def test_a_bad_spec_is_refused_before_a_worker_starts(tmp_path) -> None:
+    for kwargs, message in [
+        ({"slo_ms": 0}, "slo_ms must be a positive number, got 0"),
+        ({"slo_ms": 50, "margin_ms": 60}, r"margin_ms must be in \[0, slo_ms=50\), got 60"),
+        ({"slo_ms": 50, "max_batch_size": 0}, "max_batch_size must be a positive integer, got 0"),
+        ({"slo_ms": 50, "scaling_factor": 0.5, "max_latency_ms": 9}, "not both"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            PolicySpec(**kwargs)
+    with pytest.raises(ConfigError, match=r"trained at the depths \[0.25, 0.5, 0.75, 1.0\], not at scaling_factor=0.3"):
+        PolicySpec(slo_ms=50, scaling_factor=0.3).check_depths([0.25, 0.5, 0.75, 1.0])
+    pytest.importorskip("litserve")
+    from adaptive_depth.serving.server import build_server
+
+    _model().save_pretrained(tmp_path / "model")
+    with pytest.raises(ConfigError, match="not at scaling_factor=0.3"):
+        build_server(str(tmp_path / "model"), PolicySpec(slo_ms=50, scaling_factor=0.3))
+    timm.models.save_for_hf(timm.create_model("test_convnext"), str(tmp_path / "timm"), safe_serialization=True)
+    with pytest.raises(ConfigError, match="is a base model, not a saved adaptive-depth model"):
+        build_server(str(tmp_path / "timm"), PolicySpec(slo_ms=50))
 
 
 def test_a_worker_classifies_a_batch_at_the_depth_it_is_given() -> None:

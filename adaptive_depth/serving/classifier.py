@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from ..budget import LatencyProfile
-from ..errors import BudgetError
+from ..errors import BudgetError, ConfigError
 from ..model import AdaptiveDepth
+from ..policy import check_scaling_factor
 from .controller import DepthController, DepthPolicy, FixedDepth
 from .requests import DEFAULT_MAX_PIXELS, image_bytes, open_image
 
@@ -45,6 +46,26 @@ class PolicySpec:
     max_batch_size: int = 16
     margin_ms: float = 0.0
 
+    def __post_init__(self) -> None:
+        for key in ("slo_ms", "max_latency_ms", "scaling_factor"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+                raise ConfigError(f"{key} must be a positive number, got {value!r}")
+        if self.scaling_factor is not None and self.max_latency_ms is not None:
+            raise ConfigError("give a fixed scaling_factor or a max_latency_ms budget, not both")
+        if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be a positive integer, got {self.max_batch_size!r}")
+        if not 0 <= self.margin_ms < self.slo_ms:
+            raise ConfigError(f"margin_ms must be in [0, slo_ms={self.slo_ms}), got {self.margin_ms!r}")
+
+    def check_depths(self, trained: Sequence[float]) -> None:
+        """Refuse a fixed depth the model was not trained at (its latency was never measured)."""
+        if self.scaling_factor is not None and check_scaling_factor(self.scaling_factor) not in trained:
+            raise ConfigError(
+                f"the model was trained at the depths {list(trained)}, not at scaling_factor={self.scaling_factor}: "
+                "serve one of those"
+            )
+
     @property
     def name(self) -> str:
         """``adaptive``, ``s=0.5`` or ``budget=20ms``: for logs, metrics and benchmark tables."""
@@ -58,8 +79,7 @@ class PolicySpec:
         """The policy object for ``model`` with ``profile`` (measured on the device it serves on)."""
         common = {"max_batch_size": self.max_batch_size, "margin_ms": self.margin_ms}
         depths = model.config.scaling_factors
-        if self.scaling_factor is not None and self.max_latency_ms is not None:
-            raise BudgetError("give a fixed scaling_factor or a max_latency_ms budget, not both")
+        self.check_depths(depths)
         if self.scaling_factor is not None:
             return FixedDepth(profile, self.slo_ms, self.scaling_factor, **common)
         if self.max_latency_ms is not None:

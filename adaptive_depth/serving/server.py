@@ -25,6 +25,7 @@ from litserve.callbacks import EventTypes
 from litserve.loops import LitLoop
 from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPException
 
+from ..config import AdaptiveDepthConfig
 from ..errors import ConfigError
 from ..loading import HubOptions, resolve
 from .classifier import ImageClassifier, PolicySpec
@@ -325,14 +326,14 @@ def build_server(
         timeout: seconds a request may wait for a worker before a 504.
         **api_kwargs: :class:`AdaptiveDepthAPI`'s other arguments.
     """
-    if spec.slo_ms <= 0 or spec.max_batch_size < 1:
-        raise ConfigError(f"the SLO and the largest batch must be positive, got {spec}")
     # Checked here, before any worker starts: a worker that cannot load its model only logs it and stops.
-    if resolve(model_id, HubOptions()).kind != "adaptive":
+    resolved = resolve(model_id, HubOptions())
+    if resolved.kind != "adaptive":
         raise ConfigError(
             f"{model_id!r} is a base model, not a saved adaptive-depth model: wrap and save it first "
             "(AdaptiveDepth.from_pretrained(name).save_pretrained(folder); examples/finetune.py trains one)"
         )
+    spec.check_depths(AdaptiveDepthConfig.from_dict(resolved.config or {}).scaling_factors)
     enable_multiprocess()
     api = AdaptiveDepthAPI(model_id, spec, **api_kwargs)
     guard = {"path": api.api_path, "max_bytes": max_payload_bytes, "slo_ms": spec.slo_ms}
