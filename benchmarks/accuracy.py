@@ -95,11 +95,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "plain": RECIPES["plain"].overrides,  # trained at full depth only, cut to (and recalibrated at) every depth
     "random-depth": RECIPES["random-depth"].overrides,
     "random-depth-kd": {**RECIPES["random-depth"].overrides, "leader": "frozen"},  # and a fixed teacher's logits
-    "random-depth-nested": {"train_depths": "sampled", **SINGLE},  # one nested depth a step, as deployed
-    "cooperative-sampled": {"train_depths": "top+sampled"},  # the default with one sampled sub-network a step
-    "distill": {"train_depths": "sampled", "leader": "frozen", "interactive": False},  # one pass + a fixed teacher
-    "distill-cached": {"train_depths": "sampled", "leader": "cached", "interactive": False},  # no teacher pass
-    "distill-ema": {"train_depths": "sampled", "leader": "ema", "interactive": False, "distill_start": 0.25},
+    **{
+        name: RECIPES[name].overrides
+        for name in ("random-depth-nested", "cooperative-sampled", "distill", "distill-cached", "distill-ema")
+    },  # one pass a step (a teacher's forward without gradients at most), or the default with one sub-network
     "two-path": {"sub_ce_weight": 0.0, "distill_warmup_epochs": 0.0, **SINGLE},  # scaling factors: smallest and 1
     "alone": {"full_depth": False, **SINGLE},  # one run per depth
 }

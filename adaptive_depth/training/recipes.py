@@ -48,6 +48,27 @@ RECIPES: dict[str, Recipe] = {
         "one network at full depth on the labels only, cut to each depth afterwards (a baseline)",
         {"train_depths": "top", "leader": "none", "interactive": False},
     ),
+    "random-depth-nested": Recipe(
+        "one network, one nested depth a step (as deployed; the smallest and the full drawn more often)",
+        {"train_depths": "sampled", "leader": "none", "interactive": False},
+    ),
+    "distill": Recipe(
+        "one nested depth a step, taught by a fixed teacher run without gradients on the same batch: the model "
+        "itself when it is already fine-tuned on the task, or --leader-model",
+        {"train_depths": "sampled", "leader": "frozen", "interactive": False},
+    ),
+    "distill-cached": Recipe(
+        "as distill, the teacher's outputs made once for 4 augmentations of each image: no teacher pass in training",
+        {"train_depths": "sampled", "leader": "cached", "interactive": False},
+    ),
+    "distill-ema": Recipe(
+        "one nested depth a step, taught from a quarter of training on by the moving average of itself at full depth",
+        {"train_depths": "sampled", "leader": "ema", "interactive": False, "distill_start": 0.25},
+    ),
+    "cooperative-sampled": Recipe(
+        "the default with the full depth and one sampled sub-network a step instead of every depth",
+        {"train_depths": "top+sampled"},
+    ),
 }
 
 
