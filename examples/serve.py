@@ -18,7 +18,7 @@ import logging
 import sys
 
 from adaptive_depth import AdaptiveDepthError
-from adaptive_depth.serving.classifier import PolicySpec
+from adaptive_depth.serving import PolicySpec
 from adaptive_depth.serving.requests import DEFAULT_MAX_PIXELS
 
 
