@@ -56,9 +56,8 @@ from .export_files import (
     write_onnx,
 )
 from .export_graph import TensorOutputs, all_depths_module, first_tensor, tensor_output
-from .hub import PROCESSOR_NAME, WEIGHTS_NAME, replace_files_atomically
-from .loading import CONFIG_NAME, timm_preprocessing
-from .preprocessing import match_channels
+from .preprocessing import match_channels, timm_preprocessing
+from .saved import CONFIG_NAME, PROCESSOR_NAME, WEIGHTS_NAME, replace_files_atomically
 from .state import preserved
 
 if TYPE_CHECKING:
@@ -187,21 +186,39 @@ def push_export(
 
 
 # ---------------------------------------------------------------------- timm / transformers repositories
-def _timm_depth_args(architecture: type[nn.Module], counts: Sequence[int]) -> dict[str, Any] | None:
-    """The ``create_model`` argument that gives ``architecture`` these blocks per stage (``None``: it has none)."""
-    accepted = inspect.signature(architecture.__init__).parameters
-    for name in DEPTH_ARGUMENTS:
-        if name in accepted:
-            if name == "depth":
-                return {"depth": int(counts[0])} if len(counts) == 1 else None
-            return {name: [int(c) for c in counts]}
-    return None
+def _timm_depth_args(model: AdaptiveDepth, counts: Sequence[int]) -> dict[str, Any] | None:
+    """The ``create_model`` argument that gives the timm base these blocks per stage (``None``: it takes none).
+
+    The stages found are the architecture's own, in order, unless the model was built with the argument given
+    explicitly and some of its stages hold a single block (no stage is found there): those keep their count. The
+    rebuild check that follows every export catches any other mismatch.
+    """
+    from timm.models._hub import get_model_args  # the constructor arguments timm recorded
+
+    accepted = inspect.signature(type(model.model).__init__).parameters
+    name = next((n for n in DEPTH_ARGUMENTS if n in accepted), None)
+    if name is None:
+        return None
+    if name == "depth":
+        return {"depth": int(counts[0])} if len(counts) == 1 else None
+    given = get_model_args(model.model, {}).get(name)
+    found = [st.num_blocks for st in model.config.stages]
+    if not isinstance(given, list | tuple) or len(given) == len(found):
+        return {name: [int(c) for c in counts]}
+    depths, j = [int(n) for n in given], 0
+    for i, n in enumerate(given):  # the found stages, matched in order by their full block counts
+        if j < len(found) and n == found[j]:
+            depths[i], j = int(counts[j]), j + 1
+    return {name: depths} if j == len(found) else None
 
 
 def _check_repo_possible(model: AdaptiveDepth, counts: Sequence[int]) -> None:
     """Refuse a repository export that timm / transformers could not rebuild, naming the formats that work."""
     config, source = model.config, model.config.base_model.source
-    instead = "save_export(folder, s, format='onnx') (or 'torch.export') exports any depth of any architecture"
+    instead = (
+        "save_export(folder, s, format='onnx') (or 'torch.export') exports any depth of any architecture, and "
+        "save_pretrained() keeps every depth for AdaptiveDepth.from_pretrained"
+    )
     if source not in ("timm", "transformers"):
         raise ConfigError(f"this model wraps a custom module, so there is no timm / transformers repository: {instead}")
     full = [st.num_blocks for st in config.stages]
@@ -218,7 +235,7 @@ def _check_repo_possible(model: AdaptiveDepth, counts: Sequence[int]) -> None:
         )
     if list(counts) == full:
         return  # the architecture as it is
-    if source == "timm" and _timm_depth_args(type(model.model), counts) is None:
+    if source == "timm" and _timm_depth_args(model, counts) is None:
         raise ConfigError(
             f"timm's {type(model.model).__name__} takes no per-stage depth argument ({' / '.join(DEPTH_ARGUMENTS)}), "
             f"so timm cannot rebuild this depth from a repository: {instead}"
@@ -242,7 +259,7 @@ def _write_repo(model: AdaptiveDepth, counts: list[int], folder: Path) -> None:
     from timm.models import save_for_hf
 
     # A model that gates branches is exported at full depth only (see _check_repo_possible): the original arguments.
-    depth_args = {} if model.config.gates_branches else _timm_depth_args(type(plain), counts)
+    depth_args = {} if model.config.gates_branches else _timm_depth_args(model, counts)
     save_for_hf(plain, str(folder), safe_serialization=True, **_timm_config_args(model, plain, depth_args or {}, {}))
     _drop_clashing_args(folder / CONFIG_NAME)
     _check_rebuild(plain, folder, model.example_input(2))
@@ -350,7 +367,7 @@ def _write_graph_config(model: AdaptiveDepth, plan: ExportPlan, module: nn.Modul
 
         counts = plan.depths[0][1]
         described = not plan.all_depths and not model.config.gates_branches  # else the architecture's own depth
-        depth_args = (_timm_depth_args(type(model.model), counts) if described else None) or {}
+        depth_args = (_timm_depth_args(model, counts) if described else None) or {}
         id2label = {str(i): n for i, n in sorted(model.id2label.items())}
         extra |= {"id2label": id2label} if id2label else {}
         args = _timm_config_args(model, model.model, depth_args, extra)

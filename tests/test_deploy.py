@@ -196,6 +196,19 @@ def test_a_one_channel_timm_model_exports(tmp_path: Path) -> None:
         torch.testing.assert_close(rebuilt(x), model.set_scaling_factor(0.5)(x), rtol=1e-4, atol=1e-5)
 
 
+def test_a_timm_export_keeps_the_depth_of_stages_that_hold_one_block(tmp_path: Path) -> None:
+    # layers=[2, 1, 1, 1]: one stage is found (layer1); timm's argument has four entries
+    model = AdaptiveDepth.from_pretrained(
+        "resnet18", pretrained=False, num_classes=3, input_size=(3, 32, 32), layers=[2, 1, 1, 1]
+    ).eval()
+    folder = model.save_export(tmp_path / "half", 0.5)
+    rebuilt = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    assert [len(rebuilt.get_submodule(f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model.set_scaling_factor(0.5)(x), rtol=1e-4, atol=1e-5)
+
+
 def test_a_timm_architecture_without_a_depth_argument_is_a_clear_error(tmp_path: Path) -> None:
     model = AdaptiveDepth.from_pretrained("regnetx_002", pretrained=False, num_classes=3, input_size=(3, 32, 32))
     with pytest.raises(ConfigError, match=r"no per-stage depth argument.*format='onnx'"):
