@@ -6,8 +6,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard
 
-from .card import CARD_MARKER
 from .config import BaseModelRef
+from .saved import CARD_MARKER
 
 __all__ = ["export_card"]
 

@@ -9,59 +9,39 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from huggingface_hub import ModelCard, ModelHubMixin
-from safetensors.torch import save_file, save_model
 from torch import nn
 
 from . import export_repo
-from .card import build_model_card
+from .base_models import describe_base_model, load_base_model
 from .config import AdaptiveDepthConfig, BaseModelRef
 from .discovery import discover
 from .errors import CheckpointError, ConfigError, WeightsUnavailableError
-from .gates import is_gated, unwrap_gates
-from .hub import (
-    NORMS_NAME,
-    PROCESSOR_NAME,
-    SAVE_ID_KEY,
-    STRUCTURE_KEY,
-    WEIGHTS_NAME,
-    check_saved_together,
-    check_storable,
-    check_weights,
-    fetch,
-    fingerprint_json,
-    load_image_processor,
-    read_safetensors,
+from .gates import is_gated
+from .load_options import LoadOptions, check_saved_model_arguments
+from .preprocessing import PreprocessingMixin, default_input_size, record_input_size
+from .report import TrainingReport
+from .saved import (
+    CARD_NAME,
+    OPTIONAL_FILES,
+    build_model_card,
+    read_files,
     recover_interrupted_saves,
     replace_files_atomically,
+    write_files,
 )
-from .load_options import LoadOptions, check_saved_model_arguments
-from .loading import (
-    CONFIG_NAME,
-    HubOptions,
-    Resolved,
-    describe_base_model,
-    load_base_model,
-    rebuild_base_model,
-    resolve,
-)
-from .norms import DepthNorms, batchnorm_layers
-from .policy import depth_key
-from .preprocessing import PreprocessingMixin, default_input_size, record_input_size
-from .report import PLOT_NAME, TrainingReport, pareto_plot
-from .tuner import DepthTuner, check_structure
+from .sources import HubOptions, Resolved, resolve
+from .tuner import DepthTuner
 
 __all__ = ["AdaptiveDepth", "pretrained_or_random"]
 
 logger = logging.getLogger(__name__)
 MIN_SAVING = 0.2  # a wrap whose fewest blocks save less than this share of the FLOPs warns
-OPTIONAL_FILES = (NORMS_NAME, PROCESSOR_NAME, PLOT_NAME)  # written only by the models that have them
 
 
 class AdaptiveDepth(
@@ -281,47 +261,11 @@ class AdaptiveDepth(
         cls, resolved: Resolved, hub: HubOptions, model: nn.Module | None, options: LoadOptions | None = None
     ) -> AdaptiveDepth:
         """Check every file against the config and the model first; only then gate the model and load."""
-        config = AdaptiveDepthConfig.from_dict(resolved.config or {})
-        weights_path = fetch(resolved, WEIGHTS_NAME, hub)
-        tensors, metadata = read_safetensors(weights_path)
-        base = rebuild_base_model(config.base_model, model)
-        check_structure(base, config)
-        check_weights(base, tensors, metadata, config, weights_path)
-        check_saved_together(config, WEIGHTS_NAME, weights_path, metadata=metadata)
-        norm_names = {depth_key(s): s for s in config.norm_stats}
-        norms, norm_tensors, norms_path = None, {}, ""
-        if norm_names:
-            norms_path = fetch(resolved, NORMS_NAME, hub)
-            norm_tensors, norms_metadata = read_safetensors(norms_path)
-            check_saved_together(config, NORMS_NAME, norms_path, metadata=norms_metadata)
-            norms = DepthNorms(batchnorm_layers(base))
-            norms.check_tensors(norm_tensors, norm_names, norms_path)
-        elif resolved.local and STRUCTURE_KEY not in metadata and (Path(resolved.location) / NORMS_NAME).is_file():
-            raise CheckpointError(
-                f"{resolved.location} holds {NORMS_NAME} but its config.json lists no recalibrated depths "
-                "(norm_stats is empty): the config was edited; save the model again"
-            )
-        processor = None
-        if config.image_processor:
-            processor_path = fetch(resolved, PROCESSOR_NAME, hub)
-            if config.files:  # a save that fingerprinted its files
-                check_saved_together(config, PROCESSOR_NAME, processor_path)
-            processor = load_image_processor(processor_path)
-        instance = cls(base, config)  # the first change to a model the caller passed
-        instance.image_processor = processor
-        try:
-            instance.model.load_state_dict(tensors, strict=False)  # complete: check_weights counted shared names
-            if norms is not None:
-                instance.depth_norms = norms
-                keys = {name: tuple(instance.depth_for(s)) for name, s in norm_names.items()}
-                norms.load_tensors(norm_tensors, keys, norms_path)
-            instance.set_scaling_factor(config.default_scaling_factor)
-        except Exception:
-            unwrap_gates(base)
-            raise
+        saved = read_files(resolved, hub, model)
+        instance = cls(saved.base, saved.config)  # the first change to a model the caller passed
+        saved.load_into(instance)
         if options is not None:
-            floating = [t.dtype for t in tensors.values() if t.is_floating_point()]
-            options.apply(instance, floating[0] if floating else None)
+            options.apply(instance, saved.weights_dtype)
         return instance.eval()
 
     def use_input_size(self, input_size: Sequence[int]) -> AdaptiveDepth:
@@ -372,10 +316,10 @@ class AdaptiveDepth(
         if config is not None:
             raise ConfigError("save_pretrained() writes the model's own config; edit model.config instead")
         folder = Path(save_directory)
-        # OPTIONAL_FILES this save does not write were left by an earlier save of another model: they go
-        # The depth lock: the model as it is between the scaled() blocks of serving threads.
+        # A file of OPTIONAL_FILES that this save does not write belongs to an earlier save of another model: it goes.
+        # The depth lock holds the model as it is between the scaled() blocks of serving threads.
         with (
-            replace_files_atomically(folder, keep_foreign=("README.md",), replaces=OPTIONAL_FILES) as staging,
+            replace_files_atomically(folder, keep_foreign=(CARD_NAME,), replaces=OPTIONAL_FILES) as staging,
             self.depth_lock(),
         ):
             super().save_pretrained(staging, model_card_kwargs=model_card_kwargs)
@@ -384,39 +328,9 @@ class AdaptiveDepth(
         return None
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        check_storable(self.model)
-        self.flops_table()
-        self.config.default_scaling_factor = self._scaling_factor or 1.0
-        norms = self.depth_norms
-        if norms is None:
-            self.config.norm_stats = []
-        save_id = uuid.uuid4().hex  # in every safetensors file and in config.json: a mixed folder is refused
-        self.config.files = {WEIGHTS_NAME: save_id}
-        self.config.image_processor = self.image_processor is not None
-        if self.image_processor is not None:
-            self.image_processor.save_pretrained(save_directory)  # preprocessor_config.json, as transformers reads it
-            self.config.files[PROCESSOR_NAME] = fingerprint_json(save_directory / PROCESSOR_NAME)
-        metadata = {"format": "pt", STRUCTURE_KEY: self.config.structure_digest(), SAVE_ID_KEY: save_id}
-        if norms is not None:
-            norms.suspend()  # model.safetensors holds the statistics the model was trained with
-        try:
-            save_model(self.model, str(save_directory / WEIGHTS_NAME), metadata=metadata)
-        finally:
-            if norms is not None:
-                norms.resume()
-        if norms is not None and self.config.norm_stats:
-            sets = {depth_key(s): tuple(self.depth_for(s)) for s in self.config.norm_stats}
-            save_file(
-                norms.to_tensors(sets),
-                str(save_directory / NORMS_NAME),
-                metadata={"format": "pt", SAVE_ID_KEY: save_id},
-            )
-            self.config.files[NORMS_NAME] = save_id
-        self.config.save(save_directory / CONFIG_NAME)
-        report = self.training_report
-        if report is not None and report.has_costs:
-            rows = [r.to_dict() for r in report.results]
-            pareto_plot(rows, save_directory / PLOT_NAME, title=self.config.base_model.name or "")
+        """``ModelHubMixin`` hook: the model's files (:func:`adaptive_depth.saved.write_files`); the mixin adds the
+        card."""
+        write_files(save_directory, self)
 
     def push_to_hub(  # type: ignore[override]
         self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any

@@ -5,7 +5,8 @@ full depth are wrong for a shallower network (Slimmable / Once-for-All recalibra
 :func:`recalibrate_batchnorm` re-estimates them at each trained scaling factor on training batches;
 :class:`DepthNorms` keeps one set per depth and makes a BatchNorm layer's ``running_mean`` / ``running_var``
 *be* the set of the current depth (the buffer entries are re-pointed, nothing is copied), so switching depth
-costs a few dictionary assignments. Training at a depth after recalibration updates that depth's own set.
+costs a few dictionary assignments. Training at a depth after recalibration updates that depth's own set. The sets
+are saved in a file of their own (``depth_norms.safetensors``, :mod:`adaptive_depth.saved.files`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
 from .state import preserved
 
 __all__ = ["DepthNorms", "batchnorm_layers", "recalibrate_batchnorm", "register_training_statistics_hooks"]
@@ -44,7 +45,7 @@ class DepthNorms(nn.Module):
     A set is stored under a hashable key (the adaptive model uses the blocks per stage, so every scaling factor
     or explicit depth that runs the same blocks finds the same statistics). Its tensors are non-persistent
     buffers, so ``.to()`` moves them with the model but they stay out of ``state_dict()``; they are saved in a
-    file of their own (:meth:`to_tensors`, :meth:`load_tensors`).
+    file of their own (:meth:`statistics` gives a set's tensors, :meth:`add_sets` takes them back).
 
     Args:
         layers: the BatchNorm layers by name (:func:`batchnorm_layers`).
@@ -63,7 +64,7 @@ class DepthNorms(nn.Module):
     def _buffer(self, set_index: int, layer_index: int, stat: int) -> torch.Tensor:
         return self._buffers[f"s{set_index}_{layer_index}_{stat}"]
 
-    def _add(self, key: Key, stats: dict[str, tuple[torch.Tensor, ...]], *, clone: bool = True) -> None:
+    def _add(self, key: Key, stats: Mapping[str, tuple[torch.Tensor, ...]], *, clone: bool = True) -> None:
         index = self._sets.setdefault(key, len(self._sets))
         self._pointers.pop(key, None)
         for i, name in enumerate(self._names):
@@ -134,49 +135,21 @@ class DepthNorms(nn.Module):
             self.use(current)
         return self
 
-    def to_tensors(self, names: Mapping[str, Key]) -> dict[str, torch.Tensor]:
-        """``{"<name>/<layer>.running_mean": tensor, ...}`` for each ``name -> key`` with its own statistics."""
-        out = {}
-        written: set[Key] = set()
-        for prefix, key in names.items():
-            index = self._sets[key]
-            for i, name in enumerate(self._names):
-                for j, stat in enumerate(STATS):
-                    tensor = self._buffer(index, i, j).contiguous()
-                    # two names of one set (depths that run the same blocks): safetensors refuses shared storage
-                    out[f"{prefix}/{name}.{stat}"] = tensor.clone() if key in written else tensor
-            written.add(key)
-        return out
+    @property
+    def layers(self) -> dict[str, _BatchNorm]:
+        """The BatchNorm layers by name, as given (:func:`batchnorm_layers`)."""
+        return self._layers
 
-    @staticmethod
-    def file_names(tensors: Mapping[str, torch.Tensor]) -> set[str]:
-        """The set names in a file written by :meth:`to_tensors` (``{"0.25", "0.5"}``)."""
-        return {key.partition("/")[0] for key in tensors}
+    def statistics(self, key: Key) -> dict[str, tuple[torch.Tensor, ...]]:
+        """The stored ``running_mean`` and ``running_var`` of ``key``'s set by layer name, in name order (the tensors
+        themselves, not copies)."""
+        index = self._sets[key]
+        return {name: tuple(self._buffer(index, i, j) for j in range(len(STATS))) for i, name in enumerate(self._names)}
 
-    def check_tensors(self, tensors: Mapping[str, torch.Tensor], names: Iterable[str], source: str) -> None:
-        """Raise :class:`CheckpointError` unless ``tensors`` hold exactly the sets ``names``, shaped as our layers."""
-        expected = {
-            f"{n}/{layer}.{stat}": self._layers[layer] for n in names for layer in self._names for stat in STATS
-        }
-        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{source} does not match the model's BatchNorm layers and the depths its config.json lists "
-                f"(norm_stats): missing {missing[:5]}, unexpected {unexpected[:5]}; save the model again"
-            )
-        for key, layer in expected.items():
-            if tensors[key].shape != layer.running_mean.shape:
-                raise CheckpointError(
-                    f"{source}: {key} has shape {tuple(tensors[key].shape)}, the layer has "
-                    f"{tuple(layer.running_mean.shape)}; the file belongs to another model"
-                )
-
-    def load_tensors(self, tensors: Mapping[str, torch.Tensor], names: Mapping[str, Key], source: str) -> None:
-        """Add the sets written by :meth:`to_tensors` (``name -> key``); every expected tensor must be there."""
-        self.check_tensors(tensors, names, source)
-        like = next(iter(self._layers.values())).running_mean
-        for prefix, key in names.items():
-            stats = {name: tuple(tensors[f"{prefix}/{name}.{stat}"].to(like) for stat in STATS) for name in self._names}
+    def add_sets(self, sets: Mapping[Key, Mapping[str, tuple[torch.Tensor, ...]]]) -> None:
+        """Keep each ``key -> {layer: (running_mean, running_var)}`` as the set of ``key`` (the tensors themselves,
+        every layer's); a key that has a set gets these instead. The layers then point at their current set again."""
+        for key, stats in sets.items():
             self._add(key, stats, clone=False)
         current, self._current = self._current, None
         self.use(current)

@@ -18,17 +18,19 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .errors import ConfigError
-from .loading import timm_preprocessing
+from .errors import ConfigError, DataError
 
 __all__ = [
+    "PREPROCESSING_KEYS",
     "PreprocessingMixin",
+    "build_transform",
     "convert_image",
     "create_transform",
     "data_config",
     "default_input_size",
     "match_channels",
     "record_input_size",
+    "timm_preprocessing",
 ]
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,20 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL resample codes in processor configs
+# The parts of a timm pretrained_cfg that describe how to feed the weights (not where they came from).
+PREPROCESSING_KEYS = (
+    "input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "fixed_input_size", "test_input_size",
+    "test_crop_pct", "label_names",
+)  # fmt: skip
+
+
+def timm_preprocessing(pretrained_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-safe preprocessing part of a timm ``pretrained_cfg`` (tuples as lists), as a saved model keeps it."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in pretrained_cfg.items()
+        if k in PREPROCESSING_KEYS and v is not None
+    }
 
 
 def data_config(model: nn.Module, processor: Any = None, input_size: Sequence[int] | None = None) -> dict[str, Any]:
@@ -149,6 +165,30 @@ def create_transform(
     return T.Compose([T.Lambda(functools.partial(convert_image, mode=mode)), tf])
 
 
+def build_transform(
+    model: nn.Module, *, train: bool, input_size: Sequence[int] | None = None, processor: Any = None
+) -> Callable[[Image.Image], torch.Tensor]:
+    """A model's own preprocessing (timm data config or transformers image processor) as a transform.
+
+    The one way from a model to its transform: :func:`data_config`, then :func:`create_transform`
+    (``AdaptiveDepth.create_transform`` and the training loaders both come here).
+
+    Args:
+        model: the base model (timm or transformers).
+        train: with training augmentation.
+        input_size: ``[C, H, W]`` instead of the model's own.
+        processor: the transformers image processor that came with the model (``AdaptiveDepth.image_processor``).
+
+    Raises:
+        DataError: the model does not say its input size, and ``input_size`` is not given.
+    """
+    try:
+        config = data_config(model, processor, input_size)
+    except ConfigError as e:
+        raise DataError(str(e)) from e
+    return create_transform(config, training=train)
+
+
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL's 16- and 32-bit one-channel images
 
 
@@ -204,7 +244,9 @@ class PreprocessingMixin:
 
     def create_transform(self, training: bool = False) -> Callable[[Any], torch.Tensor]:
         """A PIL image -> tensor transform with this model's preprocessing (evaluation, or training augmentation)."""
-        return create_transform(self.data_config, training=training)
+        return build_transform(
+            self.model, train=training, input_size=self.config.input_size, processor=self.image_processor
+        )
 
     def set_labels(self, names: Sequence[str]) -> Any:
         """Name the classes (index ``i`` is ``names[i]``); saved in ``config.json``, the card and every export."""

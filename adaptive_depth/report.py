@@ -13,9 +13,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["PLOT_NAME", "DepthResult", "TrainingReport", "pareto_plot", "published_dataset_name", "results_markdown"]
-
-PLOT_NAME = "pareto.png"
+__all__ = ["DepthResult", "TrainingReport", "pareto_plot", "published_dataset_name", "results_markdown"]
 
 
 @dataclass

@@ -17,9 +17,10 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-import adaptive_depth.hub as hub_module
+import adaptive_depth.saved.atomic as atomic_module
 from adaptive_depth import AdaptiveDepth, CheckpointError
-from adaptive_depth.hub import LOCK_NAME, NORMS_NAME, is_staging
+from adaptive_depth.saved import NORMS_NAME, is_staging
+from adaptive_depth.saved.atomic import LOCK_NAME
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -90,10 +91,10 @@ def test_an_exception_between_the_moves_is_finished_by_the_next_load(
         moved.append(Path(target).name)
         real_replace(source, target)
 
-    monkeypatch.setattr(hub_module.os, "replace", fail_at_the_config)
+    monkeypatch.setattr(atomic_module.os, "replace", fail_at_the_config)
     with pytest.raises(OSError, match="Input/output"):
         second.save_pretrained(tmp_path)
-    monkeypatch.setattr(hub_module.os, "replace", real_replace)
+    monkeypatch.setattr(atomic_module.os, "replace", real_replace)
     assert "model.safetensors" in moved and _staging(tmp_path)  # a mixed folder, and the rest of the save beside it
     loaded = AdaptiveDepth.from_pretrained(tmp_path)  # finishes the save: the second model, whole
     assert _same(loaded, second)

@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import save_file
 
 from adaptive_depth import AdaptiveDepth, CheckpointError, ConfigError
-from adaptive_depth.hub import read_safetensors
+from adaptive_depth.saved import read_safetensors
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ import transformers
 from PIL import Image
 
 from adaptive_depth import DataError
+from adaptive_depth.preprocessing import build_transform
 from adaptive_depth.training import (
     EpochSampler,
     TransformedDataset,
-    build_transform,
     cluttered_digits_dataset,
     digit_pairs_dataset,
     digits_dataset,

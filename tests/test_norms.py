@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adaptive_depth import AdaptiveDepth, CheckpointError
-from adaptive_depth.model import NORMS_NAME
+from adaptive_depth.saved import NORMS_NAME
 
 
 @pytest.fixture(scope="module")

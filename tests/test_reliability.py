@@ -15,7 +15,7 @@ import timm
 import torch
 from torch import nn
 
-import adaptive_depth.model as model_module
+import adaptive_depth.saved.files as saved_files
 from adaptive_depth import AdaptiveDepth, AdaptiveDepthError, CheckpointError, ConfigError, UnknownModelError
 from adaptive_depth.gates import is_gated
 from adaptive_depth.policy import depth_key
@@ -190,7 +190,7 @@ def test_failed_save_leaves_the_previous_save_loadable(tmp_path: Path, monkeypat
     def full_disk(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(model_module, "save_model", full_disk)
+    monkeypatch.setattr(saved_files, "save_model", full_disk)
     second = _resnet((0.5, 1.0))
     with pytest.raises(OSError, match="No space"):
         second.save_pretrained(tmp_path)

@@ -19,13 +19,13 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from adaptive_depth import AdaptiveDepth, ConfigError, DataError, ScalingFactorError
-from adaptive_depth.hub import SAVE_ID_KEY, read_safetensors
+from adaptive_depth.preprocessing import build_transform
+from adaptive_depth.saved import SAVE_ID_KEY, read_safetensors
 from adaptive_depth.training import (
     CooperativeTrainer,
     EpochSampler,
     TrainingConfig,
     TransformedDataset,
-    build_transform,
     cooperative_loss,
     digits_dataset,
 )
@@ -103,8 +103,8 @@ def test_cooperative_training_lowers_the_loss_and_every_term_contributes(build) 
         assert any(g is not None and g.abs().sum() > 0 for g in grads), key
     trainer.train()
     history = trainer.progress.history
-    # falls by 15% or more and is still falling in the second half (the tiny transformers ResNet fell 19.7% with
-    # transformers 5.23.0 and failed the old 20% bound that an earlier landing's CI passed)
+    # falls by 15% or more and is still falling in the second half (15%, not more: the tiny transformers ResNet's
+    # fall varies with the transformers version, 19.7% with 5.23.0)
     assert len(history) == 8 and history[-1] < 0.85 * history[0] and history[-1] < min(history[:4]), history
     result = trainer.evaluate(latency=False)
     assert result.deployed in ("A", "B")

@@ -156,7 +156,7 @@ def test_a_resume_with_other_script_settings_is_refused_and_with_the_same_ones_r
     assert _script().main([*common, "--checkpointing-steps", "1", "--keep-checkpoints"]) == 0
     for name in FINAL_OUTPUTS:  # as if the run had been killed before its final save...
         (out / name).unlink(missing_ok=True)
-    killed_save = out / ".saving-k1ll3d"  # ...in it: a model save's temporary folder, as hub.py names them
+    killed_save = out / ".saving-k1ll3d"  # ...in it: a model save's temporary folder (adaptive_depth.saved.atomic)
     killed_save.mkdir()
     (killed_save / "model.safetensors").write_bytes(b"half a file")
     resume = [*common, "--resume-from-checkpoint", "latest"]

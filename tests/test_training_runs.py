@@ -26,7 +26,8 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from adaptive_depth import AdaptiveDepth, ConfigError
-from adaptive_depth.report import PLOT_NAME, DepthResult, pareto_plot
+from adaptive_depth.report import DepthResult, pareto_plot
+from adaptive_depth.saved import PLOT_NAME
 from adaptive_depth.training import CooperativeTrainer, TrainingConfig, load_image_classification_data, make_loaders
 from adaptive_depth.training.checkpoints import checkpoint_dirs
 from scripts import ROOT, load_script

@@ -27,7 +27,7 @@ from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPExcepti
 
 from ..config import AdaptiveDepthConfig
 from ..errors import ConfigError
-from ..loading import HubOptions, resolve
+from ..sources import HubOptions, resolve
 from .classifier import ImageClassifier, PolicySpec
 from .metrics import HttpMetrics, WorkerMetrics, enable_multiprocess, metrics_endpoint
 from .requests import DEFAULT_MAX_PIXELS, BadRequestError

@@ -1,8 +1,9 @@
 """Cooperative training of adaptive-depth models (docs/training.md): objective, data, Accelerate trainer."""
 
-from ..report import PLOT_NAME, DepthResult, TrainingReport, published_dataset_name
+from ..report import DepthResult, TrainingReport, published_dataset_name
+from ..saved import PLOT_NAME
 from .config import TrainingConfig
-from .data import ImageClassificationData, build_transform, find_bad_images, load_image_classification_data
+from .data import ImageClassificationData, find_bad_images, load_image_classification_data
 from .embedded import (
     CLUTTERED_DIGITS,
     DIGIT_PAIRS,
@@ -16,7 +17,7 @@ from .evaluate import evaluate_accuracy
 from .loaders import EpochSampler, Loaders, TransformedDataset, make_loaders
 from .losses import CooperativeLogits, CooperativeLoss, cooperative_loss, kd_loss, sfsl_weights
 from .models import load_leader
-from .output_dir import OutputDir
+from .output_dir import LOGS_DIR, RESULTS_NAME, TRAINING_CONFIG_NAME, OutputDir
 from .players import CooperativeModel, logits_of
 from .trainer import CooperativeTrainer, TrainingResult, accelerator_kwargs
 
@@ -25,7 +26,10 @@ __all__ = [
     "DIGITS",
     "DIGIT_PAIRS",
     "EMBEDDED_DATASETS",
+    "LOGS_DIR",
     "PLOT_NAME",
+    "RESULTS_NAME",
+    "TRAINING_CONFIG_NAME",
     "CooperativeLogits",
     "CooperativeLoss",
     "CooperativeModel",
@@ -40,7 +44,6 @@ __all__ = [
     "TrainingResult",
     "TransformedDataset",
     "accelerator_kwargs",
-    "build_transform",
     "cluttered_digits_dataset",
     "cooperative_loss",
     "digit_pairs_dataset",

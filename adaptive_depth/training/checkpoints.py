@@ -26,6 +26,7 @@ from ..errors import CheckpointError, ConfigError
 __all__ = [
     "CHECKPOINTS_DIR",
     "CHECKPOINT_PREFIX",
+    "INCOMPLETE_SUFFIX",
     "STATE_NAME",
     "Progress",
     "check_resumable",
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step_"
 CHECKPOINTS_DIR = "checkpoints"
+INCOMPLETE_SUFFIX = ".incomplete"  # a checkpoint being written: ``.step_<N>.incomplete``, renamed when complete
 STATE_NAME = "trainer_state.json"  # written last, inside the checkpoint: a checkpoint without it is incomplete
 STATE_FORMAT = 1
 
@@ -105,7 +107,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict[str,
     """
     root = output_dir / CHECKPOINTS_DIR
     final = root / f"{CHECKPOINT_PREFIX}{step}"
-    staging = root / f".{final.name}.incomplete"
+    staging = root / f".{final.name}{INCOMPLETE_SUFFIX}"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted save
         staging.mkdir(parents=True)

@@ -1,30 +1,26 @@
 """Image-classification data through ``datasets``: the embedded datasets, any Hub dataset id, or an image folder.
 
 Columns and splits are detected, every image is decoded once before training (so a broken file is named before
-the first step), and transforms come from the model's own preprocessing config (timm's data config, the
-transformers image processor). ``loaders.py`` turns the result into seeded PyTorch loaders.
+the first step). ``loaders.py`` turns the result into seeded PyTorch loaders, with the model's own preprocessing
+(:func:`adaptive_depth.preprocessing.build_transform`).
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import datasets
-import torch
 from PIL import Image
-from torch import nn
 
-from ..errors import ConfigError, DataError
-from ..preprocessing import create_transform, data_config
+from ..errors import DataError
 from .embedded import DIGITS, EMBEDDED_DATASETS, load_embedded
 from .labels import is_label_value, label_kind, labeled_eval_split, training_classes
 
-__all__ = ["ImageClassificationData", "build_transform", "find_bad_images", "load_image_classification_data"]
+__all__ = ["ImageClassificationData", "find_bad_images", "load_image_classification_data"]
 
 logger = logging.getLogger(__name__)
 
@@ -274,24 +270,3 @@ def _without_bad_images(ds: datasets.Dataset, image_column: str, where: str, ski
     logger.warning("skipping %d undecodable image(s) of %s: %s", len(bad), where, listing)
     drop = {i for i, _, _ in bad}
     return ds.select([i for i in range(len(ds)) if i not in drop])
-
-
-def build_transform(
-    model: nn.Module, *, train: bool, input_size: Sequence[int] | None = None, processor: Any = None
-) -> Callable[[Image.Image], torch.Tensor]:
-    """The model's own preprocessing (timm data config or transformers image processor), with training augmentation.
-
-    Training: random resized crop (scale 0.5 to 1) and no flips (digits and many labels depend on orientation).
-    Evaluation: resize and centre crop. Images are first converted to the model's channel count.
-
-    Args:
-        model: the base model (timm or transformers).
-        train: with training augmentation.
-        input_size: ``[C, H, W]`` instead of the model's own.
-        processor: the transformers image processor that came with the model (``AdaptiveDepth.image_processor``).
-    """
-    try:
-        config = data_config(model, processor, input_size)
-    except ConfigError as e:
-        raise DataError(str(e)) from e
-    return create_transform(config, training=train)

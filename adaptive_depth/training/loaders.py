@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import ImageClassificationData, build_transform
+from ..preprocessing import build_transform
+from .data import ImageClassificationData
 from .teacher_cache import CACHE_SEED
 
 __all__ = ["EpochSampler", "Loaders", "TransformedDataset", "make_loaders"]

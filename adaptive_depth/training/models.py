@@ -9,7 +9,8 @@ import os
 
 from torch import nn
 
-from ..loading import HubOptions, load_base_model, resolve
+from ..base_models import load_base_model
+from ..sources import HubOptions, resolve
 
 __all__ = ["load_leader"]
 

@@ -38,11 +38,11 @@ import psutil
 from accelerate import Accelerator
 
 from ..errors import ConfigError
-from ..hub import NORMS_NAME, WEIGHTS_NAME, is_ours, is_staging
-from ..loading import CONFIG_NAME
+from ..saved import CARD_NAME, CONFIG_NAME, NORMS_NAME, PLOT_NAME, WEIGHTS_NAME, is_ours, is_staging
 from .checkpoints import (
     CHECKPOINT_PREFIX,
     CHECKPOINTS_DIR,
+    INCOMPLETE_SUFFIX,
     check_resume,
     checkpoint_step,
     recorded_settings,
@@ -54,21 +54,25 @@ if TYPE_CHECKING:
     from .evaluate import TrainingResult
     from .trainer import CooperativeTrainer
 
-__all__ = ["FINAL_OUTPUTS", "LOCK_NAME", "OutputDir", "check_output_dir", "prepare_output_dir"]
+__all__ = [
+    "FINAL_OUTPUTS",
+    "LOCK_NAME",
+    "LOGS_DIR",
+    "RESULTS_NAME",
+    "TRAINING_CONFIG_NAME",
+    "OutputDir",
+    "check_output_dir",
+    "prepare_output_dir",
+]
 
 logger = logging.getLogger(__name__)
 
+TRAINING_CONFIG_NAME = "training_config.json"  # the run's TrainingConfig, beside the model it trained
+RESULTS_NAME = "results.json"  # the evaluation: top-1 / top-5, FLOPs and latency of each player at each depth
+LOGS_DIR = "logs"  # the trackers' folder (accelerate's logging_dir)
 # What a finished run writes into its output folder (README.md only counts when we generated it).
-FINAL_OUTPUTS = (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    NORMS_NAME,
-    "README.md",
-    "pareto.png",
-    "training_config.json",
-    "results.json",
-)
-RUN_DIRS = (CHECKPOINTS_DIR, "logs")  # written while training; a resumed run finds them there
+FINAL_OUTPUTS = (CONFIG_NAME, WEIGHTS_NAME, NORMS_NAME, CARD_NAME, PLOT_NAME, TRAINING_CONFIG_NAME, RESULTS_NAME)
+RUN_DIRS = (CHECKPOINTS_DIR, LOGS_DIR)  # written while training; a resumed run finds them there
 LOCK_NAME = ".adaptive-depth.lock"
 UNREADABLE_LOCK_S = 10.0  # a lock file is written right after it is made: one still unreadable after this is stale
 
@@ -181,11 +185,11 @@ def prepare_output_dir(
     if overwrite and output_dir.is_dir():
         for name in FINAL_OUTPUTS:
             path = output_dir / name
-            if path.is_file() and (name != "README.md" or is_ours(path)):
+            if path.is_file() and (name != CARD_NAME or is_ours(path)):
                 path.unlink()
         if not resume:
             for path in (output_dir / CHECKPOINTS_DIR).glob(f"*{CHECKPOINT_PREFIX}*"):
-                if path.is_dir() and (checkpoint_step(path) is not None or path.name.endswith(".incomplete")):
+                if path.is_dir() and (checkpoint_step(path) is not None or path.name.endswith(INCOMPLETE_SUFFIX)):
                     shutil.rmtree(path)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
