@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Branch", "find_branches"]
+__all__ = ["Branch", "find_branches", "is_inside"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,9 @@ class Branch:
     block: str
 
 
-def _is_inside(name: str, ancestor: str) -> bool:
+def is_inside(name: str, ancestor: str) -> bool:
+    """True if the module named ``name`` lies inside the module ``ancestor`` (not itself); the root ``""`` holds
+    every module."""
     return ancestor == "" or name.startswith(ancestor + ".")
 
 
@@ -322,9 +324,9 @@ class _Tracker(TorchFunctionMode):
 
     def _holder(self, name: str) -> str | None:
         """The block whose code runs the add: the innermost running block candidate that holds ``name``."""
-        if not self.stack or not _is_inside(name, self.stack[-1]):
+        if not self.stack or not is_inside(name, self.stack[-1]):
             return None  # the add runs outside the code of the modules that hold the candidate
-        return next((m for m in reversed(self.stack) if m in self.blocks and _is_inside(name, m)), None)
+        return next((m for m in reversed(self.stack) if m in self.blocks and is_inside(name, m)), None)
 
     def result(self) -> dict[str, str]:
         """Candidate -> block, for the candidates that passed (call once, after the forward pass)."""

@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .branches import find_branches
+from .branches import find_branches, is_inside
 from .config import BlockSpec, StageSpec
 from .errors import ConfigError, NoGateableBlocksError
 from .probe import Call, is_residual, keeps_shape, probe
@@ -112,13 +112,9 @@ def _parent(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def _is_inside(name: str, ancestor: str) -> bool:
-    return name.startswith(ancestor + ".")
-
-
 def _maximal(names: set[str]) -> set[str]:
     """The names not nested inside another name of the set."""
-    return {n for n in names if not any(_is_inside(n, other) for other in names)}
+    return {n for n in names if not any(is_inside(n, other) for other in names)}
 
 
 def _select_units(passing: set[str]) -> set[str]:
@@ -134,8 +130,8 @@ def _select_units(passing: set[str]) -> set[str]:
     frontier = _maximal(passing)
     while frontier:
         name = frontier.pop()
-        below = {n for n in passing if _is_inside(n, name)}
-        leaves = [n for n in below if not any(_is_inside(other, n) for other in below)]
+        below = {n for n in passing if is_inside(n, name)}
+        leaves = [n for n in below if not any(is_inside(other, n) for other in below)]
         if len(leaves) >= 2:
             frontier |= _maximal(below)
         else:
@@ -167,7 +163,7 @@ def discover(
 def _discover(model: nn.Module, example_input: torch.Tensor, block_patterns: Sequence[str] | None) -> Discovery:
     calls = probe(model, example_input)
     modules = dict(model.named_modules())
-    with_params = {n for n in calls if next(modules[n].parameters(), None) is not None}
+    with_params = {n for n in calls if _has_parameters(modules[n])}
 
     def passes(name: str, *, residual_test: bool = True) -> bool:
         call = calls.get(name)
@@ -187,7 +183,7 @@ def _discover(model: nn.Module, example_input: torch.Tensor, block_patterns: Seq
         candidates = _full_matches(_timm_patterns(model), calls) | (_transformers_candidates(model) & set(calls))
         units = _select_units({n for n in candidates if passes(n)})
         shape_keeping = {n for n in calls if n not in candidates and keeps_shape(calls[n])}
-        free = {n for n in shape_keeping if not any(_is_inside(n, u) or _is_inside(u, n) for u in units) and passes(n)}
+        free = {n for n in shape_keeping if not any(is_inside(n, u) or is_inside(u, n) for u in units) and passes(n)}
         generic = _select_units(free)
         method = "metadata" if units else "probe"
         units |= generic
@@ -221,37 +217,42 @@ def _group_stages(model: nn.Module, calls: dict[str, Call], units: set[str]) -> 
     ``[fixed, block]`` stage skips the block.
     """
     modules = dict(model.named_modules())
-    by_parent: dict[str, list[str]] = {}
-    for unit in units:
-        by_parent.setdefault(_parent(unit), [])
-    for parent in by_parent:
-        for child in modules[parent]._modules:
-            name = f"{parent}.{child}" if parent else child
-            call = calls.get(name)
-            if call is None or call.calls != 1:
-                continue
-            is_unit = name in units
-            fixed = (
-                not is_unit
-                and any(True for _ in modules[name].parameters())
-                and not any(_is_inside(u, name) for u in units)
-            )
-            if is_unit or fixed:
-                by_parent[parent].append(name)
     stages: list[tuple[int, StageSpec]] = []
-    for parent, names in by_parent.items():
-        names.sort(key=lambda n: calls[n].order)
+    for parent in {_parent(unit) for unit in units}:
         runs: list[list[str]] = []
-        for name in names:
-            if name not in units or not runs:
-                runs.append([])
+        for name in _called_children(modules, calls, parent):
+            if name in units:
+                if not runs:
+                    runs.append([])
+            elif _has_parameters(modules[name]) and not any(is_inside(u, name) for u in units):
+                runs.append([])  # a fixed block
+            else:
+                continue
             runs[-1].append(name)
         runs = [run for run in runs if any(n in units for n in run)]
-        for i, run in enumerate(runs):
-            blocks = [_block_spec(n, calls[n], n in units) for n in run]
-            label = parent or "<root>"
-            stages.append((calls[run[0]].order, StageSpec(f"{label}#{i}" if len(runs) > 1 else label, blocks)))
+        stages += _stages(parent, runs, calls, lambda n: _block_spec(n, calls[n], n in units))
     return stages
+
+
+def _called_children(modules: dict[str, nn.Module], calls: dict[str, Call], parent: str) -> list[str]:
+    """The children of ``parent`` that the probe saw called once, in call order."""
+    children = (f"{parent}.{child}" if parent else child for child in modules[parent]._modules)
+    return sorted((n for n in children if n in calls and calls[n].calls == 1), key=lambda n: calls[n].order)
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def _stages(
+    parent: str, runs: list[list[str]], calls: dict[str, Call], spec: Callable[[str], BlockSpec]
+) -> list[tuple[int, StageSpec]]:
+    """One stage per run of units of ``parent`` (``parent#i`` when it holds several), with its first call's order."""
+    label = parent or "<root>"
+    return [
+        (calls[run[0]].order, StageSpec(f"{label}#{i}" if len(runs) > 1 else label, [spec(n) for n in run]))
+        for i, run in enumerate(runs)
+    ]
 
 
 def _block_spec(name: str, call: Call, gateable: bool) -> BlockSpec:
@@ -270,8 +271,8 @@ def _ancestors(name: str) -> list[str]:
 def _uncovered(calls: dict[str, Call], units: set[str]) -> set[str]:
     """Modules outside the block-level stages: neither a block, inside or around one, nor in a block's stage.
 
-    Branches are looked for only there, so that a model whose blocks are residual as a whole is gated exactly as
-    before, and a stage never mixes gated blocks with gated branches.
+    Branches are looked for only there, so that a model whose blocks are residual as a whole keeps its blocks as its
+    units, and a stage never mixes gated blocks with gated branches.
     """
     stage_parents = {_parent(u) for u in units}
     around = {a for u in units for a in _ancestors(u)}
@@ -311,21 +312,14 @@ def _group_branches(model: nn.Module, calls: dict[str, Call], block_of: dict[str
         by_parent.setdefault(_parent(block), {}).setdefault(block, []).append(branch)
     stages: list[tuple[int, StageSpec]] = []
     for parent, holders in by_parent.items():
-        children = [f"{parent}.{c}" if parent else c for c in modules[parent]._modules]
-        members = [
-            n
-            for n in children
-            if n in calls and calls[n].calls == 1 and (n in holders or next(modules[n].parameters(), None) is not None)
-        ]
         runs: list[list[str]] = [[]]
-        for name in sorted(members, key=lambda n: calls[n].order):
+        for name in _called_children(modules, calls, parent):
             if name in holders:
                 runs[-1].extend(sorted(holders[name], key=lambda n: calls[n].order))
-            elif runs[-1]:
+            elif _has_parameters(modules[name]) and runs[-1]:
                 runs.append([])
         runs = [run for run in runs if len(run) >= 2]
-        label = parent or "<root>"
-        for i, run in enumerate(runs):
-            specs = [BlockSpec(name=n, input_kwarg=calls[n].input_kwarg, kind="branch") for n in run]
-            stages.append((calls[run[0]].order, StageSpec(f"{label}#{i}" if len(runs) > 1 else label, specs)))
+        stages += _stages(
+            parent, runs, calls, lambda n: BlockSpec(name=n, input_kwarg=calls[n].input_kwarg, kind="branch")
+        )
     return stages
