@@ -1,4 +1,4 @@
-"""Training cost benchmark: what one cooperative step costs, and whether any of it is waste (issue 4, part 3).
+"""Training cost benchmark: what one cooperative step costs, and whether any of it is waste.
 
 In one run, on one batch: the time of a full cooperative optimisation step (forward of every player at every depth,
 the objective, one backward, clipping, AdamW) against the sum of its parts measured separately (a forward and

@@ -185,7 +185,7 @@ def discovery_digest(config: AdaptiveDepthConfig) -> str:
 
 
 # What discovery finds in each case, pinned: a change in discovery that moves any of these is deliberate or a bug.
-# The block-level cases were pinned with the discovery of before residual branches existed (same results).
+# The block-level cases find no residual branch: their digests are those of whole-block discovery alone.
 DISCOVERY_DIGESTS = {
     "timm/resnet18": "8c7878e81563195d",
     "timm/resnet50d": "2ec8f8552b8424b1",
