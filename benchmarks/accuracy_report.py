@@ -86,31 +86,51 @@ def markdown(runs: list[Run], depths: list[float], plain_seconds: float | None =
 PER_PART = ("seeds", "methods", "output_dir", "merge")  # settings that may differ between the files of a merge
 
 
+def read_reports(
+    paths: list[Path], per_part: tuple[str, ...] = PER_PART
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The JSON reports of runs made apart, and the settings they share.
+
+    Raises:
+        SystemExit: the files disagree on a setting other than those of ``per_part`` (their numbers would not be
+            comparable).
+    """
+    reports: list[dict[str, Any]] = []
+    settings: dict[str, Any] = {}
+    for path in paths:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        these = {k: v for k, v in report["settings"].items() if k not in per_part}
+        if reports and these != settings:
+            differ = sorted(k for k in these.keys() | settings.keys() if these.get(k) != settings.get(k))
+            raise SystemExit(f"{path} was run with other settings ({', '.join(differ)}): its numbers do not compare")
+        reports.append(report)
+        settings = these
+    return reports, settings
+
+
+def refuse_twice(keys: list[tuple[Any, ...]], what: str) -> None:
+    """Raise SystemExit if a run appears in more than one of the merged files."""
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise SystemExit(f"{what} appear in more than one file: {twice}")
+
+
 def load_runs(paths: list[Path]) -> tuple[list[Run], dict[str, Any], dict[int, float]]:
-    """The runs, the settings of the first file and the r2 base times of several ``accuracy.json`` files.
+    """The runs, the shared settings and the r2 base times of several ``accuracy.json`` files.
 
     Raises:
         SystemExit: the files disagree on a setting other than the seeds, methods and output folder (their
             numbers would not be comparable), or a method and seed appears twice.
     """
+    reports, settings = read_reports(paths)
     runs: list[Run] = []
-    settings: dict[str, Any] = {}
     bases: dict[int, float] = {}
-    for path in paths:
-        report = json.loads(path.read_text(encoding="utf-8"))
-        these = {k: v for k, v in report["settings"].items() if k not in PER_PART}
-        if settings and these != settings:
-            differ = sorted(k for k in these.keys() | settings.keys() if these.get(k) != settings.get(k))
-            raise SystemExit(f"{path} was run with other settings ({', '.join(differ)}): its numbers do not compare")
-        settings = these
+    for report in reports:
         bases.update({int(seed): seconds for seed, seconds in report.get("base_seconds", {}).items()})
         for raw in report["runs"]:
             per_depth = {k: {float(s): v for s, v in raw[k].items()} for k in ("top1", "gflops", "top1_deployed")}
             runs.append(Run(raw["method"], raw["seed"], seconds=raw["seconds"], epochs=raw["epochs"], **per_depth))
-    seen = [(r.method, r.seed) for r in runs]
-    twice = sorted({key for key in seen if seen.count(key) > 1})
-    if twice:
-        raise SystemExit(f"method and seed appear in more than one file: {twice}")
+    refuse_twice([(r.method, r.seed) for r in runs], "method and seed")
     return runs, settings, bases
 
 

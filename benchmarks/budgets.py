@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from accuracy_report import read_reports, refuse_twice  # the sibling module (accuracy.py puts it on the path)
+
 from adaptive_depth import ConfigError
 from adaptive_depth.training.compute import plain_epoch_flops
 from adaptive_depth.training.loaders import hold_out
@@ -266,20 +268,11 @@ def write_budget_report(output_dir: Path, runs: list[BudgetRun], settings: dict[
 
 def load_budget_runs(paths: list[Path]) -> tuple[list[BudgetRun], dict[str, Any]]:
     """The runs and settings of several ``budgets.json`` files (runs made apart: other seeds, methods, budgets)."""
-    runs: list[BudgetRun] = []
-    settings: dict[str, Any] = {}
-    for path in paths:
-        report = json.loads(path.read_text(encoding="utf-8"))
-        these = {k: v for k, v in report["settings"].items() if k not in PER_PART}
-        if settings and these != settings:
-            differ = sorted(k for k in these.keys() | settings.keys() if these.get(k) != settings.get(k))
-            raise SystemExit(f"{path} was run with other settings ({', '.join(differ)}): its numbers do not compare")
-        settings = these
-        for raw in report["runs"]:
-            raw["top1"] = {float(s): v for s, v in raw["top1"].items()}
-            runs.append(BudgetRun(**raw))
-    seen = [(r.method, r.seed, r.budget) for r in runs]
-    twice = sorted({key for key in seen if seen.count(key) > 1})
-    if twice:
-        raise SystemExit(f"method, seed and budget appear in more than one file: {twice}")
+    reports, settings = read_reports(paths, PER_PART)
+    runs = [
+        BudgetRun(**{**raw, "top1": {float(s): v for s, v in raw["top1"].items()}})
+        for report in reports
+        for raw in report["runs"]
+    ]
+    refuse_twice([(r.method, r.seed, r.budget) for r in runs], "method, seed and budget")
     return runs, settings
