@@ -44,7 +44,8 @@ def _model() -> AdaptiveDepth:
 
 
 def main(modes: list[str], batch_size: int) -> None:
-    data = load_image_classification_data("digits", max_train_samples=32, max_eval_samples=16)
+    # 36 images: 32 to train on, 4 held out to check the per-depth BatchNorm statistics
+    data = load_image_classification_data("digits", max_train_samples=36, max_eval_samples=16)
     for mode in modes:
         config = TrainingConfig(**{"epochs": 1, "batch_size": batch_size, "scaling_factors": [0.5, 1.0]} | MODES[mode])
         set_seed(0)
