@@ -91,6 +91,18 @@ def config_depth_field(config: Any, stages: Sequence[StageSpec]) -> str | None:
     return None
 
 
+def _renumber_backbone_stages(config: Any, layers: int) -> None:
+    """A ViT-like config that is also a backbone's (BEiT, DINOv2) names one stage per layer: name the kept ones, so
+    that the config reloads (transformers checks that the output stages exist)."""
+    names = getattr(config, "stage_names", None)
+    if not isinstance(names, list) or not hasattr(config, "set_output_features_output_indices"):
+        return
+    if config.out_features != names[-1:]:
+        logger.warning("exported config: its backbone outputs %s become the last kept layer's", config.out_features)
+    config.stage_names = ["stem", *(f"stage{i}" for i in range(1, layers + 1))]
+    config.set_output_features_output_indices(out_features=None, out_indices=None)
+
+
 def _update_transformers_config(model: nn.Module, stages: Sequence[StageSpec], masks: Sequence[Sequence[bool]]) -> None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
@@ -103,6 +115,7 @@ def _update_transformers_config(model: nn.Module, stages: Sequence[StageSpec], m
         config.depths = kept
     elif field == "num_hidden_layers":
         config.num_hidden_layers = kept[0]
+        _renumber_backbone_stages(config, kept[0])
     elif kept != full:
         logger.warning(
             "exported %s: its config does not describe the stage depths %s, left unchanged",

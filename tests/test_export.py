@@ -37,3 +37,17 @@ def test_exported_depth_works_with_torch_export() -> None:
     program = torch.export.export(plain, (x,))
     with torch.no_grad():
         assert torch.allclose(program.module()(x), model.set_scaling_factor(0.5)(x), atol=1e-5)
+
+
+def test_a_vit_config_that_names_backbone_stages_reloads_at_a_shallower_depth(tmp_path: Path) -> None:
+    # BEiT's config names one backbone stage per layer; a config still naming stage4 of 2 layers would not load
+    config = tf.BeitConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
+    model = AdaptiveDepth.wrap(tf.BeitForImageClassification(config)).eval()
+    folder = model.save_export(tmp_path / "half", 0.5)
+    reloaded = tf.AutoModelForImageClassification.from_pretrained(folder).eval()
+    assert reloaded.config.stage_names == ["stem", "stage1", "stage2"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, model.set_scaling_factor(0.5)(x).logits)
