@@ -22,36 +22,22 @@ import torch
 from torch import nn
 
 from .config import BlockSpec
-from .errors import ConfigError
 from .gates import unwrap_gates
 from .norms import batchnorm_layers
+from .outputs import logits_of
 from .policy import active_mask
 from .state import preserved
 
 if TYPE_CHECKING:
     from .tuner import DepthTuner
 
-__all__ = ["AllDepthsModule", "CondGate", "TensorOutputs", "all_depths_module", "first_tensor", "tensor_output"]
-
-
-def tensor_output(output: Any) -> torch.Tensor:
-    """The logits of a model's output: the tensor itself, or a transformers ``ModelOutput``'s ``logits``."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    raise ConfigError(
-        f"ONNX and torch.export files hold a classifier (a model that returns logits: a tensor, or an output with "
-        f".logits); this model returns {type(output).__name__}. Add a classification head, or export the module "
-        "of model.export(s) with torch yourself"
-    )
+__all__ = ["AllDepthsModule", "CondGate", "TensorOutputs", "all_depths_module", "first_tensor"]
 
 
 def first_tensor(output: Any) -> torch.Tensor:
     """The main output of any model: its logits, else the first tensor of a ``ModelOutput`` (a backbone's features)."""
     if isinstance(output, torch.Tensor) or isinstance(getattr(output, "logits", None), torch.Tensor):
-        return tensor_output(output)
+        return logits_of(output)
     return next(v for v in output.to_tuple() if isinstance(v, torch.Tensor))
 
 
@@ -63,7 +49,7 @@ class TensorOutputs(nn.Module):
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return tensor_output(self.model(pixel_values))
+        return logits_of(self.model(pixel_values))
 
 
 class _DepthInput:
@@ -156,7 +142,7 @@ class AllDepthsModule(nn.Module):
         with self._statistics_of(index):
             self._depth.keep = nn.functional.embedding(index, self.keep.to(torch.uint8)).bool()
             try:
-                return tensor_output(self.model(pixel_values))
+                return logits_of(self.model(pixel_values))
             finally:
                 self._depth.keep = None
 

@@ -55,7 +55,8 @@ from .export_files import (
     run_onnx,
     write_onnx,
 )
-from .export_graph import TensorOutputs, all_depths_module, first_tensor, tensor_output
+from .export_graph import TensorOutputs, all_depths_module, first_tensor
+from .outputs import logits_of
 from .preprocessing import match_channels, timm_preprocessing
 from .saved import CONFIG_NAME, PROCESSOR_NAME, WEIGHTS_NAME, replace_files_atomically
 from .state import preserved
@@ -327,7 +328,7 @@ def _write_graph(model: AdaptiveDepth, plan: ExportPlan, folder: Path) -> None:
     expected = []
     with torch.no_grad(), preserved(model, train=False):
         for _, counts in plan.depths:
-            expected.append(tensor_output(model.set_depth(counts)(check)))
+            expected.append(logits_of(model.set_depth(counts)(check)))
     if plan.all_depths:
         module: nn.Module = all_depths_module(model)
         feeds = [(example, torch.tensor(0))] + [(check, torch.tensor(i)) for i in range(len(plan.depths))]

@@ -14,13 +14,13 @@ import transformers
 from PIL import Image
 
 from adaptive_depth import AdaptiveDepth, ConfigError
-from adaptive_depth.export_graph import tensor_output
 from adaptive_depth.norms import batchnorm_layers
+from adaptive_depth.outputs import logits_of
 
 
 def _logits(model: AdaptiveDepth, x: torch.Tensor, s: float) -> torch.Tensor:
     with torch.no_grad(), model.scaled(s):
-        return tensor_output(model(x))
+        return logits_of(model(x))
 
 
 def _resnet_with_depth_norms() -> AdaptiveDepth:
@@ -67,7 +67,7 @@ def test_every_trained_depth_in_one_onnx_file(tmp_path: Path, make: Callable[[],
     if model.depth_norms is not None:  # and each runs with its own BatchNorm statistics, not those of training
         with torch.no_grad(), model.scaled(0.25):
             model.depth_norms.use(None)
-            assert not torch.allclose(outputs[0], tensor_output(model(x)), atol=1e-3)
+            assert not torch.allclose(outputs[0], logits_of(model(x)), atol=1e-3)
     if model.config.base_model.source == "transformers":  # Optimum's layout, the config transformers reads
         assert sorted(p.name for p in folder.iterdir()) == [
             "README.md", "config.json", "model.onnx", "preprocessor_config.json"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -13,6 +12,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..gates import unwrap_gates
 from ..model import AdaptiveDepth
+from ..outputs import logits_of
 from ..state import preserved
 from .compute import BACKWARD_FACTOR, ComputeMeter, ForwardCost
 from .config import LEADER_MODES, TRAIN_DEPTHS
@@ -30,21 +30,6 @@ __all__ = [
 ]
 
 FAVOURED_SHARE = 0.25  # of the sampled steps, for the smallest depth and for the top one each (the rest: uniform)
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """Logits from what a model returns: a tensor (timm), an output with ``.logits`` (transformers), a tuple."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise ConfigError(
-        f"cannot find logits in a {type(output).__name__} output; the model must return a tensor, a tuple "
-        "starting with the logits, or an object with a .logits tensor (an image classifier, not a backbone)"
-    )
 
 
 def classifier_of(model: nn.Module) -> nn.Module:
