@@ -114,7 +114,7 @@ def test_max_steps_ends_the_schedule_inside_an_epoch(data) -> None:
     config = TrainingConfig(leader="none", interactive=False, batch_size=8, max_steps=7, warmup_epochs=0)
     trainer = _trainer(data, config)  # 6 batches an epoch
     trainer.train()
-    assert trainer.progress.step == 7 and trainer.num_epochs == 2
+    assert trainer.progress.step == 7 and trainer.run.epochs == 2
     assert trainer.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # the cosine reached its end
 
 

@@ -18,8 +18,9 @@ from .loaders import EpochSampler, Loaders, TransformedDataset, make_loaders
 from .losses import CooperativeLogits, CooperativeLoss, cooperative_loss, kd_loss, sfsl_weights
 from .models import load_leader
 from .output_dir import LOGS_DIR, RESULTS_NAME, TRAINING_CONFIG_NAME, OutputDir
+from .parallel import accelerator_kwargs
 from .players import CooperativeModel, logits_of
-from .trainer import CooperativeTrainer, TrainingResult, accelerator_kwargs
+from .trainer import CooperativeTrainer, TrainingResult
 
 __all__ = [
     "CLUTTERED_DIGITS",

@@ -18,7 +18,7 @@ from ..report import DepthResult, TrainingReport
 from ..state import preserved
 from .players import logits_of
 
-__all__ = ["TrainingResult", "evaluate_accuracy", "measure_costs"]
+__all__ = ["TrainingResult", "evaluate_accuracy", "measure_costs", "score_players"]
 
 
 @torch.no_grad()
@@ -133,3 +133,38 @@ class TrainingResult:
     def table(self) -> str:
         """The per-depth table as Markdown, the one the model card shows."""
         return self.report.table()
+
+
+def score_players(
+    players: Sequence[tuple[str, nn.Module]],
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    accelerator: Accelerator,
+    depths: Sequence[float],
+    *,
+    num_classes: int,
+    top5: bool | None,
+    latency: bool,
+    trained_norms: dict[str, dict[float, tuple[float, float | None]]],
+) -> list[DepthResult]:
+    """Accuracy, FLOPs and latency of named players: the Teammates at every depth, the Leader at the top one.
+
+    Args:
+        players: ``(name, model)``; the one named ``"leader"`` teaches at full depth and is scored there.
+        loader, accelerator, num_classes, top5: as :func:`evaluate_accuracy`.
+        depths: the depths to score the Teammates at.
+        latency: also measure latency (FLOPs are always counted).
+        trained_norms: per Teammate, the accuracy each depth had with the statistics of training.
+    """
+    results: list[DepthResult] = []
+    example = None
+    for name, player in players:
+        at = depths if name != "leader" else list(depths)[-1:]
+        scores = evaluate_accuracy(player, loader, accelerator, at, num_classes=num_classes, top5=top5, desc=name)
+        if example is None and isinstance(player, AdaptiveDepth):
+            example = player.example_input(1)  # costs do not depend on the pixels
+        cost = measure_costs(player, example, list(scores), latency=latency)
+        for s, (top1, top5_) in scores.items():
+            gflops, ms = cost.get(s, (None, None))
+            trained = trained_norms.get(name, {}).get(s, (None,))[0]
+            results.append(DepthResult(name, s, top1, top5_, trained, gflops, ms))
+    return results

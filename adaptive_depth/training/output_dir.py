@@ -28,7 +28,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +50,7 @@ from .checkpoints import (
 )
 
 if TYPE_CHECKING:
+    from ..report import DepthResult
     from .config import TrainingConfig
     from .evaluate import TrainingResult
     from .trainer import CooperativeTrainer
@@ -63,6 +64,7 @@ __all__ = [
     "OutputDir",
     "check_output_dir",
     "prepare_output_dir",
+    "write_run_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,12 @@ FINAL_OUTPUTS = (CONFIG_NAME, WEIGHTS_NAME, NORMS_NAME, CARD_NAME, PLOT_NAME, TR
 RUN_DIRS = (CHECKPOINTS_DIR, LOGS_DIR)  # written while training; a resumed run finds them there
 LOCK_NAME = ".adaptive-depth.lock"
 UNREADABLE_LOCK_S = 10.0  # a lock file is written right after it is made: one still unreadable after this is stale
+
+
+def write_run_files(folder: Path, config: TrainingConfig, results: Sequence[DepthResult]) -> None:
+    """Beside a saved model: the run's training config and its evaluation (every player at every depth)."""
+    config.save(folder / TRAINING_CONFIG_NAME)
+    (folder / RESULTS_NAME).write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n", encoding="utf-8")
 
 
 @dataclass

@@ -28,8 +28,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
+from .compute import ForwardCost
 
-__all__ = ["CACHE_SEED", "TeacherCache", "cache_fingerprint", "make_teacher_cache"]
+__all__ = ["CACHE_SEED", "TeacherCache", "cache_fingerprint", "load_or_make_cache", "make_teacher_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -189,3 +190,43 @@ def make_teacher_cache(
     if values is None or indices is None:
         raise ConfigError("the training data is empty: there is nothing to make a teacher cache of")
     return TeacherCache(values, indices, num_classes, float(flops_per_image) * rows, {})
+
+
+def load_or_make_cache(
+    teacher: nn.Module,
+    dataset: Any,
+    config: Any,
+    example: torch.Tensor,
+    logits: Callable[[torch.Tensor], torch.Tensor],
+    accelerator: Any,
+) -> TeacherCache:
+    """``leader="cached"``: the cache of ``config.leader_cache`` when it was made from this dataset, augmentation
+    and teacher (another is refused), else one made now (sharded over the processes) and written there.
+
+    Args:
+        teacher: the fixed teacher (its weights enter the fingerprint).
+        dataset: the training dataset in draw mode.
+        config: the ``TrainingConfig`` (``leader_cache``, ``leader_cache_top_k``, ``batch_size``).
+        example: one input image (``[1, C, H, W]``), to count the teacher's FLOPs when the cache is made.
+        logits: the teacher's logits of a batch.
+        accelerator: shards the making and gathers it; only the main process writes the file.
+    """
+    if getattr(dataset, "draws", None) is None:
+        raise ConfigError(
+            "leader='cached' needs a training loader in draw mode: build the loaders with "
+            "make_loaders(data, model, **config.loader_options)"
+        )
+    fingerprint = cache_fingerprint(teacher, dataset, dataset.draws, config.leader_cache_top_k)
+    path = Path(config.leader_cache) if config.leader_cache else None
+    if path is not None and path.is_file():
+        return TeacherCache.load(path, fingerprint)
+    cache = make_teacher_cache(
+        logits, dataset, top_k=config.leader_cache_top_k, batch_size=config.batch_size,
+        flops_per_image=ForwardCost(teacher, example).full, prepare=accelerator.prepare, gather=accelerator.gather,
+        device=accelerator.device,
+    )  # fmt: skip
+    cache.fingerprint = fingerprint
+    if path is not None and accelerator.is_main_process:
+        cache.save(path)
+    accelerator.wait_for_everyone()
+    return cache

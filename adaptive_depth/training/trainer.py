@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from collections.abc import Mapping, Sequence
@@ -12,7 +11,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
 from timm.optim import create_optimizer_v2
 from timm.utils.model_ema import ModelEmaV3
 from torch import nn
@@ -23,7 +21,7 @@ from transformers import get_scheduler
 from ..errors import ConfigError
 from ..model import AdaptiveDepth
 from ..policy import check_scaling_factor
-from ..report import DepthResult, TrainingReport
+from ..report import TrainingReport
 from ..state import preserved
 from .checkpoints import (
     Progress,
@@ -34,24 +32,18 @@ from .checkpoints import (
     remove_run_checkpoints,
     save_checkpoint,
 )
-from .compute import ComputeMeter, ForwardCost, plain_epoch_flops
+from .compute import ComputeMeter
 from .config import TrainingConfig
-from .evaluate import TrainingResult, evaluate_accuracy, measure_costs
+from .evaluate import TrainingResult, evaluate_accuracy, score_players
 from .losses import TEAMMATE_NAMES, CooperativeLoss, cooperative_loss
 from .norm_check import keep_better_norms
+from .output_dir import write_run_files
+from .parallel import accelerator_kwargs, check_accelerator
 from .players import CooperativeModel, logits_of, make_leader, make_teammates
-from .teacher_cache import TeacherCache, cache_fingerprint, make_teacher_cache
+from .schedule import RunLength, budget_steps, distillation_ramp
+from .teacher_cache import TeacherCache, load_or_make_cache
 
-__all__ = ["CooperativeTrainer", "TrainingResult", "accelerator_kwargs"]
-
-
-def accelerator_kwargs(config: TrainingConfig) -> dict[str, Any]:
-    """What ``Accelerator(...)`` needs for ``config``: its gradient accumulation, and DDP told of unused blocks.
-
-    ``Accelerator(**accelerator_kwargs(config), mixed_precision=..., log_with=...)`` is how to build your own.
-    """
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if config.leaves_parameters_unused else []
-    return {"gradient_accumulation_steps": config.gradient_accumulation_steps, "kwargs_handlers": handlers}
+__all__ = ["CooperativeTrainer", "TrainingResult"]
 
 
 class CooperativeTrainer:
@@ -112,7 +104,7 @@ class CooperativeTrainer:
         self.save_total_limit = save_total_limit
         self.config = config
         self.accelerator = acc = accelerator or Accelerator(**accelerator_kwargs(config))
-        self._check_accelerator()
+        check_accelerator(self.accelerator, config)
         self.settings = recorded_settings(settings, acc)
         first = model if isinstance(model, AdaptiveDepth) else next(iter(model), None)
         fresh = not (isinstance(first, AdaptiveDepth) and first.config.base_model.trained_head)
@@ -158,58 +150,18 @@ class CooperativeTrainer:
                 f"process on {acc.num_processes} process(es) (an incomplete last batch is dropped), so the run would "
                 "train nothing. Use a smaller --batch-size or more data"
             )
-        self.steps_per_epoch = math.ceil(len(self.train_loader) / config.gradient_accumulation_steps)
-        self.total_steps = self._budget_steps() or config.max_steps or self.steps_per_epoch * config.epochs
-        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        if config.warmup_ratio > 0:
-            warmup = round(self.total_steps * config.warmup_ratio)
-        else:
-            warmup = round(self.steps_per_epoch * config.warmup_epochs)
+        budget = None
+        if config.compute_budget is not None:
+            images = len(self.train_loader.dataset)  # type: ignore[arg-type]
+            budget = budget_steps(
+                config, self.players, images, processes=acc.num_processes, cache_teacher=self.cache_teacher
+            )
+        per_epoch = math.ceil(len(self.train_loader) / config.gradient_accumulation_steps)
+        self.run = RunLength.of(config, per_epoch, budget)
         self.scheduler = get_scheduler(
-            config.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
-        )
-
-    def _budget_steps(self) -> int | None:
-        """With ``config.compute_budget``: the optimizer steps this recipe can afford (``None`` without a budget).
-
-        The budget is ``compute_budget`` epochs of plain fine-tuning over the training set; a cached Leader's making
-        is paid from it first; each step is priced at its expected cost (:meth:`CooperativeModel.expected_step_flops`)
-        on every process, with gradient accumulation.
-        """
-        config, acc = self.config, self.accelerator
-        if config.compute_budget is None:
-            return None
-        images = len(self.train_loader.dataset)  # type: ignore[arg-type]
-        budget = config.compute_budget * plain_epoch_flops(self.teammates[0], images)
-        if self.cache_teacher is not None:
-            example = self.teammates[0].example_input(1)
-            budget -= images * config.leader_cache_draws * ForwardCost(self.cache_teacher, example).full
-        share = 1.0 - config.distill_start
-        per_step = self.players.expected_step_flops(config.batch_size, teaching_share=share)
-        per_step *= config.gradient_accumulation_steps * acc.num_processes
-        if budget < per_step:
-            raise ConfigError(
-                f"compute_budget={config.compute_budget} buys no training step of this recipe (one step costs "
-                f"{per_step / 1e9:.3g} GFLOPs, the budget leaves {max(budget, 0) / 1e9:.3g}); give a larger budget"
-            )
-        return round(budget / per_step)
-
-    def _check_accelerator(self) -> None:
-        acc, config = self.accelerator, self.config
-        if acc.gradient_accumulation_steps != config.gradient_accumulation_steps:
-            raise ConfigError(
-                f"the Accelerator accumulates {acc.gradient_accumulation_steps} steps but the config says "
-                f"{config.gradient_accumulation_steps}; create it with Accelerator(**accelerator_kwargs(config))"
-            )
-        handler = getattr(acc, "ddp_handler", None)
-        finds_unused = handler is not None and handler.find_unused_parameters
-        data_parallel = acc.num_processes > 1 and acc.distributed_type.name.startswith("MULTI_")  # DDP on any device
-        if config.leaves_parameters_unused and data_parallel and not finds_unused:
-            raise ConfigError(
-                "this training mode (random depth, or a top depth below 1) leaves blocks without gradients in some "
-                "steps, which DDP must be told: create the Accelerator with Accelerator(**accelerator_kwargs(config)) "
-                "or kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]"
-            )
+            config.lr_scheduler_type, self.optimizer, num_warmup_steps=self.run.warmup_steps,
+            num_training_steps=self.run.total_steps,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ training
     def _set_epoch(self, loader: Any, epoch: int) -> None:
@@ -220,14 +172,8 @@ class CooperativeTrainer:
             dataset.set_epoch(epoch)
 
     def _ramp(self, epoch: int, batch: int) -> float:
-        """Distillation weight in [0, 1]: 0 for the first ``distill_start`` of training, then a linear ramp."""
-        config, run = self.config, self.total_steps / self.steps_per_epoch  # the run's length in epochs
-        done = epoch + batch / max(1, len(self.train_loader))  # epochs, fractional
-        since = done - config.distill_start * run
-        ramp = config.distill_warmup_ratio * run if config.distill_warmup_ratio > 0 else config.distill_warmup_epochs
-        if since < 0:
-            return 0.0
-        return 1.0 if ramp <= 0 else min(1.0, since / ramp)
+        """The distillation weight at ``batch`` of ``epoch`` (:func:`~.schedule.distillation_ramp`)."""
+        return distillation_ramp(self.config, self.run, epoch + batch / max(1, len(self.train_loader)))
 
     def training_step(
         self, images: torch.Tensor, labels: torch.Tensor, ramp: float, keys: torch.Tensor | None = None
@@ -279,28 +225,12 @@ class CooperativeTrainer:
         this run's compute either way (``charge=False``: already charged, a resumed run).
         """
         acc, config, teacher = self.accelerator, self.config, self.cache_teacher
-        dataset = getattr(self.train_loader, "dataset", None)
-        if teacher is None or getattr(dataset, "draws", None) is None:
-            raise ConfigError(
-                "leader='cached' needs a trained Leader and a training loader in draw mode: build the loaders with "
-                "make_loaders(data, model, **config.loader_options)"
-            )
-        fingerprint = cache_fingerprint(teacher, dataset, dataset.draws, config.leader_cache_top_k)
-        path = Path(config.leader_cache) if config.leader_cache else None
-        if path is not None and path.is_file():
-            cache = TeacherCache.load(path, fingerprint)
-        else:
-            example = self.teammates[0].example_input(1)
-            with acc.autocast():
-                cache = make_teacher_cache(
-                    lambda x: logits_of(teacher(x)), dataset, top_k=config.leader_cache_top_k,
-                    batch_size=config.batch_size, flops_per_image=ForwardCost(teacher, example).full,
-                    prepare=acc.prepare, gather=acc.gather, device=acc.device,
-                )  # fmt: skip
-            cache.fingerprint = fingerprint
-            if path is not None and acc.is_main_process:
-                cache.save(path)
-            acc.wait_for_everyone()
+        if teacher is None:
+            raise ConfigError("leader='cached' needs a trained Leader: pass leader=<your trained model>")
+        example = self.teammates[0].example_input(1)
+        with acc.autocast():
+            dataset = getattr(self.train_loader, "dataset", None)
+            cache = load_or_make_cache(teacher, dataset, config, example, lambda x: logits_of(teacher(x)), acc)
         self.players.teacher_cache = cache
         if charge:
             self.compute.teacher += cache.making_flops / acc.num_processes  # summed over processes in the report
@@ -351,7 +281,7 @@ class CooperativeTrainer:
         if self.config.leader == "cached" and self.players.teacher_cache is None:
             self.make_leader_cache(charge=self.progress.step == 0)  # a resumed run was charged when it began
         self.module.train()
-        total = self.total_steps
+        total = self.run.total_steps
         bar = tqdm(total=total, initial=self.progress.step, desc="train", disable=not acc.is_local_main_process)
         while self.progress.step < total:
             epoch = self.progress.epoch
@@ -385,7 +315,7 @@ class CooperativeTrainer:
                     break
             mean = acc.reduce(loss_sum / max(1, self.progress.batches_done), "mean").item()
             self.progress.history.append(mean)
-            acc.print(f"epoch {epoch + 1}/{self.num_epochs}: mean loss {mean:.4f}")
+            acc.print(f"epoch {epoch + 1}/{self.run.epochs}: mean loss {mean:.4f}")
             self.progress.epoch, self.progress.batches_done, self.progress.loss_sum = epoch + 1, 0, 0.0
             if self.output_dir is not None and (
                 not self.checkpoint_steps or self.progress.step % self.checkpoint_steps == 0
@@ -435,21 +365,13 @@ class CooperativeTrainer:
                 for name, t in zip(names, self.teammates):
                     kept = keep_better_norms(t, self.norm_check_loader, acc, depths)
                     self.norms_kept[name] = {f"{s:g}": choice for s, choice in kept.items()}
-        results: list[DepthResult] = []
-        example = self.teammates[0].example_input(1)  # costs do not depend on the pixels
         players: list[tuple[str, nn.Module]] = list(zip(names, self.teammates))
         if self.leader is not None:
             players.append(("leader", self.leader))
-        for name, player in players:
-            at = depths if name != "leader" else depths[-1:]  # the Leader teaches at full depth (an EMA could do more)
-            scores = evaluate_accuracy(
-                player, self.eval_loader, acc, at, num_classes=num_classes, top5=self.top5, desc=name
-            )
-            cost = measure_costs(player, example, list(scores), latency=latency)
-            for s, (top1, top5) in scores.items():
-                gflops, ms = cost.get(s, (None, None))
-                trained = before.get(name, {}).get(s, (None,))[0]
-                results.append(DepthResult(name, s, top1, top5, trained, gflops, ms))
+        results = score_players(
+            players, self.eval_loader, acc, depths, num_classes=num_classes, top5=self.top5, latency=latency,
+            trained_norms=before,
+        )  # fmt: skip
         means = {n: sum(r.top1 for r in results if r.player == n) / len(depths) for n in names}
         deployed = max(names, key=lambda n: means[n])
         model = self.teammates[names.index(deployed)]
@@ -480,10 +402,7 @@ class CooperativeTrainer:
             result.model.config.extra["training"] = result.report.to_dict()
             out = Path(output_dir)
             result.model.save_pretrained(out)
-            self.config.save(out / "training_config.json")
-            (out / "results.json").write_text(
-                json.dumps([r.to_dict() for r in result.results], indent=2) + "\n", encoding="utf-8"
-            )
+            write_run_files(out, self.config, result.results)
             if push_to_hub:
                 result.model.push_to_hub(push_to_hub)
         acc.wait_for_everyone()
