@@ -331,7 +331,8 @@ def _write_graph(model: AdaptiveDepth, plan: ExportPlan, folder: Path) -> None:
             expected.append(logits_of(model.set_depth(counts)(check)))
     if plan.all_depths:
         module: nn.Module = all_depths_module(model)
-        feeds = [(example, torch.tensor(0))] + [(check, torch.tensor(i)) for i in range(len(plan.depths))]
+        index = [torch.tensor(i, device=example.device) for i in range(len(plan.depths))]
+        feeds = [(example, index[0])] + [(check, i) for i in index]
     else:
         module = TensorOutputs(model.export(depth=plan.depths[0][1])).eval()
         feeds = [(example,), (check,)]

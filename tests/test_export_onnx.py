@@ -105,6 +105,7 @@ def test_an_architecture_without_a_depth_argument_exports_to_onnx_and_its_card_r
     assert capsys.readouterr().out.strip().splitlines()[-1] == expected
 
 
+@pytest.mark.filterwarnings("ignore:No complete tensor found")  # torch.export.load of weights on the CPU
 def test_torch_export_programs_of_one_depth_and_of_every_depth(tmp_path: Path) -> None:
     model = _resnet_with_depth_norms()
     x = torch.randn(3, 3, 32, 32)
