@@ -14,15 +14,26 @@ import os
 import platform
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import BudgetError, ConfigError
 from .latency import measure_latencies_ms
 from .policy import depth_key
+from .state import preserved
 
-__all__ = ["LatencyProfile", "choose_scaling_factor", "describe_device", "describe_dtype", "profile_depths"]
+if TYPE_CHECKING:
+    from .tuner import DepthTuner
+
+__all__ = [
+    "LatencyProfile",
+    "choose_scaling_factor",
+    "describe_device",
+    "describe_dtype",
+    "profile_depths",
+    "profile_model",
+]
 
 
 def _cpu_name() -> str:
@@ -254,3 +265,28 @@ def profile_depths(
         dtype=describe_dtype(param.dtype),
         latency_ms={str(b): {depth_key(s): timed[f"{b}/{depth_key(s)}"] for s in scaling_factors} for b in sizes},
     )
+
+
+def profile_model(
+    model: DepthTuner,
+    example_input: torch.Tensor | None,
+    batch_size: int | Sequence[int] | None,
+    depths: Sequence[float],
+    *,
+    warmup: int,
+    repeats: int,
+) -> LatencyProfile:
+    """:meth:`DepthTuner.profile`: every depth at every batch size, timed in interleaved rounds, in eval mode.
+
+    Raises:
+        ConfigError: a batch size that is not a positive integer.
+    """
+    several = isinstance(batch_size, Sequence) and not isinstance(batch_size, str)
+    sizes = list(batch_size) if several else [batch_size]  # type: ignore[list-item]
+    for size in sizes:
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ConfigError(f"profile() batch sizes must be positive integers, got {batch_size!r}")
+    first = None if sizes == [None] else min(sizes)
+    x = model.example_input(first or 1) if example_input is None else example_input
+    with preserved(model, train=False):
+        return profile_depths(model.set_scaling_factor, x, depths, warmup, repeats, None if first is None else sizes)

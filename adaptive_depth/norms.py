@@ -11,8 +11,10 @@ are saved in a file of their own (``depth_norms.safetensors``, :mod:`adaptive_de
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
-from typing import Any
+import itertools
+import logging
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,7 +23,18 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .errors import ConfigError
 from .state import preserved
 
-__all__ = ["DepthNorms", "batchnorm_layers", "recalibrate_batchnorm", "register_training_statistics_hooks"]
+if TYPE_CHECKING:
+    from .tuner import DepthTuner
+
+__all__ = [
+    "DepthNorms",
+    "batchnorm_layers",
+    "recalibrate_batchnorm",
+    "recalibrate_depths",
+    "register_training_statistics_hooks",
+]
+
+logger = logging.getLogger(__name__)
 
 STATS = ("running_mean", "running_var")
 DEFAULT = "default"
@@ -290,3 +303,40 @@ def _suspend_depth_norms_for_load(module: Any, *_: Any, **__: Any) -> None:
 
 def _resume_depth_norms_after_load(module: Any, _incompatible: Any) -> None:
     _resume_depth_norms(module)
+
+
+def recalibrate_depths(
+    model: DepthTuner,
+    batches: Iterable[Any],
+    factors: Sequence[float],
+    *,
+    max_batches: int | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[float, int]:
+    """:meth:`DepthTuner.recalibrate_norms`: one set of statistics per depth (depths running the same blocks share
+    one, estimated once), kept in ``model.depth_norms`` and listed in ``model.config.norm_stats``.
+
+    Returns:
+        The number of images read at each depth (``{}`` for a model without BatchNorm, left unchanged).
+    """
+    layers = batchnorm_layers(model.model)
+    if not layers:
+        logger.info("%s has no BatchNorm layer: nothing to recalibrate", type(model.model).__name__)
+        return {}
+    if model.depth_norms is None:
+        model.depth_norms = DepthNorms(layers)
+    norms = model.depth_norms
+    seen: dict[float, int] = {}
+    done: dict[tuple[int, ...], int] = {}
+    with preserved(model):
+        for s in factors:
+            key = tuple(model.depth_for(s))
+            if key not in done:
+                model.set_scaling_factor(s)
+                norms.release()
+                images = (b[0] if isinstance(b, tuple | list) else b for b in itertools.islice(batches, max_batches))
+                done[key] = recalibrate_batchnorm(model.model, layers, images, reduce)
+                norms.capture(key)
+            seen[s] = done[key]
+    model.config.norm_stats = sorted(set(model.config.norm_stats) | set(factors))
+    return seen

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import logging
 import numbers
 import threading
@@ -19,15 +18,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .budget import LatencyProfile, choose_scaling_factor, profile_depths
-from .config import GATE_LABELS, AdaptiveDepthConfig, StageSpec
+from .budget import LatencyProfile, choose_scaling_factor, profile_model
+from .config import AdaptiveDepthConfig, StageSpec
 from .errors import ConfigError, DepthSpecError
 from .export import export_depth
 from .flops import count_flops
 from .gates import DepthGate, check_structure, gate_model
-from .norms import DepthNorms, batchnorm_layers, recalibrate_batchnorm, register_training_statistics_hooks
+from .norms import (
+    DepthNorms,
+    recalibrate_depths,
+    register_training_statistics_hooks,
+)
 from .policy import active_mask, check_scaling_factor, depth_key, keep_count
 from .state import preserved
+from .summary import depth_summary
 
 __all__ = ["DepthTuner"]
 
@@ -254,29 +258,8 @@ class DepthTuner(nn.Module):
         Returns:
             The number of images read at each depth. A model without BatchNorm is left unchanged (``{}``).
         """
-        layers = batchnorm_layers(self.model)
-        if not layers:
-            logger.info("%s has no BatchNorm layer: nothing to recalibrate", type(self.model).__name__)
-            return {}
         factors = [check_scaling_factor(s) for s in (scaling_factors or self.config.scaling_factors)]
-        if self.depth_norms is None:
-            self.depth_norms = DepthNorms(layers)
-        seen: dict[float, int] = {}
-        done: dict[tuple[int, ...], int] = {}  # depths that run the same blocks share one set: estimate it once
-        with preserved(self):
-            for s in factors:
-                key = tuple(self.depth_for(s))
-                if key not in done:
-                    self.set_scaling_factor(s)
-                    self.depth_norms.release()
-                    images = (
-                        b[0] if isinstance(b, tuple | list) else b for b in itertools.islice(batches, max_batches)
-                    )
-                    done[key] = recalibrate_batchnorm(self.model, layers, images, reduce)
-                    self.depth_norms.capture(key)
-                seen[s] = done[key]
-        self.config.norm_stats = sorted(set(self.config.norm_stats) | set(factors))
-        return seen
+        return recalibrate_depths(self, batches, factors, max_batches=max_batches, reduce=reduce)
 
     def reset_norms(self) -> None:
         """Forget the per-depth statistics: every depth runs with the statistics of training again.
@@ -335,28 +318,7 @@ class DepthTuner(nn.Module):
         The ``gates`` column says whether a stage gates whole blocks or residual branches inside its blocks (then
         ``blocks`` counts branches: TinyViT's ``attn`` and ``mlp`` of every block).
         """
-        lines = [
-            f"{type(self.model).__name__}: {len(self.stages)} stages, discovery: {self.config.discovery}, "
-            f"policy: {self.config.policy}, input {tuple(self.config.input_size)}",
-            "",
-            f"{'stage':<40} {'gates':>8} {'blocks':>6} {'fixed':>5} {'gateable':>8}",
-        ]
-        for st in self.stages:
-            gates = GATE_LABELS[st.kind]
-            lines.append(
-                f"{st.name:<40} {gates:>8} {st.num_blocks:>6} {st.num_fixed:>5} {st.num_blocks - st.num_fixed:>8}"
-            )
-        lines.append("")
-        table = self.flops_table()
-        full = table.get(1.0) or self.flops(1.0)
-        lines.append(f"{'s':>6} {'blocks per stage':<30} {'GFLOPs':>9} {'vs s=1':>7}")
-        for s, flops in table.items():
-            lines.append(f"{s:>6.3g} {self.depth_for(s)!s:<30} {flops / 1e9:>9.4f} {flops / full:>7.3f}")
-        ratio = self.fewest_blocks_flops_ratio()
-        lines.append(f"the fewest blocks run {ratio:.3f} of the s=1 FLOPs: at most {1 - ratio:.0%} can be saved")
-        current = "custom" if self._scaling_factor is None else f"{self._scaling_factor:g}"
-        lines.append(f"\ncurrent: s = {current}, blocks per stage {self.active_depth}")
-        return "\n".join(lines)
+        return depth_summary(self)
 
     def profile(
         self,
@@ -390,20 +352,10 @@ class DepthTuner(nn.Module):
         Raises:
             ConfigError: a batch size that is not a positive integer.
         """
-        several = isinstance(batch_size, Sequence) and not isinstance(batch_size, str)
-        sizes = list(batch_size) if several else [batch_size]
-        for size in sizes:
-            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-                raise ConfigError(f"profile() batch sizes must be positive integers, got {batch_size!r}")
         if device is not None:
             self.to(device)
-        first = None if sizes == [None] else min(sizes)
-        x = self.example_input(first or 1) if example_input is None else example_input
         depths = [check_scaling_factor(s) for s in scaling_factors or self.config.scaling_factors]
-        with preserved(self, train=False):
-            profile = profile_depths(
-                self.set_scaling_factor, x, depths, warmup, repeats, None if first is None else sizes
-            )
+        profile = profile_model(self, example_input, batch_size, depths, warmup=warmup, repeats=repeats)
         self.config.latency_profile = profile.to_dict()
         return {s: ms for s in depths if (ms := profile.at(s)) is not None}
 
