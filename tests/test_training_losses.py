@@ -187,7 +187,7 @@ def test_sandwich_step_averages_over_the_depths_it_ran() -> None:
 
 
 def test_sandwich_rule_runs_the_smallest_and_the_top_depth_and_a_random_sample() -> None:
-    model = CooperativeModel([], [0.25, 0.5, 0.75, 1.0], leader_mode="none", sampled_depths=1)
+    model = CooperativeModel([], [0.25, 0.5, 0.75, 1.0], leader="none", sampled_depths=1)
     seen = set()
     for _ in range(40):
         depths = model.depths_to_run()
@@ -195,7 +195,7 @@ def test_sandwich_rule_runs_the_smallest_and_the_top_depth_and_a_random_sample()
         seen.add(depths[1])
     assert seen == {0.5, 0.75}
     assert model.eval().depths_to_run() == [1.0, 0.75, 0.5, 0.25]  # evaluation: every depth
-    assert CooperativeModel([], [0.5, 1.0], leader_mode="none", sampled_depths=1).depths_to_run() == [1.0, 0.5]
+    assert CooperativeModel([], [0.5, 1.0], leader="none", sampled_depths=1).depths_to_run() == [1.0, 0.5]
     with pytest.raises(ConfigError, match="sampled_depths"):
         TrainingConfig(sampled_depths=-1)
 
