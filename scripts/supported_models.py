@@ -2,27 +2,33 @@
 
     python scripts/supported_models.py --only all --workers 1           # the full walk, writes docs/
     python scripts/supported_models.py --only timm --filter 'resnet*' --limit 10 --out /tmp/x.md
+    python scripts/supported_models.py --update-exports --budget-min 90  # the exports column of docs/, per family
 
 Every architecture is built with random weights (nothing is downloaded) and probed once by ``discover`` at its
 declared input size, batch 1, on CPU. Parameters are first counted on the meta device; models above
 ``--max-params-m`` are skipped. Transformers configs are narrowed (widths divided by 4, depths kept) when that
 builds and runs; otherwise the default config is used. Each model runs in a worker process that is killed after
 ``--timeout`` seconds and recycled every few models, so one hanging or huge model cannot stop the walk.
+
+``--exports`` also writes every wrapping model at s = 0.5 in each plain format, checked as ``save_export`` checks it
+(a timm / transformers repository rebuilt and compared, a torch.export program run, an ONNX file run in
+onnxruntime): tens of seconds a model on a CPU. ``--update-exports`` does that for the smallest wrapping model of each
+family (timm module, transformers model type) of the existing page within ``--budget-min``, and rewrites those rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import fnmatch
 import gc
 import json
+import logging
 import multiprocessing as mp
 import re
 import shlex
-import subprocess
 import sys
+import tempfile
 import time
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -33,16 +39,28 @@ import torch
 import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as HF_NAMES
 
+from adaptive_depth import AdaptiveDepth, AdaptiveDepthConfig
+from adaptive_depth.base_models import describe_base_model
 from adaptive_depth.config import GATE_LABELS
-from adaptive_depth.discovery import discover
+from adaptive_depth.discovery import Discovery, discover
 from adaptive_depth.errors import ConfigError, NoGateableBlocksError
 from adaptive_depth.flops import count_flops_by_module
 from adaptive_depth.policy import active_mask, keep_count
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the page module beside this script, however it is loaded
+from supported_models_page import EXPORTS, export_targets, header_lines, parse_page, render
+
 RECYCLE_EVERY = 25  # models per worker process before it is replaced (bounds leaked memory)
-STATUSES = ("wraps", "refused", "error", "skipped", "timeout")
-COUNTS = ("gates", "stages", "blocks", "gateable", "kept_at_half", "flops_at_half")  # the columns of a 'wraps' row
 WIDTH_FIELDS = ("hidden_size", "intermediate_size", "embed_dim", "hidden_sizes", "embed_dims")
+# What the page says for the usual reasons a format is refused (others: the error, shortened).
+EXPORT_REASONS = {
+    "takes no per-stage depth argument": "no timm depth argument",
+    "residual branches inside blocks": "gates branches",
+    "does not describe the depths": "config lacks the depths",
+    "timm cannot rebuild": "timm cannot rebuild it",
+    "transformers cannot rebuild": "transformers cannot rebuild it",
+    "cannot find logits": "returns no logits",
+}
 
 
 def _timm_build(name: str) -> tuple[torch.nn.Module, tuple[int, ...], str]:
@@ -88,8 +106,8 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:200]}"
 
 
-def _discover_row(model: torch.nn.Module, size: tuple[int, ...]) -> dict[str, Any]:
-    """Run discovery on a built model; the fields of a 'wraps' row (raises what discovery raises).
+def _discover_row(model: torch.nn.Module, size: tuple[int, ...]) -> tuple[dict[str, Any], Discovery]:
+    """Run discovery on a built model; the fields of a 'wraps' row and what was found (raises what discovery raises).
 
     ``flops_at_half``: the FLOPs at s = 0.5 over those at s = 1 (``torch.utils.flop_counter``, batch 1): how much of
     the model the gates can really save (a partial wrap keeps most of them). One counted pass at full depth gives
@@ -115,20 +133,45 @@ def _discover_row(model: torch.nn.Module, size: tuple[int, ...]) -> dict[str, An
         "gateable": sum(s.num_blocks - s.num_fixed for s in found.stages),
         "kept_at_half": sum(keep_count(0.5, s.num_blocks, s.num_fixed) for s in found.stages),
         "flops_at_half": round((full - skipped) / full, 3) if full else "",
-    }
+    }, found
 
 
-def check(source: str, name: str, max_params_m: float) -> dict[str, Any]:
+def _exports(model: torch.nn.Module, found: Discovery, size: tuple[int, ...]) -> str:
+    """The plain formats s = 0.5 of ``model`` saves to, each written and checked by ``save_export``; a failed format
+    is named with its reason (``"ONNX, torch.export (repo: no timm depth argument)"``)."""
+    config = AdaptiveDepthConfig(
+        base_model=describe_base_model(model), stages=found.stages, input_size=list(size), discovery=found.method
+    )
+    adaptive = AdaptiveDepth(model, config).eval()  # what wrap() makes, without probing again
+    works, fails = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt, label in EXPORTS.items():
+            if fmt == "onnx" and EXPORTS["torch.export"] in fails:
+                fails[label] = "as torch.export"  # the ONNX exporter starts from a torch.export program
+                continue
+            try:
+                adaptive.save_export(f"{tmp}/{len(works) + len(fails)}", 0.5, format=fmt)
+                works.append(label)
+            except Exception as e:  # any failure is a result to record
+                # the error's first line, without the terminal colours some exporters print
+                reason = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(e).__name__}: {e}").splitlines()[0]
+                fails[label] = next((short for key, short in EXPORT_REASONS.items() if key in reason), reason[:100])
+    failed = "; ".join(f"{label}: {reason}" for label, reason in fails.items())
+    return ", ".join(works) + (f" ({failed})" if works and failed else failed if failed else "")
+
+
+def check(source: str, name: str, max_params_m: float, exports: bool = False) -> dict[str, Any]:
     """Build one model with random weights, run discovery on it and describe the outcome.
 
     Args:
         source: ``"timm"`` or ``"transformers"``.
         name: a timm architecture name or a transformers ``model_type``.
         max_params_m: models with more parameters (millions) are skipped, not built.
+        exports: also save s = 0.5 of a wrapping model in every plain format (``exports``, see :func:`_exports`).
 
     Returns:
         A row: ``source``, ``name``, ``status`` (one of ``STATUSES``), ``params_m``, ``config``, ``input``,
-        and either the discovery counts or a ``reason``.
+        and either the discovery counts (and ``exports``) or a ``reason``.
     """
     row: dict[str, Any] = {"source": source, "name": name}
     attempts = (
@@ -155,7 +198,10 @@ def check(source: str, name: str, max_params_m: float) -> dict[str, Any]:
                 if narrow_error:
                     row.update(status="error", reason=f"{narrow_error} (narrowed; default config {row['reason'][13:]})")
             else:
-                row.update(_discover_row(model, size))
+                counts, found = _discover_row(model, size)
+                row.update(counts)
+                if exports:
+                    row["exports"] = _exports(model, found, size)
             return row
         except NoGateableBlocksError as e:
             reason = re.split(r" \(|\. ", str(e).split("nothing to gate: ", 1)[-1])[0]
@@ -170,13 +216,14 @@ def check(source: str, name: str, max_params_m: float) -> dict[str, Any]:
     raise AssertionError("unreachable")
 
 
-def _worker(conn: Connection, max_params_m: float) -> None:
+def _worker(conn: Connection, max_params_m: float, exports: bool) -> None:
     """Worker process: answer ``(source, name)`` jobs with rows until told to stop (``None``)."""
     torch.set_num_threads(1)
+    logging.disable(logging.WARNING)  # exports log what they check; the row says the outcome
     conn.send("ready")
     while (job := conn.recv()) is not None:
         t0 = time.monotonic()
-        conn.send({**check(*job, max_params_m), "seconds": round(time.monotonic() - t0, 1)})
+        conn.send({**check(*job, max_params_m, exports), "seconds": round(time.monotonic() - t0, 1)})
 
 
 def walk(jobs: list[tuple[str, str]], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -187,7 +234,7 @@ def walk(jobs: list[tuple[str, str]], args: argparse.Namespace) -> list[dict[str
 
     def start() -> dict[str, Any]:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(child, args.max_params_m), daemon=True)
+        proc = ctx.Process(target=_worker, args=(child, args.max_params_m, args.exports), daemon=True)
         proc.start()
         parent.recv()  # "ready": imports do not count against the first model's timeout
         return {"proc": proc, "conn": parent, "done": 0}
@@ -207,7 +254,11 @@ def walk(jobs: list[tuple[str, str]], args: argparse.Namespace) -> list[dict[str
     def failed(w: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
         return {"source": w["job"][0], "name": w["job"][1], "status": status, "reason": reason}
 
+    deadline = time.monotonic() + args.budget_min * 60 if args.budget_min else float("inf")
     while pending or busy:
+        if time.monotonic() > deadline and pending:  # out of time: the rest stays unchecked
+            print(f"time budget spent: {len(pending)} models not checked")
+            pending.clear()
         while pending and len(busy) < args.workers:
             w = idle.pop() if idle else start()
             w.update(job=pending.popleft(), t0=time.monotonic(), done=w["done"] + 1)
@@ -227,75 +278,17 @@ def walk(jobs: list[tuple[str, str]], args: argparse.Namespace) -> list[dict[str
     for w in idle:
         w["conn"].send(None)
         w["proc"].join()
-    return [rows[job] for job in jobs]
+    return [rows[job] for job in jobs if job in rows]
 
 
-def _table(rows: list[dict[str, Any]]) -> list[str]:
-    """The per-model markdown table of one source, sorted by name."""
-    out = [
-        "| model | params (M) | config | input | status | discovery | gates | stages | blocks | gateable "
-        "| kept at s=0.5 | FLOPs at s=0.5 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in sorted(rows, key=lambda r: r["name"]):
-        status = r["status"] if r["status"] == "wraps" else f"{r['status']}: {r.get('reason', '')}".replace("|", "\\|")
-        counts = [r.get(k, "") for k in ("method", *COUNTS)]
-        cells = [f"`{r['name']}`", r.get("params_m", ""), r.get("config", ""), r.get("input", ""), status, *counts]
-        out.append("| " + " | ".join(map(str, cells)) + " |")
-    return out
-
-
-def source_commit() -> str:
-    """The repository's commit (``+ local changes`` when the tree differs from it): what a page was made from."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "adaptive_depth"], cwd=root, capture_output=True)
-    except OSError:
-        return "unknown (no git)"
-    if head.returncode:
-        return "unknown (not a git checkout)"
-    return head.stdout.strip() + (" + local changes to adaptive_depth/" if dirty.stdout.strip() else "")
-
-
-def render(rows: list[dict[str, Any]], command: str, seconds: float, commit: str) -> str:
-    """The markdown page: how it was made, counts per source, reasons for refusals and errors, per-model tables."""
-    sources = [s for s in ("timm", "transformers") if any(r["source"] == s for r in rows)]
-    out = [
-        "# Supported models",
-        "",
-        "Generated by `scripts/supported_models.py`; do not edit by hand, run the script again. Each architecture is",
-        "built with random weights and probed once by `adaptive_depth.discovery.discover` at its declared input size",
-        "(batch 1, CPU). *wraps*: discovery found stages with skippable blocks; *refused*: nothing to gate;",
-        "*error*: the model could not be built, or its probe forward pass failed; *skipped*: above the size limit",
-        "(parameters counted on the meta device); *timeout*: the check ran past the time limit. transformers models",
-        "use their default config with widths divided by 4 (depths kept) where that works (*config* column).",
-        "*gates*: whole residual blocks, or residual branches inside blocks that have no identity path of their own.",
-        "*FLOPs at s=0.5*: FLOPs of the wrapped model at s = 0.5 over its FLOPs at s = 1 (`torch.utils.flop_counter`,",
-        "batch 1): near 1 means the gates hold little of the compute. tests/test_supported_models.py re-checks a",
-        "sample of the rows against the code, so a page older than the discovery it describes fails the tests.",
-        "",
-        f"- command: `{command}`",
-        f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}, wall time {seconds / 60:.0f} min",
-        f"- generated at commit: {commit}",
-        f"- versions: timm {timm.__version__}, transformers {transformers.__version__}, torch {torch.__version__}",
-        "",
-        "| source | checked | " + " | ".join(STATUSES) + " |",
-        "|---" * (len(STATUSES) + 2) + "|",
-    ]
-    for source in sources:
-        counts = collections.Counter(r["status"] for r in rows if r["source"] == source)
-        out.append(f"| {source} | {sum(counts.values())} | " + " | ".join(str(counts[s]) for s in STATUSES) + " |")
-    out += ["", "## Refused and why", "", "Grouped by reason (digits shown as N); errors and timeouts included.", ""]
-    groups: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
-    for r in rows:
-        if r["status"] in ("refused", "error", "timeout"):
-            groups[(r["status"], re.sub(r"\d+", "N", r["reason"]))].append(f"{r['source']}:{r['name']}")
-    for (status, reason), names in sorted(groups.items(), key=lambda kv: (STATUSES.index(kv[0][0]), -len(kv[1]))):
-        out.append(f"- **{status}** ({len(names)}) {reason}: " + ", ".join(f"`{n}`" for n in sorted(names)))
-    for source in sources:
-        out += ["", f"## {source}", "", *_table([r for r in rows if r["source"] == source])]
-    return "\n".join(out) + "\n"
+def _with_exports(row: dict[str, Any], checked: dict[str, Any] | None) -> dict[str, Any]:
+    """A page row after ``--update-exports``: the row checked again when it was (a model that ran past the time
+    limit keeps its discovery columns and says so in the exports cell); else the row without an exports cell."""
+    if checked is None:
+        return {k: v for k, v in row.items() if k != "exports"}
+    if checked["status"] == "timeout":
+        return {**row, "exports": f"not checked: {checked['reason']}"}
+    return checked
 
 
 def main() -> None:
@@ -307,23 +300,35 @@ def main() -> None:
     parser.add_argument("--max-params-m", type=float, default=60.0, help="skip models above this many M params")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per model")
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument("--exports", action="store_true", help="also check the plain exports of wrapping models")
+    parser.add_argument("--update-exports", action="store_true", help="only the exports column of --out, per family")
+    parser.add_argument("--budget-min", type=float, default=0, help="start no model after this many minutes (0: no)")
     parser.add_argument("--out", type=Path, default=Path("docs/supported-models.md"))
     parser.add_argument("--json", type=Path, default=None, help="also dump the raw rows here")
     args = parser.parse_args()
-
-    jobs: list[tuple[str, str]] = []
-    if args.only in ("timm", "all"):
-        jobs += [("timm", n) for n in sorted(timm.list_models(args.filter))][: args.limit or None]
-    if args.only in ("transformers", "all"):
-        jobs += [("transformers", n) for n in sorted(HF_NAMES) if fnmatch.fnmatch(n, args.filter)][: args.limit or None]
-    start = time.monotonic()
-    rows = walk(jobs, args)
-    seconds = time.monotonic() - start
+    args.exports = args.exports or args.update_exports
     command = shlex.join(["python", "scripts/supported_models.py", *sys.argv[1:]])
+
+    start = time.monotonic()
+    if args.update_exports:  # the page's rows stay; the families' rows are checked again, exports included
+        header, rows = parse_page(args.out)
+        header = [line for line in header if not line.startswith("- exports ")]
+        checked = {(r["source"], r["name"]): r for r in walk(export_targets(rows), args)}
+        rows = [_with_exports(r, checked.get((r["source"], r["name"]))) for r in rows]
+        header += header_lines(command, time.monotonic() - start, "exports column: ")
+    else:
+        jobs: list[tuple[str, str]] = []
+        if args.only in ("timm", "all"):
+            jobs += [("timm", n) for n in sorted(timm.list_models(args.filter))][: args.limit or None]
+        if args.only in ("transformers", "all"):
+            names = [n for n in sorted(HF_NAMES) if fnmatch.fnmatch(n, args.filter)]
+            jobs += [("transformers", n) for n in names][: args.limit or None]
+        rows = walk(jobs, args)
+        header = header_lines(command, time.monotonic() - start)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    args.out.write_text(render(rows, command, seconds, source_commit()))
-    print(f"wrote {args.out} ({len(rows)} models, {seconds / 60:.1f} min)")
+    args.out.write_text(render(rows, header))
+    print(f"wrote {args.out} ({len(rows)} models, {(time.monotonic() - start) / 60:.1f} min)")
 
 
 if __name__ == "__main__":
