@@ -58,7 +58,7 @@ from .export_files import (
 from .export_graph import TensorOutputs, all_depths_module, first_tensor
 from .outputs import logits_of
 from .preprocessing import match_channels, timm_preprocessing
-from .saved import CONFIG_NAME, PROCESSOR_NAME, WEIGHTS_NAME, replace_files_atomically
+from .saved import CARD_NAME, CONFIG_NAME, PROCESSOR_NAME, WEIGHTS_NAME, replace_files_atomically
 from .state import preserved
 
 if TYPE_CHECKING:
@@ -156,12 +156,12 @@ def save_export(
     """
     plan = plan_export(model, scaling_factor, depth, format)
     folder = Path(save_directory)
-    with replace_files_atomically(folder, keep_foreign=("README.md",)) as staging:
+    with replace_files_atomically(folder, keep_foreign=(CARD_NAME,)) as staging:
         if plan.format == "repo":
             _write_repo(model, plan.depths[0][1], staging)
         else:
             _write_graph(model, plan, staging)
-        export_card(model.config.base_model, plan.format, plan.describe()).save(staging / "README.md")
+        export_card(model.config.base_model, plan.format, plan.describe()).save(staging / CARD_NAME)
         stale = [name for name in EXPORT_FILES if not (staging / name).exists()]
     for name in stale:  # left by an earlier export in another format: it would not match this one
         (folder / name).unlink(missing_ok=True)

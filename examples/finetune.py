@@ -35,6 +35,7 @@ from adaptive_depth.policy import POLICIES
 from adaptive_depth.training import (
     DIGITS,
     EMBEDDED_DATASETS,
+    LOGS_DIR,
     PLOT_NAME,
     CooperativeTrainer,
     ImageClassificationData,
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         mixed_precision=args.mixed_precision,
         log_with=log_with,
         project_config=ProjectConfiguration(
-            project_dir=str(args.output_dir), logging_dir=str(args.output_dir / "logs")
+            project_dir=str(args.output_dir), logging_dir=str(args.output_dir / LOGS_DIR)
         ),
     )
     configure_logging(args.verbose, accelerator.is_main_process)
