@@ -29,8 +29,8 @@ pytest.importorskip("litserve")  # the serve extra (in the test extra, so CI has
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["cat", "dog", "bird"]
 MAX_BATCH = 4
-SLO_MS = 250.0
-BURST = 80
+SLO_BATCHES = 3  # the deadline: three full-depth batches of MAX_BATCH, as the profile measured them
+BURST = 80  # 20 full-depth batches: far past the deadline on any CPU, so the depth has to drop
 
 
 def _free_port() -> int:
@@ -63,14 +63,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A saved 3-class model served by examples/serve.py on a free loopback port; the base URL."""
     folder = tmp_path_factory.mktemp("served") / "model"
     torch.manual_seed(0)
-    model = AdaptiveDepth.wrap(timm.create_model("regnetx_002", num_classes=3), input_size=[3, 32, 32]).eval()
+    # 128 px: a batch takes long enough that the model, not the test's client threads, is what the burst waits on
+    model = AdaptiveDepth.wrap(timm.create_model("regnetx_002", num_classes=3), input_size=[3, 128, 128]).eval()
     model.set_labels(LABELS)
     torch.set_num_threads(1)  # the worker runs with --threads 1: a profile of this process is of its device
     model.profile(batch_size=[1, 2, MAX_BATCH], warmup=1, repeats=3)
+    # relative to this machine's speed: a fixed deadline that a slow CPU misses when idle, a fast one never
+    slo_ms = SLO_BATCHES * model.latency_profile.estimate(1.0, MAX_BATCH)
     model.save_pretrained(folder)
     port = _free_port()
     command = [sys.executable, str(ROOT / "examples" / "serve.py"), str(folder), "--port", str(port),
-               "--slo-ms", str(SLO_MS), "--max-batch-size", str(MAX_BATCH), "--threads", "1", "--device", "cpu",
+               "--slo-ms", f"{slo_ms:.1f}", "--max-batch-size", str(MAX_BATCH), "--threads", "1", "--device", "cpu",
                "--max-pixels", "1000000", "--max-body-mb", "1"]  # fmt: skip
     log = (folder.parent / "server.log").open("w")
     env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path_factory.mktemp("metrics"))}

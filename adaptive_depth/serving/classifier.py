@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 
 from ..budget import LatencyProfile
 from ..errors import BudgetError, ConfigError
@@ -169,7 +170,21 @@ class ImageClassifier:
         """Load a saved adaptive model (local folder or Hub id) onto ``device`` and make it ready to serve."""
         model = AdaptiveDepth.from_pretrained(model_id).eval().to(device)
         profile = serving_profile(model, spec.max_batch_size, refresh=refresh_profile)
-        return cls(model, spec, profile, top_k=top_k, max_pixels=max_pixels)
+        classifier = cls(model, spec, profile, top_k=top_k, max_pixels=max_pixels)
+        classifier.warm_up(spec.max_batch_size)
+        return classifier
+
+    def warm_up(self, max_batch_size: int) -> None:
+        """Run every depth the policy may choose once at batch 1 and at ``max_batch_size``.
+
+        A process's first forward passes are slow (kernel selection, allocations); served to a client they would
+        miss the deadline and teach the policy that the device is many times slower than its profile says.
+        """
+        example = self.transform(Image.new("RGB", tuple(self.model.config.input_size[:0:-1])))
+        for batch_size in sorted({1, max_batch_size}):
+            images = example.expand(batch_size, *example.shape)
+            for s in self.policy.scaling_factors:
+                self.classify(images, s)
 
     def preprocess(self, payload: Any) -> torch.Tensor:
         """One request body to the model's input tensor (raises :class:`BadRequestError` with the reason)."""
