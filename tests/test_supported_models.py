@@ -10,31 +10,21 @@ from adaptive_depth import AdaptiveDepth
 from scripts import ROOT, load_script
 
 PAGE = ROOT / "docs" / "supported-models.md"
-COLUMNS = ("name", "params_m", "config", "input", "status", "method", "gates", "stages", "blocks", "gateable",
-           "kept_at_half", "flops_at_half")  # fmt: skip
-ALWAYS = ("timm:tiny_vit_5m_224", "timm:repvit_m0_9", "timm:resnet18", "timm:test_vit")  # gating kinds that matter
+WALK = load_script("scripts/supported_models.py")
+PAGE_FORMAT = load_script("scripts/supported_models_page.py")
+EXPORTS_SAMPLE = "timm:test_vit"  # the cheapest wrapping model to export in every format (tens of seconds)
 
 
 def _rows() -> dict[str, dict[str, str]]:
     """The page's per-model rows by ``source:name``."""
-    rows, source = {}, None
-    for line in PAGE.read_text(encoding="utf-8").splitlines():
-        heading = re.fullmatch(r"## (timm|transformers)", line)
-        if heading:
-            source = heading.group(1)
-        elif source and line.startswith("| `"):
-            cells = [c.strip() for c in line.strip("|").split(" | ")]
-            row = dict(zip(COLUMNS, cells))
-            row["name"] = row["name"].strip("`")
-            rows[f"{source}:{row['name']}"] = row
-    return rows
+    return {f"{r['source']}:{r['name']}": r for r in PAGE_FORMAT.parse_page(PAGE)[1]}
 
 
 def _sample() -> list[str]:
     """The always-checked rows, and every 6th small timm model (under 2 M parameters): a few seconds each."""
     rows = _rows()
     small = sorted(k for k, r in rows.items() if k.startswith("timm:") and r["params_m"] and float(r["params_m"]) < 2)
-    return [*ALWAYS, *(k for k in small[::6] if k not in ALWAYS)]
+    return [*PAGE_FORMAT.ALWAYS, *(k for k in small[::6] if k not in PAGE_FORMAT.ALWAYS)]
 
 
 def test_the_page_says_which_commit_and_command_made_it() -> None:
@@ -42,16 +32,23 @@ def test_the_page_says_which_commit_and_command_made_it() -> None:
     assert re.search(r"^- generated at commit: [0-9a-f]{7,}", text, re.M), "regenerate: scripts/supported_models.py"
     assert "- command: `python scripts/supported_models.py" in text
     assert "FLOPs at s=0.5" in text
+    # the exports column says how it was made, and covers the models the sample below and the docs rely on
+    assert re.search(r"^- exports column: generated at commit: [0-9a-f]{7,}", text, re.M)
+    assert all(_rows()[key].get("exports") for key in PAGE_FORMAT.ALWAYS)
+
+
+def test_the_exports_column_is_what_save_export_does_today() -> None:
+    found = WALK.check(*EXPORTS_SAMPLE.split(":"), max_params_m=60.0, exports=True)
+    assert _rows()[EXPORTS_SAMPLE]["exports"] == found["exports"] == "repo, torch.export, ONNX"
 
 
 @pytest.mark.parametrize("key", _sample())
 def test_a_sampled_row_matches_discovery_today(key: str) -> None:
     page = _rows()[key]
     source, name = key.split(":", 1)
-    found = load_script("scripts/supported_models.py").check(source, name, max_params_m=60.0)
-    status = found["status"] if found["status"] == "wraps" else f"{found['status']}: {found.get('reason', '')}"
+    found = WALK.check(source, name, max_params_m=60.0)
     stale = f"docs/supported-models.md is stale for {key}: run scripts/supported_models.py again"
-    assert page["status"] == status, stale
+    assert (page["status"], page.get("reason", "")) == (found["status"], found.get("reason", "")), stale
     if found["status"] == "wraps":
         for column in ("method", "gates", "stages", "blocks", "gateable", "kept_at_half"):
             assert page[column] == str(found[column]), f"{stale} ({column})"
@@ -61,6 +58,6 @@ def test_a_sampled_row_matches_discovery_today(key: str) -> None:
 @pytest.mark.parametrize("name", ["resnet18", "repvit_m0_9"])  # whole blocks; residual branches
 def test_the_flops_column_is_what_the_model_costs_at_half_depth(name: str) -> None:
     """The walk subtracts the skipped units' FLOPs from one counted pass; running the model at s = 0.5 agrees."""
-    row = load_script("scripts/supported_models.py").check("timm", name, max_params_m=60.0)
+    row = WALK.check("timm", name, max_params_m=60.0)
     model = AdaptiveDepth.from_pretrained(name, pretrained=False)
     assert row["flops_at_half"] == round(model.flops(0.5) / model.flops(1.0), 3)
