@@ -8,13 +8,13 @@ Two regimes, one run each (``--regime``):
 
 Every method is trained with the same data, model, optimiser and epochs, evaluated at every scaling factor with the
 same per-depth BatchNorm recalibration, in one run, over several seeds; random depth and two-path are also run with
-the wall time of the default (more epochs), so a method that costs more is compared at equal compute too. Output:
-a Markdown table (mean ± std over seeds, training time, ratio to plain fine-tuning), a JSON file and a plot.
+the wall time of the cooperative method (more epochs), so a method that costs more is compared at equal compute too.
+Output: a Markdown table (mean ± std over seeds, training time, ratio to plain fine-tuning), a JSON file and a plot.
 
     python benchmarks/pretrain.py                                                 # the offline pretrained checkpoint
     HF_HUB_OFFLINE=1 python benchmarks/accuracy.py --model hf-hub:adaptive-depth-offline/regnetx_002.fractal256_32px \\
         --weights pretrained --dataset digits-cluttered --regime r1 --seeds 0 1 2
-    python benchmarks/accuracy.py --methods default random-depth plain --seeds 0   # from random weights, on digits
+    python benchmarks/accuracy.py --methods cooperative random-depth plain --seeds 0   # from random weights, on digits
 
 Budget curves (``--budgets``, benchmarks/budgets.py): every method at each training-compute budget, in epochs of
 plain fine-tuning FLOPs, each run's schedule ending at its budget; top-1 per depth with 95% bootstrap intervals over
@@ -26,26 +26,28 @@ compute; runs made apart (one process per seed) merge with ``--merge .../budgets
         --output-dir out/budgets/r1-seed0
 
 Methods (each a TrainingConfig of the same trainer; see docs/benchmarks.md):
-    default            TrainingConfig() as a user gets it: a joint Leader and one Teammate
+    cooperative        the cooperative method: a joint Leader and one Teammate, every depth every step (the default
+                       of TrainingConfig until the budget curves; "default" in runs saved before)
     paper              the paper's configuration: a joint Leader, two Teammates on the same batches
-    one-teammate       one Teammate (no interactive learning), whatever the default is
+    one-teammate       the cooperative method with one Teammate (no interactive learning)
     views, streams     two Teammates on their own augmentation of the same images / on their own images and order
-    sandwich           the default with the sandwich rule (smallest, top and one random depth per step)
+    sandwich           the cooperative method with the sandwich rule (smallest, top and one random depth per step)
     inplace-sandwich   one network, sandwich rule, sub-networks taught by the full depth only (US-Nets / Once-for-All)
     frozen-leader      a fixed teacher: in r1 trained plainly first (its time counted), in r2 the fine-tuned model
     frozen-sandwich    the same fixed teacher, with the sandwich rule
-    no-leader, no-sfsl ablations; "(no per-depth BN)" is read off the default's run
+    no-leader, no-sfsl ablations of the cooperative method; "(no per-depth BN)" is read off its run
     plain              the full network fine-tuned alone, then cut to depth s
     random-depth       LayerDrop-style: a random subset of blocks skipped at each step
     random-depth-kd    the same, also distilled from the frozen-leader teacher (labels and teacher, one pass a step)
-    random-depth-nested one nested depth a step (as deployed), the smallest and the full drawn a quarter of the time
-    cooperative-sampled the default with the full depth and one sampled sub-network a step, not every depth
+    random-depth-nested one nested depth a step (as deployed), the smallest and the full drawn a quarter of the time:
+                       TrainingConfig() as a user gets it
+    cooperative-sampled the cooperative method with the full depth and one sampled sub-network a step
     distill            one nested depth a step, labels and a fixed teacher run without gradients on the same batch
     distill-cached     the same teacher's outputs made once for 4 augmentation draws per image (no teacher pass)
     distill-ema        one nested depth a step taught by the EMA of itself at full depth, from a quarter of training
     two-path           ADN-style: full network on labels, the smallest one distilled from it
     alone              each depth fine-tuned on its own (one run per depth)
-    random-depth@wall, two-path@wall, random-depth-kd@wall   the same with the default's training time (more epochs)
+    random-depth@wall, two-path@wall, random-depth-kd@wall   the same with the cooperative method's training time
 """
 
 from __future__ import annotations
@@ -72,47 +74,47 @@ from adaptive_depth.training import (
     load_image_classification_data,
     make_loaders,
 )
-from adaptive_depth.training.recipes import DEFAULT_RECIPE, RECIPES
+from adaptive_depth.training.recipes import COOPERATIVE, DEFAULT_RECIPE, RECIPES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module, also when imported by path in tests
 from accuracy_report import Run, load_runs, teammate_scores, write_report
 from budgets import BudgetRun, load_budget_runs, run_budgets, write_budget_report
 
-SINGLE = {"leader": "none", "interactive": False}  # one network, no peers
+SINGLE = {"train_depths": "all", "leader": "none", "interactive": False}  # one network, no peers, every depth
 METHODS: dict[str, dict[str, Any]] = {
-    "default": RECIPES[DEFAULT_RECIPE].overrides,
+    "cooperative": RECIPES["cooperative"].overrides,
     "paper": RECIPES["paper"].overrides,
-    "one-teammate": {"interactive": False},
-    "views": {"interactive": True, "teammate_data": "views"},
-    "streams": {"interactive": True, "teammate_data": "streams"},
-    "sandwich": RECIPES["sandwich"].overrides,  # the default, with the smallest, the top and one random depth
+    "one-teammate": COOPERATIVE,
+    "views": {**COOPERATIVE, "interactive": True, "teammate_data": "views"},
+    "streams": {**COOPERATIVE, "interactive": True, "teammate_data": "streams"},
+    "sandwich": RECIPES["sandwich"].overrides,  # cooperative, with the smallest, the top and one random depth
     "inplace-sandwich": {"sampled_depths": 1, "sub_ce_weight": 0.0, **SINGLE},
-    "frozen-leader": {"leader": "frozen"},
+    "frozen-leader": {**COOPERATIVE, "leader": "frozen"},
     "frozen-sandwich": RECIPES["frozen-sandwich"].overrides,
-    "frozen-leader-cached": {"leader": "cached"},
-    "no-leader": {"leader": "none"},
-    "no-sfsl": {"sfsl_gamma": 0.0},
+    "frozen-leader-cached": {**COOPERATIVE, "leader": "cached"},
+    "no-leader": {**COOPERATIVE, "leader": "none"},
+    "no-sfsl": {**COOPERATIVE, "sfsl_gamma": 0.0},
     "plain": RECIPES["plain"].overrides,  # trained at full depth only, cut to (and recalibrated at) every depth
     "random-depth": RECIPES["random-depth"].overrides,
     "random-depth-kd": {**RECIPES["random-depth"].overrides, "leader": "frozen"},  # and a fixed teacher's logits
     **{
         name: RECIPES[name].overrides
         for name in ("random-depth-nested", "cooperative-sampled", "distill", "distill-cached", "distill-ema")
-    },  # one pass a step (a teacher's forward without gradients at most), or the default with one sub-network
+    },  # one pass a step (a teacher's forward without gradients at most), or cooperative with one sub-network
     "two-path": {"sub_ce_weight": 0.0, "distill_warmup_epochs": 0.0, **SINGLE},  # scaling factors: smallest and 1
     "alone": {"full_depth": False, **SINGLE},  # one run per depth
 }
-WALL = "@wall"  # suffix: the baseline again with the default's training time
+WALL = "@wall"  # suffix: the baseline again with the cooperative method's training time
 AT_WALL = ("random-depth", "two-path", "random-depth-kd")
-NO_BN = "default, no per-depth BN"
+NO_BN = "cooperative, no per-depth BN"
 DEFAULT_METHODS = [
-    "default", "paper", "streams", "sandwich", "plain", "random-depth", "two-path", "alone",
+    "cooperative", "paper", "streams", "sandwich", "plain", "random-depth", "two-path", "alone",
     "random-depth@wall", "two-path@wall",
 ]  # fmt: skip
 CHOICES = [*METHODS, *(m + WALL for m in AT_WALL)]
 CHEAPER = ("frozen-leader-cached",)  # on request only
 BUDGET_METHODS = [
-    "plain", "random-depth", "random-depth-nested", "two-path", "default", "cooperative-sampled", "distill",
+    "plain", "random-depth", "random-depth-nested", "two-path", "cooperative", "cooperative-sampled", "distill",
     "distill-cached", "distill-ema",
 ]  # fmt: skip
 
@@ -192,13 +194,13 @@ class Benchmark:
         )  # fmt: skip
 
     def run_method(self, method: str, seed: int, done: dict[str, Run]) -> list[Run]:
-        """Train and evaluate one method with one seed (the default also reports its accuracy without per-depth BN)."""
+        """Train and evaluate one method with one seed (cooperative also reports its accuracy without per-depth BN)."""
         args = self.args
         checkpoint = args.regime == "r1"
         epochs = args.epochs
-        if method.endswith(WALL):  # as many epochs as the default's time buys this baseline
+        if method.endswith(WALL):  # as many epochs as the cooperative method's time buys this baseline
             plain = done[method.removesuffix(WALL)]
-            epochs = max(1, round(args.epochs * done["default"].seconds / plain.seconds))
+            epochs = max(1, round(args.epochs * done["cooperative"].seconds / plain.seconds))
         base = self.base_config(seed, {}, epochs=epochs, lr=args.learning_rate)
         run, no_bn = Run(method, seed, epochs=epochs), Run(NO_BN, seed, epochs=epochs)
         if args.regime == "r2" and method == "plain":  # the fine-tuned model itself, cut to each depth
@@ -218,7 +220,7 @@ class Benchmark:
         if method == "alone":  # the full depth "alone" is the plain full network
             run.top1[1.0] = float("nan")
         logging.info("%s seed %d: %s (%.0f s, %d epochs)", method, seed, run.top1, run.seconds, epochs)
-        if method == "default":
+        if method == "cooperative":
             no_bn.seconds = run.seconds
             return [run, no_bn]
         return [run]
@@ -239,8 +241,8 @@ class Benchmark:
         runs = []
         for seed in self.args.seeds:
             done: dict[str, Run] = {}
-            # the default first, and each baseline before its @wall run (their times set its epochs)
-            order = sorted(self.args.methods, key=lambda m: (m != "default", m.endswith(WALL)))
+            # the cooperative method first, and each baseline before its @wall run (their times set its epochs)
+            order = sorted(self.args.methods, key=lambda m: (m != "cooperative", m.endswith(WALL)))
             for method in order:
                 for r in self.run_method(method, seed, done):
                     done[r.method] = r
@@ -271,7 +273,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="budget curves: train every method at each training-compute budget, in plain fine-tuning epochs of FLOPs "
         "(e.g. 1 2 4 8 16; each run's schedule ends at its budget; benchmarks/budgets.py)",
     )
-    p.add_argument("--reference", default="default", help="budget curves: the method whose wins over each are counted")
+    p.add_argument(
+        "--reference", default=DEFAULT_RECIPE, help="budget curves: the method whose wins over each are counted"
+    )
     p.add_argument("--policy", choices=["last", "spread"], default="last", help="which blocks a stage drops first")
     p.add_argument(
         "--set",
@@ -300,10 +304,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.budgets and any(m.endswith(WALL) for m in args.methods):
         p.error("--budgets gives every method the same compute already: leave the @wall methods out")
     for method in args.methods:
-        if method.endswith(WALL) and ("default" not in args.methods or method.removesuffix(WALL) not in args.methods):
-            p.error(
-                f"{method} needs 'default' and {method.removesuffix(WALL)!r} in --methods (their times set its epochs)"
-            )
+        baseline = method.removesuffix(WALL)
+        if method.endswith(WALL) and ("cooperative" not in args.methods or baseline not in args.methods):
+            p.error(f"{method} needs 'cooperative' and {baseline!r} in --methods (their times set its epochs)")
     return args
 
 

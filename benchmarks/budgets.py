@@ -253,7 +253,7 @@ def plot(runs: list[BudgetRun], path: Path, title: str) -> Path:
 
 def write_budget_report(output_dir: Path, runs: list[BudgetRun], settings: dict[str, Any]) -> None:
     """Print the tables and write budgets.md, budgets.json and budgets.png into ``output_dir``."""
-    reference = settings.get("reference", "default")
+    reference = settings["reference"]  # --reference: the method whose wins are counted
     table = markdown(runs, reference)
     model = settings["model"].rsplit("/", 1)[-1]
     title = (f"{model} on {settings['dataset_source']}, {settings['regime']}, seeds {sorted({r.seed for r in runs})}: "

@@ -1,15 +1,18 @@
-"""Cooperative fine-tuning of a depth-switchable model, with Accelerate.
+"""Fine-tuning of a depth-switchable model, every depth together, with Accelerate.
 
     accelerate launch --num_cpu_threads_per_process 2 examples/finetune.py     # embedded digits data, minutes on CPU
     accelerate launch examples/finetune.py --model resnet50 --dataset <hub id | imagefolder:PATH> \\
         --scaling-factors 0.25 0.5 0.75 1.0 --epochs 10 --output-dir out/ [--push-to-hub me/resnet50-adaptive]
     accelerate launch --multi_gpu --num_processes 8 examples/finetune.py ...   # the same script on many GPUs
-    accelerate launch examples/finetune.py --recipe random-depth --epochs 36 ...   # a named configuration
+    accelerate launch examples/finetune.py --recipe cooperative ...   # a named configuration (--help lists them)
 
-Trains a Leader and a depth-switchable Teammate together (``--interactive``: two Teammates, the paper's
-configuration; docs/training.md), recalibrates BatchNorm statistics for every trained depth, evaluates every
-player at every depth, and saves the (better) Teammate with a model card, the per-depth table and an
-accuracy-vs-FLOPs plot: ``AdaptiveDepth.from_pretrained(output_dir)`` loads it.
+By default (``--recipe random-depth-nested``) one network trains at one nested depth a step, the depths it will be
+deployed at, the smallest and the full drawn more often: about one forward and backward pass a step, and the recipe
+on top of the budget curves at s <= 0.5 (docs/benchmarks.md). ``--recipe cooperative`` trains a Leader and a
+depth-switchable Teammate together (``--recipe paper``: two Teammates; docs/training.md). Then BatchNorm statistics
+are recalibrated for every trained depth, every network is evaluated at every depth, and the (better) Teammate is
+saved with a model card, the per-depth table and an accuracy-vs-FLOPs plot:
+``AdaptiveDepth.from_pretrained(output_dir)`` loads it.
 """
 
 from __future__ import annotations

@@ -23,19 +23,21 @@ from adaptive_depth.training import (
     load_image_classification_data,
     make_loaders,
 )
+from adaptive_depth.training.recipes import COOPERATIVE
 
-SINGLE = {"leader": "none", "interactive": False}
+SINGLE = {"train_depths": "all", "leader": "none", "interactive": False}
 MODES = {
-    "two-teammates": {"interactive": True},
-    "one-teammate": {"interactive": False},
-    "random-depth": {"scaling_factors": [1.0], "layer_drop": 0.5, **SINGLE},
-    "sandwich": {"sampled_depths": 1, "scaling_factors": [0.25, 0.5, 0.75, 1.0]},
-    "frozen-leader": {"leader": "frozen"},
+    "two-teammates": {**COOPERATIVE, "interactive": True},
+    "one-teammate": COOPERATIVE,
+    "random-depth": {"scaling_factors": [1.0], "layer_drop": 0.5, "train_depths": "top", "leader": "none"},
+    "sandwich": {**COOPERATIVE, "sampled_depths": 1, "scaling_factors": [0.25, 0.5, 0.75, 1.0]},
+    "frozen-leader": {**COOPERATIVE, "leader": "frozen"},
     "cached-leader": {"leader": "cached", "train_depths": "sampled", "interactive": False},
     "sampled-ema": {"leader": "ema", "train_depths": "sampled", "interactive": False},
+    "nested": {},  # the default
     "alone": {"scaling_factors": [0.5], "full_depth": False, **SINGLE},
-    "views": {"interactive": True, "teammate_data": "views"},
-    "streams": {"interactive": True, "teammate_data": "streams"},
+    "views": {**COOPERATIVE, "interactive": True, "teammate_data": "views"},
+    "streams": {**COOPERATIVE, "interactive": True, "teammate_data": "streams"},
 }
 
 

@@ -77,7 +77,7 @@ def _accuracy(out: Path, *extra: str) -> list:
 def test_accuracy_benchmark_runs_every_baseline_at_every_depth(tmp_path: Path) -> None:
     bench = _script("accuracy")
     out = tmp_path / "acc"
-    methods = ["default", "plain", "random-depth", "two-path", "alone", "frozen-leader-cached", "random-depth@wall"]
+    methods = ["cooperative", "plain", "random-depth", "two-path", "alone", "frozen-leader-cached", "random-depth@wall"]
     runs = _accuracy(out, "--methods", *methods)
     by_method = {r.method: r for r in runs}
     assert set(by_method) == {*methods, bench.NO_BN}
@@ -87,16 +87,16 @@ def test_accuracy_benchmark_runs_every_baseline_at_every_depth(tmp_path: Path) -
     # "alone" trains s=0.5 on its own and leaves the full depth to "plain"
     assert by_method["alone"].top1[0.5] >= 0 and math.isnan(by_method["alone"].top1[1.0])
     assert by_method["plain"].gflops[0.5] < by_method["plain"].gflops[1.0]
-    # random depth again, with as many epochs as the default's training time buys it
+    # random depth again, with as many epochs as the cooperative method's training time buys it
     wall = by_method["random-depth@wall"]
-    expected = round(by_method["default"].seconds / by_method["random-depth"].seconds)
+    expected = round(by_method["cooperative"].seconds / by_method["random-depth"].seconds)
     assert wall.epochs == max(1, expected) and wall.epochs >= 2
     table = (out / "accuracy.md").read_text()
     assert "| random-depth |" in table and "| alone |" in table and "vs plain" in table
     assert len(json.loads((out / "accuracy.json").read_text())["runs"]) == len(runs)
     assert (out / "accuracy.png").stat().st_size > 0
     with pytest.raises(SystemExit):
-        bench.parse_args(["--methods", "random-depth@wall"])  # its epochs need the default's time
+        bench.parse_args(["--methods", "random-depth@wall"])  # its epochs need the cooperative method's time
 
 
 def test_accuracy_benchmark_r2_starts_every_method_from_one_fine_tuned_model(tmp_path: Path) -> None:
@@ -111,7 +111,7 @@ def test_accuracy_benchmark_r2_starts_every_method_from_one_fine_tuned_model(tmp
 
 def test_budget_curves_give_every_method_the_same_compute_and_merge_runs_made_apart(tmp_path: Path) -> None:
     bench = _script("accuracy")
-    methods = ["plain", "default", "distill"]
+    methods = ["plain", "cooperative", "distill", "random-depth-nested"]
     common = ["--batch-size", "8", "--max-train-samples", "48"]
     runs = _accuracy(tmp_path / "s0", "--budgets", "2", "4", "--methods", *methods, *common)
     points = {(r.method, r.budget): r for r in runs}
@@ -121,18 +121,20 @@ def test_budget_curves_give_every_method_the_same_compute_and_merge_runs_made_ap
         assert run.compute == pytest.approx(budget, rel=0.2), (method, budget, run.compute)
         assert set(run.top1) == {0.5, 1.0} and run.seconds > 0
     assert points["plain", 2.0].steps == round(2 * 43 / 8)  # 48 images less 5 held out for the norm check
-    assert points["default", 2.0].steps < points["plain", 2.0].steps
+    assert points["cooperative", 2.0].steps < points["plain", 2.0].steps
     assert points["distill", 4.0].seconds > points["plain", 2.0].seconds  # it includes its teacher's time
-    _accuracy(tmp_path / "s1", "--budgets", "2", "--methods", "plain", "default", *common, "--seeds", "1")
+    _accuracy(tmp_path / "s1", "--budgets", "2", "--methods", "plain", "random-depth-nested", *common, "--seeds", "1")
     merged = bench.main(["--merge", str(tmp_path / "s0" / "budgets.json"), str(tmp_path / "s1" / "budgets.json"),
                          "--output-dir", str(tmp_path / "all")])  # fmt: skip
     assert {(r.method, r.seed) for r in merged if r.budget == 2.0} == {(m, s) for m in methods for s in (0, 1)} - {
-        ("distill", 1)
+        ("distill", 1),
+        ("cooperative", 1),
     }
     table = (tmp_path / "all" / "budgets.md").read_text()
-    assert "**Budget 4**" in table and "default wins at s=0.5" in table and (tmp_path / "all" / "budgets.png").is_file()
+    assert "**Budget 4**" in table and "random-depth-nested wins at s=0.5" in table
+    assert (tmp_path / "all" / "budgets.png").is_file()
     with pytest.raises(SystemExit):
-        bench.parse_args(["--budgets", "1", "--methods", "default", "random-depth", "random-depth@wall"])
+        bench.parse_args(["--budgets", "1", "--methods", "cooperative", "random-depth", "random-depth@wall"])
 
 
 def test_inference_benchmark_reports_every_depth_and_the_targets(tmp_path: Path) -> None:

@@ -180,8 +180,8 @@ def test_cached_teacher_outputs_are_reused_and_refused_for_other_data_or_teacher
 
 
 def test_one_pass_recipes_are_validated() -> None:
-    with pytest.raises(ConfigError, match="one Teammate"):
-        TrainingConfig(train_depths="sampled", interactive=True)
+    with pytest.raises(ConfigError, match="for two Teammates set train_depths='all'"):
+        TrainingConfig(interactive=True)  # the default runs one depth a step: no full-depth peer
     with pytest.raises(ConfigError, match="layer_drop"):
         TrainingConfig(train_depths="sampled", layer_drop=0.5, interactive=False)
     with pytest.raises(ConfigError, match="teammate_data='shared'"):
@@ -196,7 +196,8 @@ def test_one_pass_recipes_are_validated() -> None:
     "recipe",
     [
         {"leader": "none", "interactive": False, "train_depths": "top"},  # plain fine-tuning: the unit itself
-        {},  # the cooperative default: a joint Leader and every depth, about four passes a step
+        {},  # the default: one nested depth a step
+        {"leader": "joint", "train_depths": "all"},  # cooperative: a joint Leader and every depth, about four passes
         {"leader": "frozen", "interactive": False, "train_depths": "sampled"},
         {"leader": "cached", "interactive": False, "train_depths": "sampled", "leader_cache_draws": 2},
     ],

@@ -13,6 +13,7 @@ from accelerate.utils import set_seed
 from test_training import ROOT, _loader
 
 from adaptive_depth import AdaptiveDepth, ConfigError
+from adaptive_depth.saved.card import how_trained
 from adaptive_depth.training import CooperativeTrainer, TrainingConfig
 from adaptive_depth.training.recipes import DEFAULT_RECIPE, RECIPES, recipe_config
 from scripts import load_script
@@ -40,6 +41,14 @@ def test_every_recipe_is_a_valid_config_and_values_win_over_it() -> None:
         TrainingConfig(train_depths="middle")
 
 
+def test_a_config_saved_before_the_default_changed_keeps_what_it_trained_with() -> None:
+    saved = TrainingConfig().to_dict()
+    assert TrainingConfig.from_dict(saved) == TrainingConfig()  # today's file: today's values
+    del saved["leader"], saved["train_depths"]  # a file written before the fields existed
+    earlier = TrainingConfig.from_dict(saved)
+    assert (earlier.leader, earlier.train_depths) == ("joint", "all") != (TrainingConfig().leader, "sampled")
+
+
 def test_the_script_takes_a_recipe_as_defaults_for_its_flags() -> None:
     script = load_script(ROOT / "examples" / "finetune.py")
     _, config = script.parse_args(["--recipe", "random-depth"])
@@ -49,7 +58,12 @@ def test_the_script_takes_a_recipe_as_defaults_for_its_flags() -> None:
     _, config = script.parse_args(["--recipe", "paper"])
     assert config.interactive and config.leader == "joint"
     args, config = script.parse_args([])
-    assert args.recipe == DEFAULT_RECIPE and not config.interactive and config.train_depths == "all"
+    assert args.recipe == DEFAULT_RECIPE == "random-depth-nested" and config == TrainingConfig(
+        learning_rate=config.learning_rate
+    )
+    assert (config.train_depths, config.leader, config.interactive) == ("sampled", "none", False)
+    _, config = script.parse_args(["--recipe", "cooperative"])
+    assert (config.train_depths, config.leader, config.interactive) == ("all", "joint", False)
     with pytest.raises(SystemExit):
         script.parse_args(["--recipe", "nope"])
 
@@ -106,3 +120,15 @@ def test_a_fine_tuned_model_is_its_own_frozen_teacher(tmp_path: Path) -> None:
     fresh = AdaptiveDepth.from_pretrained(tmp_path / "finetuned", num_classes=4, input_size=[3, 32, 32])
     with pytest.raises(ConfigError, match="its head is new"):
         script.own_teacher(fresh, "finetuned")
+
+
+def test_the_card_says_what_each_recipe_trained() -> None:
+    said = {name: how_trained(recipe_config(name).to_dict()) for name in RECIPES}
+    assert said[DEFAULT_RECIPE].startswith("One network trained at one nested depth a step")
+    assert "Leader" not in said[DEFAULT_RECIPE] and "teacher" not in said[DEFAULT_RECIPE]
+    assert said["cooperative"] == "Cooperative training (one Teammate, every depth a step, a Leader trained alongside)"
+    assert "the smallest, the full and 1 random depth(s) a step" in said["sandwich"]
+    assert said["paper"].startswith("Cooperative training (two Teammates")
+    assert said["distill"].endswith("taught by a fixed teacher") and "random depth" in said["random-depth"]
+    assert said["plain"] == "One network trained at full depth, cut to each depth afterwards"
+    assert len(set(said.values())) == len(said)

@@ -29,6 +29,7 @@ from adaptive_depth.training import (
     cooperative_loss,
     digits_dataset,
 )
+from adaptive_depth.training.recipes import COOPERATIVE, recipe_config
 from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ def _trainer(build, tmp_path: Path | None = None, **config) -> CooperativeTraine
     set_seed(0)
     model = build()
     cfg = TrainingConfig(
-        **({"epochs": 2, "batch_size": 16, "learning_rate": 3e-3, "distill_warmup_epochs": 1} | config)
+        **(COOPERATIVE | {"epochs": 2, "batch_size": 16, "learning_rate": 3e-3, "distill_warmup_epochs": 1} | config)
     )
     return CooperativeTrainer(
         model,
@@ -136,8 +137,8 @@ def test_resume_with_teammate_streams_equals_an_uninterrupted_run(tmp_path: Path
     def trainer(out: Path) -> CooperativeTrainer:
         set_seed(0)
         model = _timm_model()
-        config = TrainingConfig(
-            epochs=2, batch_size=16, scaling_factors=[0.5, 1.0], teammate_data=teammate_data, interactive=True
+        config = recipe_config(
+            "paper", epochs=2, batch_size=16, scaling_factors=[0.5, 1.0], teammate_data=teammate_data
         )
         loaders = make_loaders(
             data, model, batch_size=16, seed=0, input_size=[3, 32, 32], streams=2,
@@ -299,7 +300,7 @@ def test_a_head_trained_for_the_task_is_kept_by_every_player(tmp_path: Path, num
     timm.models.save_for_hf(finetuned, tmp_path / "finetuned")
     model = AdaptiveDepth.from_pretrained(tmp_path / "finetuned", num_classes=num_classes, input_size=[3, 32, 32])
     assert model.config.base_model.trained_head is kept
-    trainer = CooperativeTrainer(model, TrainingConfig(batch_size=8), _loader(model, n=16, batch_size=8))
+    trainer = CooperativeTrainer(model, recipe_config("paper", batch_size=8), _loader(model, n=16, batch_size=8))
     heads = [p.model.head.fc.weight for p in trainer.teammates] + [trainer.leader.head.fc.weight]
     assert all(torch.equal(h, heads[0]) for h in heads) is kept
     if kept:

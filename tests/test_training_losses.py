@@ -12,6 +12,7 @@ from adaptive_depth.errors import ConfigError, ScalingFactorError
 from adaptive_depth.training.config import TrainingConfig
 from adaptive_depth.training.losses import CooperativeLogits, cooperative_loss, kd_loss, sfsl_weights
 from adaptive_depth.training.players import CooperativeModel
+from adaptive_depth.training.recipes import recipe_config
 
 
 def _softmax(z: list[float], t: float = 1.0) -> list[float]:
@@ -71,7 +72,7 @@ def _logits(leader: bool = True, teammates: int = 2) -> CooperativeLogits:
 
 def _config(**kw: object) -> TrainingConfig:
     """The paper's full objective (two Teammates), with ``kw`` switched."""
-    return TrainingConfig(**{"scaling_factors": [0.5, 1.0], "temperature": 2.0, "interactive": True} | kw)  # type: ignore[arg-type]
+    return recipe_config("paper", **{"scaling_factors": [0.5, 1.0], "temperature": 2.0} | kw)  # type: ignore[arg-type]
 
 
 def test_full_objective_matches_hand_computed_total() -> None:
@@ -160,7 +161,7 @@ def test_training_config_round_trips_and_validates(tmp_path) -> None:
         {"epochs": 0},
         {"sfsl_gamma": -1},
         {"lambda_guided": float("nan")},
-        {"self_distillation": False, "interactive": False, "sub_ce_weight": 0.0},
+        {"self_distillation": False, "interactive": False, "sub_ce_weight": 0.0, "train_depths": "all"},
     ):
         with pytest.raises((ConfigError, ScalingFactorError)):
             TrainingConfig(**bad)  # type: ignore[arg-type]
@@ -177,7 +178,7 @@ def test_training_config_of_the_earlier_spelling_keeps_each_values_meaning() -> 
 
 
 def test_sandwich_step_averages_over_the_depths_it_ran() -> None:
-    config = TrainingConfig(scaling_factors=[0.25, 0.5, 0.75, 1.0], sampled_depths=1, leader="none", interactive=False)
+    config = recipe_config("sandwich", scaling_factors=[0.25, 0.5, 0.75, 1.0], leader="none")
     by_depth = {s: torch.tensor([[float(s), 0.0, 1.0]]) for s in (1.0, 0.5, 0.25)}  # 0.75 not drawn this step
     out = cooperative_loss(CooperativeLogits([by_depth]), torch.tensor([0]), config)
     assert {k.split("/")[1] for k in out.terms} == {"s=1", "s=0.5", "s=0.25"}
@@ -216,9 +217,7 @@ def test_guided_learning_for_the_sub_networks_is_an_option() -> None:
 
 
 def test_each_teammate_learns_from_its_own_batch_its_leader_and_its_peer_there() -> None:
-    config = TrainingConfig(
-        scaling_factors=[0.5, 1.0], teammate_data="streams", distill_warmup_epochs=0, interactive=True
-    )
+    config = recipe_config("paper", scaling_factors=[0.5, 1.0], teammate_data="streams", distill_warmup_epochs=0)
     g = torch.Generator().manual_seed(0)
     z = {name: torch.randn(4, 3, generator=g) for name in ("A1", "A.5", "B1", "B.5", "LA", "LB", "PA", "PB")}
     logits = CooperativeLogits(

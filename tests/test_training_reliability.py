@@ -269,7 +269,7 @@ def test_bad_checkpointing_steps_is_an_argument_error(capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit):
         _script().parse_args(["--checkpointing-steps", "abc"])
     assert "expected 'epoch', 'no' or a positive number of steps, got 'abc'" in capsys.readouterr().err
-    args, config = _script().parse_args(["--checkpointing-steps", "5", "--learning_rate", "0.5", "--interactive"])
+    args, config = _script().parse_args(["--checkpointing-steps", "5", "--learning_rate", "0.5", "--recipe", "paper"])
     assert args.checkpointing_steps == 5 and config.learning_rate == 0.5 and config.interactive
     assert not _script().parse_args([])[1].interactive  # one Teammate unless asked (docs/benchmarks.md)
     args, config = _script().parse_args(["--dataset", "imagefolder:x"])  # the embedded data's 1e-2 only on them
@@ -301,6 +301,7 @@ def test_every_training_mode_runs_under_two_process_ddp() -> None:
         "frozen-leader",
         "cached-leader",
         "sampled-ema",
+        "nested",
         "alone",
         "views",
         "streams",

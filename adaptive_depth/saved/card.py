@@ -162,20 +162,51 @@ def _eval_results(report: TrainingReport | None) -> list[EvalResult]:
     ]
 
 
+TEACHERS = {
+    "joint": "a Leader trained alongside",
+    "frozen": "taught by a fixed teacher",
+    "cached": "taught by a fixed teacher's outputs made once",
+    "ema": "taught by the moving average of itself",
+}
+
+
+def how_trained(config: dict) -> str:
+    """One line of what a training configuration (``TrainingConfig.to_dict()``) ran, for the card."""
+    depths, teacher = config.get("train_depths", "all"), TEACHERS.get(str(config.get("leader")))
+    if depths == "sampled":
+        what = "One network trained at one nested depth a step (the depths it is deployed at)"
+    elif depths == "top":
+        what = (
+            "One network trained with random depth (each step skips random blocks)"
+            if config.get("layer_drop")
+            else "One network trained at full depth, cut to each depth afterwards"
+        )
+    else:
+        teammates = "two Teammates" if config.get("interactive") else "one Teammate"
+        k = config.get("sampled_depths")
+        step = {
+            "top+sampled": "the full depth and one sampled depth",
+            "all": "every depth" if k is None else f"the smallest, the full and {k} random depth(s)",
+        }.get(depths, "every depth")
+        what = f"Cooperative training ({teammates}, {step} a step"
+        return f"{what}, {teacher or 'no Leader'})"
+    return f"{what}, {teacher}" if teacher else what
+
+
 def _training_section(report: TrainingReport) -> str:
-    """Results table, Pareto plot and training configuration of a cooperative run."""
+    """Results table, Pareto plot and training configuration of a training run."""
     settings = json.dumps(report.config, indent=2, sort_keys=True)
-    teammates = "two Teammates" if report.config.get("interactive", True) else "one Teammate"
-    leader = {"joint": "a Leader trained with them", "frozen": "a fixed Leader", "none": "no Leader"}.get(
-        str(report.config.get("leader")), "a Leader"
-    )
     plot = f"\n![accuracy vs FLOPs]({PLOT_NAME})\n" if report.has_costs else ""
     split = f"the `{report.eval_split}` split" if report.eval_split else "the held-out split"
+    deployed = (
+        f"the deployed model is Teammate **{report.deployed}**, the better one by mean top-1 over the trained depths"
+        if report.config.get("interactive")
+        else "the deployed model is that network"
+    )
     return f"""
 ## Training results
 
-Cooperative training ({teammates}, {leader}); the deployed model is Teammate **{report.deployed}**, the better one
-by mean top-1 over the trained depths. Accuracy on {split}; FLOPs per image; latency at batch 1 on the
+{how_trained(report.config)}; {deployed}. Accuracy on {split}; FLOPs per image; latency at batch 1 on the
 training machine.
 
 {report.table()}

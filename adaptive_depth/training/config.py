@@ -1,4 +1,4 @@
-"""Every knob of cooperative training in one dataclass that round-trips through JSON and is saved with the model."""
+"""Every knob of training in one dataclass that round-trips through JSON and is saved with the model."""
 
 from __future__ import annotations
 
@@ -17,13 +17,20 @@ __all__ = ["LEADER_MODES", "TEAMMATE_DATA", "TRAIN_DEPTHS", "TrainingConfig"]
 LEADER_MODES = ("joint", "frozen", "cached", "ema", "none")
 TEAMMATE_DATA = ("shared", "views", "streams")
 TRAIN_DEPTHS = ("all", "top", "sampled", "top+sampled")
+# what a saved config without these keys was trained with (the defaults before the budget curves changed them)
+EARLIER_DEFAULTS = {"leader": "joint", "train_depths": "all"}
 # transformers.get_scheduler names that need no extra arguments
 LR_SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
 
 @dataclass
 class TrainingConfig:
-    """Cooperative training of an adaptive-depth model (docs/training.md).
+    """Training of an adaptive-depth model (docs/training.md).
+
+    The defaults train one network at one nested depth a step, drawn from the depths it will be deployed at, on the
+    labels (the ``random-depth-nested`` recipe: on top at s <= 0.5 of the budget curves, at about one pass a step).
+    ``leader`` and ``train_depths="all"`` turn on the cooperative method (the ``cooperative`` recipe) whose objective
+    follows.
 
     Objective (each network's loss is a weighted mean of its terms; the weights sum to one):
 
@@ -46,7 +53,7 @@ class TrainingConfig:
             each batch), ``"cached"`` (that fixed teacher's outputs made once before training, for
             ``leader_cache_draws`` augmentations of each image: no teacher pass during training), ``"ema"`` (an
             exponential moving average of the Teammate at full depth, ``ema_decay``: no teacher to train) or
-            ``"none"`` (no guided learning).
+            ``"none"`` (no teacher: the default).
         interactive: two Teammates that learn from each other, as in the paper (``--interactive``). Default
             ``False``: one Teammate, which was as accurate or more at every depth in the measurements, at about
             half the cost (docs/benchmarks.md).
@@ -92,9 +99,9 @@ class TrainingConfig:
         train_depths: which depths run at each training step: ``"all"`` (every trained depth, or the sandwich
             sample), ``"top"`` (the top depth alone: plain fine-tuning, or random depth with ``layer_drop``),
             ``"sampled"`` (one depth per step, drawn from every deployable depth between the smallest trained one
-            and the top, those two drawn a quarter of the time each: one pass a step) or ``"top+sampled"`` (the top
-            depth and one drawn below it). Every ``scaling_factors`` depth gets its BatchNorm statistics,
-            evaluation and a place in the card whatever ran.
+            and the top, those two drawn a quarter of the time each: one pass a step; the default) or
+            ``"top+sampled"`` (the top depth and one drawn below it). Every ``scaling_factors`` depth gets its
+            BatchNorm statistics, evaluation and a place in the card whatever ran.
         max_steps: optimizer steps to train, instead of ``epochs`` (the schedule ends there; the last epoch may be
             partial).
         compute_budget: training compute in epochs of plain fine-tuning (full depth, forward and backward, over
@@ -112,7 +119,7 @@ class TrainingConfig:
         default_factory=lambda: list(DEFAULT_SCALING_FACTORS), metadata={"help": "trained depths (1.0 is added)"}
     )
     full_depth: bool = field(default=True, metadata={"help": "train the full network too"})
-    leader: str = field(default="joint", metadata={"help": "the Leader", "choices": LEADER_MODES})
+    leader: str = field(default="none", metadata={"help": "the Leader", "choices": LEADER_MODES})
     interactive: bool = field(
         default=False, metadata={"help": "two Teammates that learn from each other (the paper's configuration)"}
     )
@@ -153,7 +160,7 @@ class TrainingConfig:
     layer_drop: float = field(default=0.0, metadata={"help": "random depth: probability to skip a block"})
     teammate_data: str = field(default="shared", metadata={"help": "what the Teammates see", "choices": TEAMMATE_DATA})
     train_depths: str = field(
-        default="all",
+        default="sampled",
         metadata={"help": "depths run per step: all, top, sampled, top+sampled", "choices": TRAIN_DEPTHS},
     )
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps instead of epochs"})
@@ -215,13 +222,15 @@ class TrainingConfig:
             )
         if self.train_depths == "sampled" and self.interactive:
             raise ConfigError(
-                "train_depths='sampled' runs one depth per step, which gives a second Teammate no full-depth peer to "
-                "learn from: use it with one Teammate (interactive=False), or train_depths='top+sampled'"
+                "train_depths='sampled' (the default) runs one depth per step, which gives a second Teammate no "
+                "full-depth peer to learn from: for two Teammates set train_depths='all' (--recipe paper sets it) or "
+                "'top+sampled'"
             )
         if self.train_depths in ("sampled", "top+sampled") and (self.layer_drop > 0 or self.sampled_depths is not None):
             raise ConfigError(
                 f"train_depths={self.train_depths!r} draws its own depths: it takes neither layer_drop nor "
-                "sampled_depths (those go with train_depths='top' and 'all')"
+                "sampled_depths (those go with train_depths='top' and 'all': --recipe random-depth and --recipe "
+                "sandwich set them)"
             )
         k = self.sampled_depths
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
@@ -315,9 +324,10 @@ class TrainingConfig:
 
         A dict of the earlier spelling (``lr_warmup_epochs`` for the learning-rate warm-up, ``warmup_epochs`` for the
         distillation ramp, ``cache_leader_logits``) is read with today's names, so the meaning of a saved value never
-        changes.
+        changes; for the same reason a dict without ``leader`` or ``train_depths`` (written before the field
+        existed) gets the value those versions trained with (a joint Leader, every depth), not today's default.
         """
-        data = dict(data)
+        data = {**EARLIER_DEFAULTS, **data}
         if "lr_warmup_epochs" in data:
             if "warmup_epochs" in data:
                 data["distill_warmup_epochs"] = data.pop("warmup_epochs")

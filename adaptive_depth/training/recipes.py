@@ -13,7 +13,7 @@ from typing import Any
 from ..errors import ConfigError
 from .config import TrainingConfig
 
-__all__ = ["DEFAULT_RECIPE", "RECIPES", "Recipe", "recipe_config"]
+__all__ = ["COOPERATIVE", "DEFAULT_RECIPE", "RECIPES", "Recipe", "recipe_config"]
 
 
 @dataclass(frozen=True)
@@ -24,33 +24,41 @@ class Recipe:
     overrides: dict[str, Any]
 
 
-DEFAULT_RECIPE = "cooperative"
+COOPERATIVE: dict[str, Any] = {"train_depths": "all", "leader": "joint", "interactive": False}
+"""The cooperative method's fields: a joint Leader, one Teammate, every trained depth at every step."""
+
+DEFAULT_RECIPE = "random-depth-nested"
+"""The recipe TrainingConfig() is: on top at s <= 0.5 of the budget curves in both regimes (docs/benchmarks.md)."""
+
 RECIPES: dict[str, Recipe] = {
-    "cooperative": Recipe("a joint Leader and one Teammate trained at every depth (the default)", {}),
+    "random-depth-nested": Recipe(
+        "one network, one nested depth a step, as deployed (the smallest and the full drawn more often): the default",
+        {"train_depths": "sampled", "leader": "none", "interactive": False},
+    ),
+    "cooperative": Recipe(
+        "the cooperative method: a joint Leader and one Teammate trained at every depth each step (3-4x a step)",
+        COOPERATIVE,
+    ),
     "paper": Recipe(
         "the paper's configuration: a joint Leader and two Teammates that also learn from each other",
-        {"interactive": True},
+        {**COOPERATIVE, "interactive": True},
     ),
     "sandwich": Recipe(
-        "the default with the sandwich rule: the smallest, the top and one random depth per step",
-        {"sampled_depths": 1},
+        "the cooperative method with the sandwich rule: the smallest, the top and one random depth per step",
+        {**COOPERATIVE, "sampled_depths": 1},
     ),
     "frozen-sandwich": Recipe(
         "for a model already fine-tuned on the task: it teaches itself as a fixed Leader (or --leader-model does), "
-        "with the sandwich rule; as accurate as the default at 0.63x its time (R2)",
-        {"leader": "frozen", "sampled_depths": 1},
+        "with the sandwich rule",
+        {**COOPERATIVE, "leader": "frozen", "sampled_depths": 1},
     ),
     "random-depth": Recipe(
-        "one network, LayerDrop-style: each step skips a random half of the blocks (cheapest per epoch)",
+        "one network, LayerDrop-style: each step skips a random half of the blocks (arbitrary subsets, not nested)",
         {"train_depths": "top", "layer_drop": 0.5, "leader": "none", "interactive": False},
     ),
     "plain": Recipe(
         "one network at full depth on the labels only, cut to each depth afterwards (a baseline)",
         {"train_depths": "top", "leader": "none", "interactive": False},
-    ),
-    "random-depth-nested": Recipe(
-        "one network, one nested depth a step (as deployed; the smallest and the full drawn more often)",
-        {"train_depths": "sampled", "leader": "none", "interactive": False},
     ),
     "distill": Recipe(
         "one nested depth a step, taught by a fixed teacher run without gradients on the same batch: the model "
@@ -66,8 +74,8 @@ RECIPES: dict[str, Recipe] = {
         {"train_depths": "sampled", "leader": "ema", "interactive": False, "distill_start": 0.25},
     ),
     "cooperative-sampled": Recipe(
-        "the default with the full depth and one sampled sub-network a step instead of every depth",
-        {"train_depths": "top+sampled"},
+        "the cooperative method with the full depth and one sampled sub-network a step instead of every depth",
+        {**COOPERATIVE, "train_depths": "top+sampled"},
     ),
 }
 
