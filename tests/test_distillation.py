@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 from pathlib import Path
@@ -140,6 +141,30 @@ def test_ema_teacher_is_the_average_of_the_student_and_teaches_after_distill_sta
     trainer.training_step(images, labels, ramp=1.0)
     assert teacher_calls == [False]
     assert trainer._ramp(0, 2) == 0.0 and trainer._ramp(0, 3) == 1.0  # distillation from half of the 6 steps
+
+
+def test_ema_teacher_normalises_with_the_batch_and_leaves_its_running_statistics(data) -> None:
+    """The averaged running statistics mix every sampled depth; at full depth the teacher uses the batch's."""
+    config = TrainingConfig(train_depths="sampled", leader="ema", interactive=False, batch_size=8, max_steps=2)
+    trainer = _trainer(data, config)
+    ema = trainer.players.leader_model.module
+    norm = next(m for m in ema.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        norm.running_mean.fill_(3.0)  # statistics that fit no batch: eval-mode outputs would be far off
+    buffers = {k: v.clone() for k, v in ema.named_buffers()}
+    images = next(iter(trainer.train_loader))[0]
+    trainer.players.train()
+    teacher = trainer.players.leader_logits(images)
+    reference = copy.deepcopy(ema).train()  # the same network normalising with batch statistics
+    for module in reference.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(teacher, reference(images))
+        assert not torch.allclose(teacher, ema(images), atol=1e-3)  # not the running statistics
+    for key, value in ema.named_buffers():
+        torch.testing.assert_close(value, buffers[key], msg=f"{key} changed")
+    assert not ema.training and not norm.training and norm.track_running_stats  # put back as it was
 
 
 def test_cached_teacher_outputs_are_reused_and_refused_for_other_data_or_teacher(data, tmp_path: Path) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -100,6 +101,28 @@ def nested_depths(model: AdaptiveDepth, smallest: float, top: float = 1.0, named
     for s in [top, smallest, *sorted(s for s in named if smallest <= s <= top), *points, *inside]:
         found.setdefault(tuple(model.depth_for(s)), s)
     return sorted(found.values())
+
+
+@contextlib.contextmanager
+def batch_statistics(module: nn.Module) -> Iterator[None]:
+    """Inside the block, ``module``'s BatchNorm layers normalise with each batch's own statistics.
+
+    Their running statistics are neither used nor updated, and nothing else changes mode (dropout and drop-path stay
+    off in an eval-mode module). The EMA teacher needs it: the running statistics it averages from a Teammate trained
+    at a different depth every step describe a mix of depths, not the full depth it teaches at, and in eval mode
+    they cost it most of its accuracy.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    states = [(m.training, m.track_running_stats) for m in norms]
+    try:
+        for m in norms:
+            m.train()
+            m.track_running_stats = False  # batch statistics, running ones untouched (and num_batches_tracked)
+        yield
+    finally:
+        for m, (training, track) in zip(norms, states, strict=True):
+            m.train(training)
+            m.track_running_stats = track
 
 
 class CooperativeModel(nn.Module):
@@ -305,7 +328,7 @@ class CooperativeModel(nn.Module):
         with torch.no_grad():
             if self.leader == "ema":
                 ema = model.module  # type: ignore[union-attr]  # timm's ModelEmaV3 holds the averaged Teammate
-                with preserved(ema):
+                with preserved(ema), batch_statistics(ema):
                     ema.set_scaling_factor(self.scaling_factors[0])
                     self._charge(ema, images, backward=False)
                     return logits_of(ema(pixel_values))
