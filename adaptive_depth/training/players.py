@@ -136,8 +136,9 @@ class CooperativeModel(nn.Module):
     - ``"frozen"``: a fixed, already trained teacher, kept in eval mode and run without gradients;
     - ``"cached"``: that teacher's logits made once before training for several augmentation draws of every
       image (:class:`~adaptive_depth.training.teacher_cache.TeacherCache`), looked up by each image's key;
-    - ``"ema"``: an exponential moving average of the first Teammate at full depth, run without gradients
-      (``leader_model`` is timm's ``ModelEmaV3`` of it; :meth:`update_ema` after each optimizer step);
+    - ``"ema"``: an exponential moving average of the first Teammate at full depth, run without gradients and with
+      each batch's BatchNorm statistics (:func:`batch_statistics`; ``leader_model`` is timm's ``ModelEmaV3`` of it;
+      :meth:`update_ema` after each optimizer step);
     - ``"none"``: no Leader.
 
     Every training forward charges its FLOPs to :attr:`compute` (forward + backward for what learns, one forward
