@@ -11,6 +11,7 @@ are saved in a file of their own (``depth_norms.safetensors``, :mod:`adaptive_de
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DepthNorms",
+    "batch_statistics",
     "batchnorm_layers",
     "recalibrate_batchnorm",
     "recalibrate_depths",
@@ -47,6 +49,29 @@ def batchnorm_layers(model: nn.Module) -> dict[str, _BatchNorm]:
         for name, m in model.named_modules()
         if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
     }
+
+
+@contextlib.contextmanager
+def batch_statistics(layers: Iterable[_BatchNorm]) -> Iterator[None]:
+    """Inside the block, ``layers`` normalise with each batch's own statistics, their running ones untouched.
+
+    Only these layers change mode, so dropout and drop-path stay off in an eval-mode model. The EMA teacher of
+    training needs it: the running statistics it averages from a Teammate trained at a different depth every step
+    describe a mix of depths, not the full depth it teaches at, and in eval mode they cost it most of its accuracy.
+
+    Args:
+        layers: BatchNorm layers that track running statistics (:func:`batchnorm_layers`), found once by the caller.
+    """
+    layers = list(layers)
+    states = [(m.training, m.track_running_stats) for m in layers]
+    try:
+        for m in layers:
+            m.training = True
+            m.track_running_stats = False  # batch statistics; running ones (and num_batches_tracked) untouched
+        yield
+    finally:
+        for m, (training, track) in zip(layers, states, strict=True):
+            m.training, m.track_running_stats = training, track
 
 
 Key = Hashable  # what identifies a depth's statistics: the blocks per stage that run (see ``AdaptiveDepth``)

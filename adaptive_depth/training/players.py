@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -13,6 +12,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..gates import unwrap_gates
 from ..model import AdaptiveDepth
+from ..norms import batch_statistics, batchnorm_layers
 from ..outputs import logits_of
 from ..state import preserved
 from .compute import BACKWARD_FACTOR, ComputeMeter, ForwardCost
@@ -103,28 +103,6 @@ def nested_depths(model: AdaptiveDepth, smallest: float, top: float = 1.0, named
     return sorted(found.values())
 
 
-@contextlib.contextmanager
-def batch_statistics(module: nn.Module) -> Iterator[None]:
-    """Inside the block, ``module``'s BatchNorm layers normalise with each batch's own statistics.
-
-    Their running statistics are neither used nor updated, and nothing else changes mode (dropout and drop-path stay
-    off in an eval-mode module). The EMA teacher needs it: the running statistics it averages from a Teammate trained
-    at a different depth every step describe a mix of depths, not the full depth it teaches at, and in eval mode
-    they cost it most of its accuracy.
-    """
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    states = [(m.training, m.track_running_stats) for m in norms]
-    try:
-        for m in norms:
-            m.train()
-            m.track_running_stats = False  # batch statistics, running ones untouched (and num_batches_tracked)
-        yield
-    finally:
-        for m, (training, track) in zip(norms, states, strict=True):
-            m.train(training)
-            m.track_running_stats = track
-
-
 class CooperativeModel(nn.Module):
     """Teammates and their Leader in one module, so one forward and one backward train them all.
 
@@ -137,8 +115,8 @@ class CooperativeModel(nn.Module):
     - ``"cached"``: that teacher's logits made once before training for several augmentation draws of every
       image (:class:`~adaptive_depth.training.teacher_cache.TeacherCache`), looked up by each image's key;
     - ``"ema"``: an exponential moving average of the first Teammate at full depth, run without gradients and with
-      each batch's BatchNorm statistics (:func:`batch_statistics`; ``leader_model`` is timm's ``ModelEmaV3`` of it;
-      :meth:`update_ema` after each optimizer step);
+      each batch's BatchNorm statistics (:func:`~adaptive_depth.norms.batch_statistics`; ``leader_model`` is timm's
+      ``ModelEmaV3`` of it; :meth:`update_ema` after each optimizer step);
     - ``"none"``: no Leader.
 
     Every training forward charges its FLOPs to :attr:`compute` (forward + backward for what learns, one forward
@@ -184,6 +162,8 @@ class CooperativeModel(nn.Module):
         self.leader = leader
         if leader_model is not None and leader != "joint":
             leader_model.requires_grad_(False).eval()
+        # "ema": the averaged Teammate's BatchNorm layers, found once (the teacher runs with their batch statistics)
+        self._teacher_norms = list(batchnorm_layers(leader_model.module).values()) if leader == "ema" else []
         # "cached": the teacher's outputs (a plain attribute: a buffer would be broadcast by DDP at every step)
         self.teacher_cache: TeacherCache | None = None
         self.scaling_factors = sorted(scaling_factors, reverse=True)
@@ -329,7 +309,7 @@ class CooperativeModel(nn.Module):
         with torch.no_grad():
             if self.leader == "ema":
                 ema = model.module  # type: ignore[union-attr]  # timm's ModelEmaV3 holds the averaged Teammate
-                with preserved(ema), batch_statistics(ema):
+                with preserved(ema), batch_statistics(self._teacher_norms):
                     ema.set_scaling_factor(self.scaling_factors[0])
                     self._charge(ema, images, backward=False)
                     return logits_of(ema(pixel_values))
