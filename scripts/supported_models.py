@@ -3,6 +3,7 @@
     python scripts/supported_models.py --only all --workers 1           # the full walk, writes docs/
     python scripts/supported_models.py --only timm --filter 'resnet*' --limit 10 --out /tmp/x.md
     python scripts/supported_models.py --update-exports --budget-min 90  # the exports column of docs/, per family
+    python scripts/supported_models.py --update-exports --only-missing   # carry on where the last one stopped
 
 Every architecture is built with random weights (nothing is downloaded) and probed once by ``discover`` at its
 declared input size, batch 1, on CPU. Parameters are first counted on the meta device; models above
@@ -281,11 +282,12 @@ def walk(jobs: list[tuple[str, str]], args: argparse.Namespace) -> list[dict[str
     return [rows[job] for job in jobs if job in rows]
 
 
-def _with_exports(row: dict[str, Any], checked: dict[str, Any] | None) -> dict[str, Any]:
+def _with_exports(row: dict[str, Any], checked: dict[str, Any] | None, keep: bool = False) -> dict[str, Any]:
     """A page row after ``--update-exports``: the row checked again when it was (a model that ran past the time
-    limit keeps its discovery columns and says so in the exports cell); else the row without an exports cell."""
+    limit keeps its discovery columns and says so in the exports cell); else the row as it was with ``keep``
+    (``--only-missing``), without an exports cell otherwise."""
     if checked is None:
-        return {k: v for k, v in row.items() if k != "exports"}
+        return row if keep else {k: v for k, v in row.items() if k != "exports"}
     if checked["status"] == "timeout":
         return {**row, "exports": f"not checked: {checked['reason']}"}
     return checked
@@ -302,6 +304,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
     parser.add_argument("--exports", action="store_true", help="also check the plain exports of wrapping models")
     parser.add_argument("--update-exports", action="store_true", help="only the exports column of --out, per family")
+    parser.add_argument(
+        "--only-missing", action="store_true", help="with --update-exports: families with no exports cell yet"
+    )
     parser.add_argument("--budget-min", type=float, default=0, help="start no model after this many minutes (0: no)")
     parser.add_argument("--out", type=Path, default=Path("docs/supported-models.md"))
     parser.add_argument("--json", type=Path, default=None, help="also dump the raw rows here")
@@ -312,9 +317,10 @@ def main() -> None:
     start = time.monotonic()
     if args.update_exports:  # the page's rows stay; the families' rows are checked again, exports included
         header, rows = parse_page(args.out)
-        header = [line for line in header if not line.startswith("- exports ")]
-        checked = {(r["source"], r["name"]): r for r in walk(export_targets(rows), args)}
-        rows = [_with_exports(r, checked.get((r["source"], r["name"]))) for r in rows]
+        if not args.only_missing:  # a fresh column: the lines of earlier runs go with their cells
+            header = [line for line in header if not line.startswith("- exports ")]
+        checked = {(r["source"], r["name"]): r for r in walk(export_targets(rows, args.only_missing), args)}
+        rows = [_with_exports(r, checked.get((r["source"], r["name"])), args.only_missing) for r in rows]
         header += header_lines(command, time.monotonic() - start, "exports column: ")
     else:
         jobs: list[tuple[str, str]] = []

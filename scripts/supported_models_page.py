@@ -127,9 +127,9 @@ def render(rows: list[dict[str, Any]], header: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def export_targets(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+def export_targets(rows: list[dict[str, Any]], only_missing: bool = False) -> list[tuple[str, str]]:
     """The always-checked models, then the smallest wrapping model of each family (transformers first, then timm by
-    size: the most families within a time budget)."""
+    size: the most families within a time budget); with ``only_missing``, those whose row has no exports cell yet."""
     module = {n: m for m in timm.list_modules() for n in timm.list_models(module=m)}
     smallest: dict[tuple[str, str], dict[str, Any]] = {}
     for r in rows:
@@ -139,4 +139,6 @@ def export_targets(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
                 smallest[family] = r
     ordered = sorted(smallest.values(), key=lambda r: (r["source"] != "transformers", float(r["params_m"])))
     jobs = [tuple(key.split(":", 1)) for key in ALWAYS]
-    return jobs + [(r["source"], r["name"]) for r in ordered if (r["source"], r["name"]) not in jobs]
+    jobs += [(r["source"], r["name"]) for r in ordered if (r["source"], r["name"]) not in jobs]
+    done = {(r["source"], r["name"]) for r in rows if r.get("exports")} if only_missing else set()
+    return [job for job in jobs if job not in done]

@@ -61,3 +61,18 @@ def test_the_flops_column_is_what_the_model_costs_at_half_depth(name: str) -> No
     row = WALK.check("timm", name, max_params_m=60.0)
     model = AdaptiveDepth.from_pretrained(name, pretrained=False)
     assert row["flops_at_half"] == round(model.flops(0.5) / model.flops(1.0), 3)
+
+
+def test_only_missing_carries_on_where_the_exports_column_stopped() -> None:
+    """``--update-exports --only-missing`` checks the families with no exports cell and keeps the cells there are."""
+    rows = [
+        {"source": "timm", "name": n, "status": "wraps", "params_m": p, **({"exports": "ONNX"} if done else {})}
+        for n, p, done in [("resnet18", "11.7", True), ("resnet50", "25.6", False), ("vit_small_patch16_224", "22", 0)]
+    ]
+    everything = PAGE_FORMAT.export_targets(rows)
+    missing = PAGE_FORMAT.export_targets(rows, only_missing=True)
+    assert ("timm", "resnet18") in everything and ("timm", "resnet18") not in missing  # its family is done
+    assert ("timm", "vit_small_patch16_224") in missing
+    assert ("timm", "resnet50") not in missing  # not its family's smallest
+    assert WALK._with_exports(rows[0], None, keep=True)["exports"] == "ONNX"
+    assert "exports" not in WALK._with_exports(rows[0], None)  # a fresh column drops what it did not check
