@@ -55,6 +55,7 @@ from serving_report import markdown, plot, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = ("light", "ramp", "burst")
+POLICIES = ("full", "smallest", "set_budget", "adaptive")  # fixed s = 1, fixed smallest s, static choice, controller
 
 
 @dataclass
@@ -81,6 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-requests", type=int, default=20000, help="the most requests one trace may send")
     p.add_argument("--timeout-s", type=float, default=10.0, help="a request unanswered after this is dropped")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--policies", nargs="+", choices=POLICIES, default=list(POLICIES),
+        help="the depth policies to compare, in the order each trace visits them (the capacity is always measured "
+        "at s = 1)",
+    )  # fmt: skip
     p.add_argument("--tag", help="name of the outputs (default: from the model)")
     p.add_argument("--output-dir", type=Path, default=Path("out/serving-bench"), help="JSON results")
     p.add_argument("--plot-dir", type=Path, default=ROOT / "docs" / "img")
@@ -277,18 +283,20 @@ def main(argv: list[str] | None = None) -> dict:
         depths = model.config.scaling_factors
         budget_ms = args.slo_ms / 2  # a full batch within half the SLO: a request may wait for the batch before
         quiet_s = max(1.0, 2e-3 * max(ms for row in profile.latency_ms.values() for ms in row.values()))
-        policies = {
-            "s=1": ["--scaling-factor", "1"],
-            f"s={depths[0]:g}": ["--scaling-factor", str(depths[0])],
-            "set_budget": ["--max-latency-ms", str(budget_ms)],
-            "adaptive": [],
+        every = {
+            "full": ("s=1", ["--scaling-factor", "1"]),
+            "smallest": (f"s={depths[0]:g}", ["--scaling-factor", str(depths[0])]),
+            "set_budget": ("set_budget", ["--max-latency-ms", str(budget_ms)]),
+            "adaptive": ("adaptive", []),
         }
-        try:
-            chosen = model.set_budget(max_latency_ms=budget_ms, batch_size=args.max_batch_size)
-            print(f"set_budget(max_latency_ms={budget_ms:g}, batch_size={args.max_batch_size}) -> s = {chosen:g}")
-        except BudgetError as e:
-            print(f"no static set_budget policy: {e}")
-            del policies["set_budget"]
+        policies = dict(every[key] for key in args.policies)
+        if "set_budget" in policies:
+            try:
+                chosen = model.set_budget(max_latency_ms=budget_ms, batch_size=args.max_batch_size)
+                print(f"set_budget(max_latency_ms={budget_ms:g}, batch_size={args.max_batch_size}) -> s = {chosen:g}")
+            except BudgetError as e:
+                print(f"no static set_budget policy: {e}")
+                del policies["set_budget"]
         print(f"serving benchmark: {tag} on {describe_device('cpu')}, SLO {args.slo_ms:g} ms", flush=True)
         results = []
         with ExitStack() as servers:
@@ -297,7 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
             urls = {
                 name: servers.enter_context(server(work / "model", args, flags)) for name, flags in policies.items()
             }
-            calibrate = [urls["s=1"], bodies, 2 * args.max_batch_size]
+            full = urls.get("s=1") or servers.enter_context(server(work / "model", args, every["full"][1]))
+            calibrate = [full, bodies, 2 * args.max_batch_size]
             asyncio.run(saturate(*calibrate, 2.0, args.max_requests))  # warm-up
             capacity = asyncio.run(saturate(*calibrate, args.calibration_s, args.max_requests))
             print(f"capacity at s = 1: {capacity:.1f} requests/s", flush=True)

@@ -101,9 +101,12 @@ def markdown(data: dict[str, Any]) -> str:
 
 
 def targets(data: dict[str, Any]) -> list[str]:
-    """The serving targets, each with the measured numbers and whether it was met."""
+    """The serving targets, each with the measured numbers and whether it was met (none where the run left out
+    the adaptive server, s = 1 or the smallest depth: ``--policies``)."""
     by = {(r["summary"]["trace"], r["summary"]["policy"]): r["summary"] for r in data["results"]}
-    smallest = next(p for t, p in by if t == "ramp" and p not in ("s=1", "set_budget", "adaptive"))
+    smallest = next((p for t, p in by if t == "ramp" and p not in ("s=1", "set_budget", "adaptive")), None)
+    if smallest is None or not {("ramp", "adaptive"), ("ramp", "s=1")} <= set(by):
+        return ["- targets: not judged (the run compared a subset of the policies)"]
     ramp_a, ramp_1, ramp_min = by[("ramp", "adaptive")], by[("ramp", "s=1")], by[("ramp", smallest)]
     lines = [
         f"- ramp to 2x capacity: SLO attainment adaptive {_pct(ramp_a['slo_attainment'])} (target >= 99%), "

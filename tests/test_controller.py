@@ -34,11 +34,11 @@ def _waiting(n: int, oldest_ms: float) -> list[float]:
         (4, 29.5, 0.0, (1.0, 4, 20.0)),  # slack 20.5 at batch 4
         (4, 35.0, 0.0, (0.5, 4, 12.0)),  # slack 15 at batch 4
         (6, 29.5, 0.0, (0.75, 6, 20.0)),  # batch 6 between the profiled 4 and 8: 0.75 interpolates to 20
-        (20, 0.0, 0.0, (1.0, 8, 30.0)),  # no more than the largest profiled batch
+        (20, 0.0, 0.0, (0.5, 8, 18.0)),  # batches of 8, 8, 4: at 0.5 the last answers at 18 + 18 + 12 = 48 ms
         (1, 35.0, 10.0, (0.25, 1, 4.0)),  # the margin comes off the slack: 5 left
     ],
 )
-def test_the_largest_depth_that_meets_the_oldest_requests_slack(n, oldest_ms, margin_ms, expected) -> None:
+def test_the_largest_depth_that_meets_the_waiting_requests_slack(n, oldest_ms, margin_ms, expected) -> None:
     controller = DepthController(PROFILE, slo_ms=50, margin_ms=margin_ms)
     decision = controller.decide(_waiting(n, oldest_ms), now=NOW)
     assert (decision.scaling_factor, decision.batch_size, decision.predicted_ms) == pytest.approx(expected)
@@ -55,6 +55,62 @@ def test_the_oldest_request_sets_the_slack_and_a_lost_cause_gets_the_fastest_dep
     stats = controller.stats()
     assert stats.decisions == 2 and stats.predicted_late == 1 and stats.batches == {0.25: 2}
     assert stats.requests == {0.25: 3}
+
+
+def test_the_backlog_behind_the_batch_lowers_the_depth_before_its_requests_are_lost() -> None:
+    controller = DepthController(PROFILE, slo_ms=50, max_batch_size=4)
+    alone = controller.decide([NOW - 0.010] * 4, now=NOW)  # 40 ms left: one batch of 4 at s = 1 takes 20
+    assert (alone.scaling_factor, alone.batch_size) == (1.0, 4)
+    controller = DepthController(PROFILE, slo_ms=50, max_batch_size=4)
+    backlog = controller.decide([NOW - 0.010] * 4 + [NOW - 0.005] * 8, now=NOW)  # two more batches behind it
+    # at s = 1 the third batch answers at 60 ms, past the 45 ms its requests have; at 0.5 at 36
+    assert (backlog.scaling_factor, backlog.batch_size) == (0.5, 4)
+    assert backlog.on_time and backlog.slack_ms == pytest.approx(40.0)  # the oldest request's slack, as before
+
+
+def test_requests_late_at_every_depth_do_not_hold_the_depth_down() -> None:
+    # batches of 8: the first has 20 ms left, the second and third (22 ms) are late even at the smallest depth
+    # (its answers come at 24 and 28 ms): the first batch gets the largest depth that keeps it on time
+    controller = DepthController(PROFILE, slo_ms=50)
+    decision = controller.decide([NOW - 0.030] * 8 + [NOW - 0.028] * 9, now=NOW)
+    assert decision.scaling_factor == 0.5 and decision.on_time  # 18 ms; 0.75 takes 24
+    assert controller.stats().predicted_late == 0
+
+
+def test_a_load_above_a_depths_capacity_lowers_the_depth_before_a_backlog_forms() -> None:
+    # one request at a time, each with the whole SLO left: the slack rule alone would keep s = 1 at any load.
+    # Capacity (best batch of the profile): s = 1 serves 8 / 30 ms = 267 a second, 0.75 333, 0.5 444.
+    now = [NOW]
+    controller = DepthController(PROFILE, slo_ms=50, patience=3, headroom=0.2, clock=lambda: now[0])
+    assert controller.capacity(1.0) == pytest.approx(266.67, rel=1e-3)
+
+    def run(rate: float, seconds: float, start: float) -> list[float]:
+        depths = []
+        for i in range(int(rate * seconds)):
+            now[0] = start + i / rate
+            depths.append(controller.decide([now[0]]).scaling_factor)
+        return depths
+
+    light = run(100, 1.0, NOW)  # well inside the full depth's capacity
+    assert set(light) == {1.0}
+    heavy = run(300, 1.0, NOW + 1.0)  # above s = 1's capacity, inside 0.75's
+    assert heavy[-1] == 0.75 and set(heavy) == {1.0, 0.75}
+    assert controller.stats().arrival_rate == pytest.approx(300, abs=1)
+    back = run(100, 1.5, NOW + 2.0)  # the load falls: back up once the full depth serves it with headroom
+    assert back[-1] == 1.0 and controller.stats().arrival_rate == pytest.approx(100, abs=1)
+
+
+def test_a_backlog_is_served_in_the_batches_that_serve_the_most_requests_a_second() -> None:
+    # batch 8 takes more than twice batch 4 here (a CPU whose caches a large batch overflows): 4 is the best batch
+    table = {"1": {"0.5": 5.0, "1.0": 10.0}, "4": {"0.5": 10.0, "1.0": 20.0}, "8": {"0.5": 25.0, "1.0": 50.0}}
+    profile = LatencyProfile(device="cpu: test", input_size=[3, 32, 32], dtype="float32", latency_ms=table)
+    controller = DepthController(profile, slo_ms=200)
+    assert controller.capacity(1.0) == pytest.approx(200.0)  # 4 / 20 ms, not 8 / 50 ms
+    decision = controller.decide([NOW] * 10, now=NOW)
+    assert (decision.scaling_factor, decision.batch_size, decision.predicted_ms) == (1.0, 4, 20.0)
+    assert controller.decide([NOW] * 3, now=NOW).batch_size == 3  # fewer waiting: all of them
+    fixed = FixedDepth(profile, slo_ms=200, scaling_factor=0.5)  # the same batching for a fixed depth
+    assert fixed.decide([NOW] * 10, now=NOW).batch_size == 4
 
 
 def test_the_injected_clock_is_the_time_of_the_decision() -> None:

@@ -148,3 +148,38 @@ def test_a_bad_request_gets_a_4xx_with_the_reason_and_the_server_goes_on(
     assert got == status and reason in answer["detail"], answer
     assert _post(f"{server}/predict", _json_image(_png()), "application/json")[0] == 200
     assert urllib.request.urlopen(f"{server}/health", timeout=5).status == 200
+
+
+def test_a_worker_shows_its_policy_the_backlog_behind_the_batch() -> None:
+    """The loop takes more than one batch from LitServe's queue (up to a bound), so the policy decides from the
+    whole backlog; batches are served oldest first, and LitServe's stop signal ends the loop once the requests it
+    holds are answered."""
+    from queue import Queue
+    from types import SimpleNamespace
+
+    from adaptive_depth.serving import Decision
+    from adaptive_depth.serving.server import _SENTINEL, LOOKAHEAD_BATCHES, DepthControlledLoop
+
+    seen, served = [], []
+
+    class Recorder:
+        def decide(self, arrivals: list[float]) -> Decision:
+            seen.append(list(arrivals))
+            return Decision(1.0, min(len(arrivals), MAX_BATCH), 1.0, 10.0)
+
+        def observe(self, *args) -> None:
+            pass
+
+    n = (LOOKAHEAD_BATCHES + 2) * MAX_BATCH  # more than the bound
+    requests: Queue = Queue()
+    for i in range(n):
+        requests.put((f"uid{i}", 0, 100.0 + i, b"{}"))
+    requests.put(_SENTINEL)
+    api = SimpleNamespace(max_batch_size=MAX_BATCH, request_timeout=None, policy=Recorder(),
+                          metrics=SimpleNamespace(record=lambda *args: None))  # fmt: skip
+    loop = DepthControlledLoop()
+    loop._serve = lambda lit_api, batch, s, transport, callbacks: served.append([b[2] for b in batch]) or len(batch)
+    loop(api, "cpu", 0, requests, None, {}, None)
+    assert len(seen[0]) == LOOKAHEAD_BATCHES * MAX_BATCH  # the first decision saw the backlog, up to the bound
+    assert seen[0] == [100.0 + i for i in range(LOOKAHEAD_BATCHES * MAX_BATCH)]
+    assert [t for batch in served for t in batch] == [100.0 + i for i in range(n)]  # every one, oldest first

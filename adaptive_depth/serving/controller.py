@@ -4,10 +4,11 @@ A pure policy object: no server, no model, no clock of its own (``clock`` is inj
 hand). A server asks :meth:`DepthPolicy.decide` before every batch, runs the batch at the decided depth
 (``with model.scaled(decision.scaling_factor)``) and reports the time it took to :meth:`DepthPolicy.observe`.
 
-:class:`DepthController` is the adaptive rule (SuperServe's SlackFit, Khare et al., NSDI 2025): serve the waiting
-requests, up to the largest batch, at the largest trained depth whose predicted latency still meets the oldest
-request's remaining slack. :class:`FixedDepth` serves every batch at one depth (a fixed ``s``, or the static
-``set_budget`` choice), with the same batching and counters, so policies can be compared on one server.
+:class:`DepthController` is the adaptive rule, a queue-aware form of SuperServe's SlackFit (Khare et al., NSDI
+2025): serve the oldest waiting requests, up to the largest batch, at the largest trained depth at which every
+waiting request that can still be answered in time is predicted to be, the queue behind the batch included.
+:class:`FixedDepth` serves every batch at one depth (a fixed ``s``, or the static ``set_budget`` choice), with the
+same batching and counters, so policies can be compared on one server.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,7 +24,7 @@ from ..budget import LatencyProfile
 from ..errors import ConfigError
 from ..policy import check_scaling_factor
 
-__all__ = ["ControllerStats", "Decision", "DepthController", "DepthPolicy", "FixedDepth"]
+__all__ = ["Backlog", "ControllerStats", "Decision", "DepthController", "DepthPolicy", "FixedDepth"]
 
 # The machine-wide drift learns this many times slower than the per-depth corrections: depths served in turn with
 # different errors then move it only a little, while a lasting slow-down still reaches every depth.
@@ -62,6 +64,7 @@ class ControllerStats:
         switches: decisions whose depth differs from the previous one.
         predicted_late: decisions where no depth was predicted to meet the oldest request's deadline.
         drift: the learned ratio of observed to profiled latency, over every depth and batch size.
+        arrival_rate: requests per second that reached the policy over the last ``rate_window_s``.
     """
 
     decisions: int = 0
@@ -70,6 +73,7 @@ class ControllerStats:
     switches: int = 0
     predicted_late: int = 0
     drift: float = 1.0
+    arrival_rate: float = 0.0
 
 
 class DepthPolicy:
@@ -90,6 +94,7 @@ class DepthPolicy:
         max_batch_size: the most requests in one batch (default: the largest profiled batch size).
         margin_ms: time reserved for what the observed latency does not cover (moving answers to the client).
         learning_rate: weight of each new observation in the moving averages, in (0, 1].
+        rate_window_s: the arrival rate is counted over this many seconds of the latest arrivals.
         clock: seconds, the clock the arrival times come from (default ``time.monotonic``).
     """
 
@@ -102,9 +107,11 @@ class DepthPolicy:
         max_batch_size: int | None = None,
         margin_ms: float = 0.0,
         learning_rate: float = 0.1,
+        rate_window_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         _check_positive("slo_ms", slo_ms)
+        _check_positive("rate_window_s", rate_window_s)
         if isinstance(margin_ms, bool) or not isinstance(margin_ms, int | float) or not 0 <= margin_ms < slo_ms:
             raise ConfigError(f"margin_ms must be a number in [0, slo_ms={slo_ms}), got {margin_ms!r}")
         if isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float) or not 0 < learning_rate <= 1:
@@ -130,8 +137,13 @@ class DepthPolicy:
         self._lock = threading.Lock()
         self._drift = 1.0
         self._corrections: dict[tuple[float, int | None], float] = {}  # (s, b) and (s, None): per depth
+        self._estimates: dict[tuple[float, int], float] = {}  # the profile's, by (s, b)
+        self._best: dict[float, int] = {}  # the best batch size per depth, for the decision being made
         self._stats = ControllerStats()
         self._last: float | None = None
+        self.rate_window_s = float(rate_window_s)
+        self._arrived: deque[float] = deque()  # arrival times within the rate window, oldest first
+        self._newest = -math.inf  # the latest arrival counted
 
     # ------------------------------------------------------------------ prediction
     def predict_ms(self, scaling_factor: float, batch_size: int) -> float:
@@ -140,22 +152,26 @@ class DepthPolicy:
             return self._predict(check_scaling_factor(scaling_factor), batch_size)
 
     def _predict(self, s: float, batch_size: int) -> float:
-        base = self.profile.estimate(s, batch_size)
-        if base is None:
-            raise ConfigError(f"the latency profile has no measurement at s={s:g}")
         correction = self._corrections.get((s, batch_size), self._corrections.get((s, None), 1.0))
-        return base * self._drift * correction
+        return self._profiled(s, batch_size) * self._drift * correction
+
+    def _profiled(self, s: float, batch_size: int) -> float:
+        """The profile's estimate, looked up once per depth and batch size (a decision asks for dozens)."""
+        base = self._estimates.get((s, batch_size))
+        if base is None:
+            base = self.profile.estimate(s, batch_size)
+            if base is None:
+                raise ConfigError(f"the latency profile has no measurement at s={s:g}")
+            self._estimates[(s, batch_size)] = base
+        return base
 
     def observe(self, scaling_factor: float, batch_size: int, latency_ms: float) -> None:
         """Learn from a batch served: ``latency_ms`` is the time from the decision to the answers being ready."""
         _check_positive("latency_ms", latency_ms)
         s = check_scaling_factor(scaling_factor)
-        base = self.profile.estimate(s, batch_size)
-        if base is None:
-            raise ConfigError(f"the latency profile has no measurement at s={s:g}")
-        ratio = latency_ms / base
-        rate = self.learning_rate
         with self._lock:
+            ratio = latency_ms / self._profiled(s, batch_size)
+            rate = self.learning_rate
             self._drift += rate / DRIFT_SLOWDOWN * (ratio - self._drift)
             relative = ratio / self._drift
             for key in ((s, batch_size), (s, None)):
@@ -167,17 +183,20 @@ class DepthPolicy:
         """The depth and batch size for the next batch.
 
         Args:
-            arrivals: arrival times (``clock`` seconds) of the requests that wait, at least one.
+            arrivals: arrival times (``clock`` seconds) of the requests that wait, at least one; the batch is the
+                oldest of them, the others wait behind it in arrival order.
             now: the time of the decision (default: ``clock()``).
         """
         if not arrivals:
             raise ConfigError("decide() needs the arrival time of at least one waiting request")
         now = self.clock() if now is None else now
-        batch = min(len(arrivals), self.max_batch_size)
-        slack_ms = self.slo_ms - (now - min(arrivals)) * 1e3 - self.margin_ms
+        slacks = sorted(self.slo_ms - (now - a) * 1e3 - self.margin_ms for a in arrivals)
         with self._lock:
-            s = self._choose(batch, slack_ms)
-            decision = Decision(s, batch, self._predict(s, batch), slack_ms)
+            self._best.clear()
+            self._count_arrivals(arrivals)
+            s = self._choose(Backlog(slacks), self._rate(now))
+            batch = self._batch_size(s, len(slacks))
+            decision = Decision(s, batch, self._predict(s, batch), slacks[0])
             stats = self._stats
             stats.decisions += 1
             stats.batches[s] = stats.batches.get(s, 0) + 1
@@ -187,17 +206,64 @@ class DepthPolicy:
             self._last = s
         return decision
 
-    def _choose(self, batch_size: int, slack_ms: float) -> float:
-        """The depth of the next batch (called with the lock held)."""
+    def _choose(self, backlog: Backlog, rate: float) -> float:
+        """The depth of the next batch, for requests arriving at ``rate`` a second (called with the lock held)."""
         raise NotImplementedError
+
+    def _count_arrivals(self, arrivals: Sequence[float]) -> None:
+        """Count the arrivals not seen by an earlier decision (a request waits through several of them)."""
+        new = sorted(a for a in arrivals if a > self._newest)
+        if new:
+            self._arrived.extend(new)
+            self._newest = new[-1]
+
+    def _rate(self, now: float) -> float:
+        """Requests per second over the last ``rate_window_s`` (called with the lock held)."""
+        while self._arrived and self._arrived[0] < now - self.rate_window_s:
+            self._arrived.popleft()
+        return len(self._arrived) / self.rate_window_s
+
+    def capacity(self, scaling_factor: float) -> float:
+        """Requests per second one worker serves at ``scaling_factor``, at its most efficient batch size."""
+        with self._lock:
+            self._best.clear()
+            return self._capacity(check_scaling_factor(scaling_factor))
+
+    def _capacity(self, s: float) -> float:
+        b = self._best_batch(s)
+        return b / self._predict(s, b) * 1e3
+
+    def _best_batch(self, s: float) -> int:
+        """The batch size, up to ``max_batch_size``, that serves the most requests a second at depth ``s`` (a larger
+        batch is not always faster per image: on a CPU it can fall out of the caches)."""
+        best = self._best.get(s)
+        if best is None:  # once per depth and decision: the corrections change only between decisions
+            sizes = {b for b in self.profile.batch_sizes if b < self.max_batch_size} | {self.max_batch_size}
+            best = self._best[s] = max(sizes, key=lambda b: (b / self._predict(s, b), b))
+        return best
+
+    def _batch_size(self, s: float, waiting: int) -> int:
+        """How many of the ``waiting`` requests the next batch at depth ``s`` takes: all, up to its best batch."""
+        return min(waiting, self._best_batch(s))
+
+    def _plan(self, s: float, backlog: Backlog) -> tuple[list[range], list[float]]:
+        """The batches that serve ``backlog`` at depth ``s`` (request indices) and when each is predicted to be
+        answered, if every one of them runs at ``s``."""
+        n = len(backlog.slacks_ms)
+        b = self._batch_size(s, n)
+        batches = [range(start, min(start + b, n)) for start in range(0, n, b)]
+        full, last = self._predict(s, b), self._predict(s, len(batches[-1]))
+        finish = [full * j + (last if j == len(batches) - 1 else full) for j in range(len(batches))]
+        return batches, finish
 
     def stats(self) -> ControllerStats:
         """A snapshot of the counters."""
         with self._lock:
             s = self._stats
             return ControllerStats(
-                s.decisions, dict(s.batches), dict(s.requests), s.switches, s.predicted_late, self._drift
-            )
+                s.decisions, dict(s.batches), dict(s.requests), s.switches, s.predicted_late, self._drift,
+                self._rate(self.clock()),
+            )  # fmt: skip
 
 
 class FixedDepth(DepthPolicy):
@@ -213,23 +279,61 @@ class FixedDepth(DepthPolicy):
         s = check_scaling_factor(scaling_factor)
         super().__init__(profile, slo_ms, scaling_factors=[s], **kwargs)
 
-    def _choose(self, batch_size: int, slack_ms: float) -> float:
+    def _choose(self, backlog: Backlog, rate: float) -> float:
         return self.scaling_factors[0]
 
 
-class DepthController(DepthPolicy):
-    """The adaptive depth: the largest depth that meets the oldest waiting request's deadline, without flapping.
+@dataclass(frozen=True)
+class Backlog:
+    """The waiting requests as a policy sees them: served oldest first.
 
-    Before every batch, with ``b`` = the waiting requests up to ``max_batch_size`` and ``slack`` = the oldest one's
+    Args:
+        slacks_ms: each request's time left to its deadline (less the margin), smallest (oldest) first.
+    """
+
+    slacks_ms: list[float]
+
+    def next_marked(self, marked: Sequence[bool]) -> list[int]:
+        """For each request, the index of the first ``marked`` one at or after it (``len`` where none is): the
+        tightest marked slack of any run of requests in one look-up."""
+        n = len(self.slacks_ms)
+        out = [n] * (n + 1)
+        for k in reversed(range(n)):
+            out[k] = k if marked[k] else out[k + 1]
+        return out
+
+
+class DepthController(DepthPolicy):
+    """The adaptive depth: the largest depth that keeps every savable waiting request on time, without flapping.
+
+    Before every batch, with the waiting requests served oldest first in batches of ``b`` (as many as wait, up to
+    the depth's most efficient batch size within ``max_batch_size``), each batch predicted to take the profiled
+    latency at its size, and a request's slack its
     time left to its deadline (less ``margin_ms``):
 
-    1. the target is the largest depth whose predicted latency at batch ``b`` is at most ``slack``; if none is,
-       the smallest depth (the fastest answer; the decision counts as predicted late);
-    2. a target below the current depth is taken at once (a deadline is at stake);
-    3. a target above it is approached one trained depth at a time, and only after ``patience`` decisions in a
-       row in which the next depth up fits with ``headroom`` to spare (predicted latency at most
-       ``(1 - headroom) * slack``). This is the hysteresis: a slack that hovers around a threshold does not make
-       the depth flap.
+    1. a request is *savable* if it is predicted on time when the whole queue runs at the smallest depth; the
+       target is the largest depth at which every savable request is still predicted on time. The queue behind
+       the batch counts: a backlog of several batches lowers the depth before its last requests are lost, where
+       a rule that looked at the oldest request alone would serve the batch at full depth and leave the backlog
+       to the next ones. A request that is late at every depth does not hold the depth down; if the oldest one
+       is such a lost cause the batch runs at the smallest depth (the fastest way past it; the decision counts
+       as predicted late);
+    2. the load caps the target: at most the largest depth whose capacity (requests per second at its most
+       efficient batch size, from the corrected predictions) serves the arrival rate of the last
+       ``rate_window_s``. The slack rule alone sees only the requests that wait, so under a load above the
+       full depth's capacity it keeps the full depth until the backlog is already too long for any depth to
+       work off in time; the cap lowers the depth as the load outgrows it. A load no depth can serve gets the
+       smallest;
+    3. a target below the current depth is taken at once (a deadline is at stake);
+    4. a target above it is approached one trained depth at a time, and only after ``patience`` decisions in a
+       row in which the next depth up keeps the savable requests on time and serves the arrival rate with
+       ``headroom`` to spare (predicted answers at most ``(1 - headroom)`` of their slack, capacity at least
+       ``1 / (1 - headroom)`` times the rate). This is the hysteresis: a slack or a load that hovers around a
+       threshold does not make the depth flap.
+
+    The slack rule assumes the queue runs at one depth and that no request arrives before it is served; the
+    load cap that arrivals go on at the recent rate. Both err towards a lower depth under rising load, and the
+    next decision looks again.
 
     Args:
         profile, slo_ms: as :class:`DepthPolicy`.
@@ -257,15 +361,24 @@ class DepthController(DepthPolicy):
         with self._lock:
             return self.scaling_factors[self._level]
 
-    def _choose(self, batch_size: int, slack_ms: float) -> float:
-        depths = self.scaling_factors
-        fitting = [i for i, s in enumerate(depths) if self._predict(s, batch_size) <= slack_ms]
-        target = fitting[-1] if fitting else 0
+    def _choose(self, backlog: Backlog, rate: float) -> float:
+        depths, slacks = self.scaling_factors, backlog.slacks_ms
+        batches, fastest = self._plan(depths[0], backlog)
+        savable = [slacks[k] >= f for batch, f in zip(batches, fastest, strict=True) for k in batch]
+        first = backlog.next_marked(savable)
+
+        def keeps(s: float, share: float = 1.0) -> bool:  # every savable request on time, the load served
+            plan = zip(*self._plan(s, backlog), strict=True)
+            on_time = all(first[b.start] >= b.stop or f <= share * slacks[first[b.start]] for b, f in plan)
+            return on_time and share * self._capacity(s) >= rate
+
+        lost = not savable[0]  # the oldest is late at every depth
+        target = 0 if lost else next((i for i in reversed(range(len(depths))) if keeps(depths[i])), 0)
         if target < self._level:
             self._level, self._rises = target, 0
         elif target > self._level:
             up = depths[self._level + 1]
-            self._rises = self._rises + 1 if self._predict(up, batch_size) <= (1 - self.headroom) * slack_ms else 0
+            self._rises = self._rises + 1 if keeps(up, 1 - self.headroom) else 0
             if self._rises >= self.patience:
                 self._level, self._rises = self._level + 1, 0
         else:

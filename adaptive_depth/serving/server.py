@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 CONTENT_TYPES = ("application/json", "multipart/form-data")
 DISCARD_BYTES = 1_000_000  # read and dropped past the body limit, so a client still sending gets its 413
 _SENTINEL = (None, None, None, None)  # what LitServe puts in the queue to stop a worker
+LOOKAHEAD_BATCHES = 16  # how much of the backlog a worker holds and its policy sees, in largest batches
 
 
 class AdaptiveDepthAPI(ls.LitAPI):
@@ -113,10 +114,11 @@ class AdaptiveDepthAPI(ls.LitAPI):
 class DepthControlledLoop(LitLoop):
     """A LitServe worker loop whose batch size and depth come from the worker's depth policy.
 
-    Requests are taken from LitServe's queue (up to the largest batch) and kept with their arrival times; before
-    each batch the policy decides from those times, the oldest requests are served, and the time the batch took
-    (decoding to encoded answers) is reported back to the policy. Nothing waits to fill a batch: a worker that is
-    free serves what is there.
+    Requests are taken from LitServe's queue (up to ``LOOKAHEAD_BATCHES`` of the largest batch) and kept with their
+    arrival times; before each batch the policy decides from those times (the backlog behind the batch included),
+    the oldest requests are served, and the time the batch took (decoding to encoded answers) is reported back to
+    the policy. Nothing waits to fill a batch: a worker that is free serves what is there. Told to stop, it answers
+    the requests it holds first.
     """
 
     def __call__(
@@ -132,11 +134,14 @@ class DepthControlledLoop(LitLoop):
         **kwargs: Any,
     ) -> None:
         waiting: deque[tuple[Any, str, float, Any]] = deque()
+        stopping = False  # told to stop: the requests already taken are still answered
         while True:
-            if not self._collect(waiting, request_queue, lit_api.max_batch_size):
-                return
+            if not stopping:
+                stopping = not self._collect(waiting, request_queue, LOOKAHEAD_BATCHES * lit_api.max_batch_size)
             self._expire(waiting, lit_api, transport)
             if not waiting:
+                if stopping:
+                    return
                 continue
             start = time.perf_counter()
             decision = lit_api.policy.decide([item[2] for item in waiting])
