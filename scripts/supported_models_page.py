@@ -49,7 +49,7 @@ def parse_page(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
             row["status"], _, reason = row["status"].partition(": ")
             row |= {"reason": reason} if reason else {}
             rows.append(row)
-        elif re.match(r"- [a-z ]*(command|date|generated at commit|versions): ", line):
+        elif re.match(r"- (exports column: )?(command|date|generated at commit|versions): ", line):
             header.append(line)
     return header, rows
 
@@ -100,9 +100,10 @@ def render(rows: list[dict[str, Any]], header: list[str]) -> str:
         "onnxruntime ran to the same outputs), with the reason a format was refused in brackets.",
         f"The exports column covers {len(exported)} of the {len(wrapping)} wrapping models (about a minute a model",
         "on the CPU below): the four the tests re-check, then the smallest wrapping model of each family (every",
-        "transformers model type, then timm modules from the smallest) until the time budget of its command ran",
-        "out; an empty cell was not checked. tests/test_supported_models.py re-checks a sample of the rows against",
-        "the code, so a page older than the discovery it describes fails the tests.",
+        "transformers model type, then timm modules from the smallest) as far as the time budgets of its commands",
+        "reached (`--update-exports --only-missing` carries the column on); an empty cell was not checked.",
+        "tests/test_supported_models.py re-checks a sample of the rows against the code, so a page older than the",
+        "discovery it describes fails the tests.",
         "",
         *header,
         "",

@@ -34,6 +34,8 @@ def test_the_page_says_which_commit_and_command_made_it() -> None:
     assert "FLOPs at s=0.5" in text
     # the exports column says how it was made, and covers the models the sample below and the docs rely on
     assert re.search(r"^- exports column: generated at commit: [0-9a-f]{7,}", text, re.M)
+    header = PAGE_FORMAT.parse_page(PAGE)[0]  # what --update-exports --only-missing carries over to the new page
+    assert [line for line in header if line.startswith("- exports column: command: ")], header
     assert all(_rows()[key].get("exports") for key in PAGE_FORMAT.ALWAYS)
 
 
