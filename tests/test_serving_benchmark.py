@@ -59,6 +59,10 @@ def test_the_table_checks_the_targets(tmp_path: Path) -> None:
     assert "effective accuracy adaptive 97.00 against s = 1 68.60 and s=0.25 90.00: **met**" in table
     assert "0.0% of the adaptive batches at s = 1 (target >= 95%): **not met**" in table
     assert report.plot(data, tmp_path / "plot.png").stat().st_size > 10_000
+    # a run of a subset of the policies (`--policies adaptive smallest`) is tabled, its targets not judged
+    subset = {**data, "results": [r for r in results if r["summary"]["policy"] != "s=1"]}
+    assert report.targets(subset) == ["- targets: not judged (the run compared a subset of the policies)"]
+    assert "| ramp | adaptive | 100.0% |" in report.markdown(subset)
 
 
 def test_the_traces_are_seeded_bounded_and_follow_their_rate() -> None:

@@ -5,8 +5,9 @@ hand). A server asks :meth:`DepthPolicy.decide` before every batch, runs the bat
 (``with model.scaled(decision.scaling_factor)``) and reports the time it took to :meth:`DepthPolicy.observe`.
 
 :class:`DepthController` is the adaptive rule, a queue-aware form of SuperServe's SlackFit (Khare et al., NSDI
-2025): serve the oldest waiting requests, up to the largest batch, at the largest trained depth at which every
-waiting request that can still be answered in time is predicted to be, the queue behind the batch included.
+2025) with a cap from the arrival rate: serve the oldest waiting requests, in batches of the depth's most efficient
+size, at the largest trained depth at which every waiting request that can still be answered in time is predicted
+to be (the queue behind the batch included) and whose capacity serves the recent load.
 :class:`FixedDepth` serves every batch at one depth (a fixed ``s``, or the static ``set_budget`` choice), with the
 same batching and counters, so policies can be compared on one server.
 """
@@ -308,8 +309,7 @@ class DepthController(DepthPolicy):
 
     Before every batch, with the waiting requests served oldest first in batches of ``b`` (as many as wait, up to
     the depth's most efficient batch size within ``max_batch_size``), each batch predicted to take the profiled
-    latency at its size, and a request's slack its
-    time left to its deadline (less ``margin_ms``):
+    latency at its size, and a request's slack its time left to its deadline (less ``margin_ms``):
 
     1. a request is *savable* if it is predicted on time when the whole queue runs at the smallest depth; the
        target is the largest depth at which every savable request is still predicted on time. The queue behind
