@@ -113,6 +113,25 @@ def test_a_backlog_is_served_in_the_batches_that_serve_the_most_requests_a_secon
     assert fixed.decide([NOW] * 10, now=NOW).batch_size == 4
 
 
+def test_half_the_capacity_in_poisson_arrivals_keeps_the_full_depth() -> None:
+    """The rate is counted over enough arrivals that a random half load does not look like an overload."""
+    import random
+
+    # a slow network (resnet50 on a CPU): 40x the table's times, s = 1 serves 6.7 requests a second; a second's
+    # window would count 0 to 8 of 3.3 a second and see an overload in every other one
+    slow = {b: {s: 40 * ms for s, ms in row.items()} for b, row in TABLE.items()}
+    profile = LatencyProfile(device="cpu: test", input_size=[3, 32, 32], dtype="float32", latency_ms=slow)
+    now = [NOW]
+    controller = DepthController(profile, slo_ms=6000, clock=lambda: now[0])
+    assert controller.capacity(1.0) == pytest.approx(6.67, rel=0.01)
+    rng, depths = random.Random(0), []
+    for _ in range(1000):  # half of it in Poisson arrivals, one waiting at a time
+        now[0] += rng.expovariate(3.33)
+        depths.append(controller.decide([now[0]]).scaling_factor)
+    assert depths.count(1.0) / len(depths) >= 0.99
+    assert controller.stats().arrival_rate == pytest.approx(3.33, rel=0.4)
+
+
 def test_the_injected_clock_is_the_time_of_the_decision() -> None:
     now = [NOW]
     controller = DepthController(PROFILE, slo_ms=50, clock=lambda: now[0])

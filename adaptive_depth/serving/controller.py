@@ -27,6 +27,13 @@ from ..policy import check_scaling_factor
 
 __all__ = ["Backlog", "ControllerStats", "Decision", "DepthController", "DepthPolicy", "FixedDepth"]
 
+# The arrival rate is counted over the last SLO, and over the latest RATE_SAMPLES arrivals where those span more
+# (a relative error of about 1 / sqrt(31), 18%, at any rate: a short window counts a handful of requests at a low
+# rate and swings by half); not at all from fewer than RATE_MIN_SAMPLES (two requests a millisecond apart are no
+# load). A burst shorter than the SLO is the backlog rule's to handle, not the load cap's.
+RATE_SAMPLES = 32
+RATE_MIN_SAMPLES = 8
+
 # The machine-wide drift learns this many times slower than the per-depth corrections: depths served in turn with
 # different errors then move it only a little, while a lasting slow-down still reaches every depth.
 DRIFT_SLOWDOWN = 4
@@ -65,7 +72,7 @@ class ControllerStats:
         switches: decisions whose depth differs from the previous one.
         predicted_late: decisions where no depth was predicted to meet the oldest request's deadline.
         drift: the learned ratio of observed to profiled latency, over every depth and batch size.
-        arrival_rate: requests per second that reached the policy over the last ``rate_window_s``.
+        arrival_rate: requests per second that reached the policy lately (:meth:`DepthPolicy.arrival_rate`).
     """
 
     decisions: int = 0
@@ -95,7 +102,7 @@ class DepthPolicy:
         max_batch_size: the most requests in one batch (default: the largest profiled batch size).
         margin_ms: time reserved for what the observed latency does not cover (moving answers to the client).
         learning_rate: weight of each new observation in the moving averages, in (0, 1].
-        rate_window_s: the arrival rate is counted over this many seconds of the latest arrivals.
+        rate_window_s: arrivals older than this many seconds no longer count in the arrival rate.
         clock: seconds, the clock the arrival times come from (default ``time.monotonic``).
     """
 
@@ -108,7 +115,7 @@ class DepthPolicy:
         max_batch_size: int | None = None,
         margin_ms: float = 0.0,
         learning_rate: float = 0.1,
-        rate_window_s: float = 1.0,
+        rate_window_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         _check_positive("slo_ms", slo_ms)
@@ -143,7 +150,7 @@ class DepthPolicy:
         self._stats = ControllerStats()
         self._last: float | None = None
         self.rate_window_s = float(rate_window_s)
-        self._arrived: deque[float] = deque()  # arrival times within the rate window, oldest first
+        self._arrived: deque[float] = deque()  # the arrival times the rate is counted from, oldest first
         self._newest = -math.inf  # the latest arrival counted
 
     # ------------------------------------------------------------------ prediction
@@ -219,10 +226,19 @@ class DepthPolicy:
             self._newest = new[-1]
 
     def _rate(self, now: float) -> float:
-        """Requests per second over the last ``rate_window_s`` (called with the lock held)."""
-        while self._arrived and self._arrived[0] < now - self.rate_window_s:
-            self._arrived.popleft()
-        return len(self._arrived) / self.rate_window_s
+        """Requests per second lately (called with the lock held): the arrivals of the last SLO, or the latest
+        ``RATE_SAMPLES`` over the time from the oldest of them to ``now`` where they span more (so the rate falls
+        when arrivals stop); 0 from fewer than ``RATE_MIN_SAMPLES``."""
+        arrived, slo_s = self._arrived, self.slo_ms / 1e3
+        while arrived and (
+            arrived[0] < now - self.rate_window_s or (len(arrived) > RATE_SAMPLES and arrived[0] < now - slo_s)
+        ):
+            arrived.popleft()
+        n = len(arrived)
+        if n < RATE_MIN_SAMPLES:
+            return 0.0
+        span = now - arrived[0]
+        return (n - 1) / span if span > slo_s else n / slo_s
 
     def capacity(self, scaling_factor: float) -> float:
         """Requests per second one worker serves at ``scaling_factor``, at its most efficient batch size."""
@@ -319,11 +335,11 @@ class DepthController(DepthPolicy):
        is such a lost cause the batch runs at the smallest depth (the fastest way past it; the decision counts
        as predicted late);
     2. the load caps the target: at most the largest depth whose capacity (requests per second at its most
-       efficient batch size, from the corrected predictions) serves the arrival rate of the last
-       ``rate_window_s``. The slack rule alone sees only the requests that wait, so under a load above the
-       full depth's capacity it keeps the full depth until the backlog is already too long for any depth to
-       work off in time; the cap lowers the depth as the load outgrows it. A load no depth can serve gets the
-       smallest;
+       efficient batch size, from the corrected predictions) serves the recent arrival rate (over the last SLO,
+       or the latest ``RATE_SAMPLES`` arrivals where they span more). The slack rule alone sees only the
+       requests that wait, so under a load above the full depth's capacity it keeps the full depth until the
+       backlog is already too long for any depth to work off in time; the cap lowers the depth as the load
+       outgrows it. A load no depth can serve gets the smallest;
     3. a target below the current depth is taken at once (a deadline is at stake);
     4. a target above it is approached one trained depth at a time, and only after ``patience`` decisions in a
        row in which the next depth up keeps the savable requests on time and serves the arrival rate with
