@@ -9,11 +9,10 @@ machines).
 """
 
 from .classifier import ImageClassifier, PolicySpec
-from .controller import Backlog, ControllerStats, Decision, DepthController, DepthPolicy, FixedDepth
+from .controller import ControllerStats, Decision, DepthController, DepthPolicy, FixedDepth
 from .requests import BadRequestError
 
 __all__ = [
-    "Backlog",
     "BadRequestError",
     "ControllerStats",
     "Decision",

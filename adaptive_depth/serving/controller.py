@@ -25,7 +25,7 @@ from ..budget import LatencyProfile
 from ..errors import ConfigError
 from ..policy import check_scaling_factor
 
-__all__ = ["Backlog", "ControllerStats", "Decision", "DepthController", "DepthPolicy", "FixedDepth"]
+__all__ = ["ControllerStats", "Decision", "DepthController", "DepthPolicy", "FixedDepth"]
 
 # The arrival rate is counted over the last SLO, and over the latest RATE_SAMPLES arrivals where those span more
 # (a relative error of about 1 / sqrt(31), 18%, at any rate: a short window counts a handful of requests at a low
@@ -202,7 +202,7 @@ class DepthPolicy:
         with self._lock:
             self._best.clear()
             self._count_arrivals(arrivals)
-            s = self._choose(Backlog(slacks), self._rate(now))
+            s = self._choose(slacks, self._rate(now))
             batch = self._batch_size(s, len(slacks))
             decision = Decision(s, batch, self._predict(s, batch), slacks[0])
             stats = self._stats
@@ -214,8 +214,9 @@ class DepthPolicy:
             self._last = s
         return decision
 
-    def _choose(self, backlog: Backlog, rate: float) -> float:
-        """The depth of the next batch, for requests arriving at ``rate`` a second (called with the lock held)."""
+    def _choose(self, slacks: list[float], rate: float) -> float:
+        """The depth of the next batch, for the waiting requests' ``slacks`` (ms left to their deadlines, less the
+        margin, oldest first) and requests arriving at ``rate`` a second (called with the lock held)."""
         raise NotImplementedError
 
     def _count_arrivals(self, arrivals: Sequence[float]) -> None:
@@ -263,10 +264,9 @@ class DepthPolicy:
         """How many of the ``waiting`` requests the next batch at depth ``s`` takes: all, up to its best batch."""
         return min(waiting, self._best_batch(s))
 
-    def _plan(self, s: float, backlog: Backlog) -> tuple[list[range], list[float]]:
-        """The batches that serve ``backlog`` at depth ``s`` (request indices) and when each is predicted to be
-        answered, if every one of them runs at ``s``."""
-        n = len(backlog.slacks_ms)
+    def _plan(self, s: float, n: int) -> tuple[list[range], list[float]]:
+        """The batches that serve ``n`` waiting requests, oldest first, at depth ``s`` (request indices) and when
+        each is predicted to be answered, if every one of them runs at ``s``."""
         b = self._batch_size(s, n)
         batches = [range(start, min(start + b, n)) for start in range(0, n, b)]
         full, last = self._predict(s, b), self._predict(s, len(batches[-1]))
@@ -296,28 +296,8 @@ class FixedDepth(DepthPolicy):
         s = check_scaling_factor(scaling_factor)
         super().__init__(profile, slo_ms, scaling_factors=[s], **kwargs)
 
-    def _choose(self, backlog: Backlog, rate: float) -> float:
+    def _choose(self, slacks: list[float], rate: float) -> float:
         return self.scaling_factors[0]
-
-
-@dataclass(frozen=True)
-class Backlog:
-    """The waiting requests as a policy sees them: served oldest first.
-
-    Args:
-        slacks_ms: each request's time left to its deadline (less the margin), smallest (oldest) first.
-    """
-
-    slacks_ms: list[float]
-
-    def next_marked(self, marked: Sequence[bool]) -> list[int]:
-        """For each request, the index of the first ``marked`` one at or after it (``len`` where none is): the
-        tightest marked slack of any run of requests in one look-up."""
-        n = len(self.slacks_ms)
-        out = [n] * (n + 1)
-        for k in reversed(range(n)):
-            out[k] = k if marked[k] else out[k + 1]
-        return out
 
 
 class DepthController(DepthPolicy):
@@ -377,14 +357,16 @@ class DepthController(DepthPolicy):
         with self._lock:
             return self.scaling_factors[self._level]
 
-    def _choose(self, backlog: Backlog, rate: float) -> float:
-        depths, slacks = self.scaling_factors, backlog.slacks_ms
-        batches, fastest = self._plan(depths[0], backlog)
+    def _choose(self, slacks: list[float], rate: float) -> float:
+        depths, n = self.scaling_factors, len(slacks)
+        batches, fastest = self._plan(depths[0], n)
         savable = [slacks[k] >= f for batch, f in zip(batches, fastest, strict=True) for k in batch]
-        first = backlog.next_marked(savable)
+        first = [n] * (n + 1)  # the first savable request at or after each one: slacks grow, so a batch's tightest
+        for k in reversed(range(n)):
+            first[k] = k if savable[k] else first[k + 1]
 
         def keeps(s: float, share: float = 1.0) -> bool:  # every savable request on time, the load served
-            plan = zip(*self._plan(s, backlog), strict=True)
+            plan = zip(*self._plan(s, n), strict=True)
             on_time = all(first[b.start] >= b.stop or f <= share * slacks[first[b.start]] for b, f in plan)
             return on_time and share * self._capacity(s) >= rate
 
