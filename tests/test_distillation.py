@@ -81,6 +81,30 @@ def test_sampled_steps_draw_nested_depths_the_smallest_and_top_a_quarter_of_the_
     assert players.eval().depths_to_run() == [1.0, 0.75, 0.5, 0.25]  # evaluation: every trained depth
 
 
+def test_smallest_share_sets_how_often_the_smallest_depth_trains_and_the_steps_a_budget_buys(data) -> None:
+    model = _model()
+    players = CooperativeModel(
+        [model], [0.25, 0.5, 0.75, 1.0], leader="none", train_depths="sampled", smallest_share=0.5
+    ).train()
+    torch.manual_seed(0)
+    draws = Counter(d for _ in range(4000) for d in players.depths_to_run())
+    assert draws[0.25] / 4000 == pytest.approx(0.5, abs=0.03)
+    assert draws[1.0] / 4000 == pytest.approx(0.25, abs=0.03)  # the top keeps its quarter; the others share the rest
+    assert sum(n for d, n in draws.items() if d not in (0.25, 1.0)) / 4000 == pytest.approx(0.25, abs=0.03)
+    below = CooperativeModel([model], [0.25, 1.0], leader="none", train_depths="top+sampled", smallest_share=0.75)
+    runs = Counter(below.train().depths_to_run()[1] for _ in range(2000))
+    assert runs[0.25] / 2000 == pytest.approx(0.75, abs=0.04)
+    # a budget buys more steps when the cheap depth trains more often
+    steps = {}
+    for share in (0.0, 0.75):
+        config = TrainingConfig(batch_size=8, scaling_factors=[0.25, 1.0], compute_budget=4.0, smallest_share=share)
+        steps[share] = _trainer(data, config).run.total_steps
+    assert steps[0.75] > steps[0.0]
+    for bad in (-0.1, 0.8, float("nan"), "half"):
+        with pytest.raises(ConfigError, match="smallest_share"):
+            TrainingConfig(smallest_share=bad)
+
+
 def test_forward_cost_is_the_flop_count_of_the_blocks_that_ran() -> None:
     model = _model()
     cost = ForwardCost(model)

@@ -17,6 +17,7 @@ __all__ = ["LEADER_MODES", "TEAMMATE_DATA", "TRAIN_DEPTHS", "TrainingConfig"]
 LEADER_MODES = ("joint", "frozen", "cached", "ema", "none")
 TEAMMATE_DATA = ("shared", "views", "streams")
 TRAIN_DEPTHS = ("all", "top", "sampled", "top+sampled")
+TOP_SHARE = 0.25  # of the sampled steps, for the top depth (the smallest: ``smallest_share``; the rest: uniform)
 # what a saved config without these keys was trained with (the defaults before the budget curves changed them)
 EARLIER_DEFAULTS = {"leader": "joint", "train_depths": "all"}
 # transformers.get_scheduler names that need no extra arguments
@@ -99,9 +100,13 @@ class TrainingConfig:
         train_depths: which depths run at each training step: ``"all"`` (every trained depth, or the sandwich
             sample), ``"top"`` (the top depth alone: plain fine-tuning, or random depth with ``layer_drop``),
             ``"sampled"`` (one depth per step, drawn from every deployable depth between the smallest trained one
-            and the top, those two drawn a quarter of the time each: one pass a step; the default) or
-            ``"top+sampled"`` (the top depth and one drawn below it). Every ``scaling_factors`` depth gets its
-            BatchNorm statistics, evaluation and a place in the card whatever ran.
+            and the top: the smallest with probability ``smallest_share``, the top a quarter of the time, the others
+            uniformly: one pass a step; the default) or ``"top+sampled"`` (the top depth and one drawn below it).
+            Every ``scaling_factors`` depth gets its BatchNorm statistics, evaluation and a place in the card
+            whatever ran.
+        smallest_share: with ``train_depths="sampled"`` or ``"top+sampled"``, the share of the steps that train
+            the smallest depth, in [0, 0.75] (the top depth keeps a quarter). More steps for the smallest depth
+            lift it where the larger ones are trained already (a fine-tuned model made adaptive).
         max_steps: optimizer steps to train, instead of ``epochs`` (the schedule ends there; the last epoch may be
             partial).
         compute_budget: training compute in epochs of plain fine-tuning (full depth, forward and backward, over
@@ -163,6 +168,9 @@ class TrainingConfig:
         default="sampled",
         metadata={"help": "depths run per step: all, top, sampled, top+sampled", "choices": TRAIN_DEPTHS},
     )
+    smallest_share: float = field(
+        default=0.25, metadata={"help": "sampled depths: share of the steps that train the smallest depth"}
+    )
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps instead of epochs"})
     compute_budget: float | None = field(
         default=None, metadata={"help": "training FLOPs, in plain fine-tuning epochs (instead of epochs)"}
@@ -191,6 +199,12 @@ class TrainingConfig:
         self._check_number("weight_decay", minimum=0.0)
         self._check_number("label_smoothing", minimum=0.0)
         self._check_number("layer_drop", minimum=0.0)
+        self._check_number("smallest_share", minimum=0.0)
+        if not 0.0 <= self.smallest_share <= 1.0 - TOP_SHARE:
+            raise ConfigError(
+                f"smallest_share must be in [0, {1.0 - TOP_SHARE:g}] (the top depth keeps {TOP_SHARE:g} of the "
+                f"sampled steps), got {self.smallest_share!r}"
+            )
         if self.lr_scheduler_type not in LR_SCHEDULERS:
             raise ConfigError(f"lr_scheduler_type must be one of {LR_SCHEDULERS}, got {self.lr_scheduler_type!r}")
         if self.teammate_data not in TEAMMATE_DATA:

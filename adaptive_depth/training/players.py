@@ -16,7 +16,7 @@ from ..norms import batch_statistics, batchnorm_layers
 from ..outputs import logits_of
 from ..state import preserved
 from .compute import BACKWARD_FACTOR, ComputeMeter, ForwardCost
-from .config import LEADER_MODES, TRAIN_DEPTHS
+from .config import LEADER_MODES, TOP_SHARE, TRAIN_DEPTHS
 from .losses import CooperativeLogits
 from .teacher_cache import TeacherCache
 
@@ -29,8 +29,6 @@ __all__ = [
     "nested_depths",
     "reinit_classifier",
 ]
-
-FAVOURED_SHARE = 0.25  # of the sampled steps, for the smallest depth and for the top one each (the rest: uniform)
 
 
 def classifier_of(model: nn.Module) -> nn.Module:
@@ -132,6 +130,8 @@ class CooperativeModel(nn.Module):
             (the sandwich rule; ``None``: every depth).
         train_depths: in training mode, which depths run at each step (``TrainingConfig.train_depths``): ``"all"``
             (or the sandwich sample), ``"top"`` alone, one ``"sampled"`` depth, or ``"top+sampled"``.
+        smallest_share: with ``"sampled"`` and ``"top+sampled"``, the share of the draws that go to the smallest
+            trained depth (``TrainingConfig.smallest_share``).
         teammate_data: ``"streams"`` gives each Teammate its own images (the Leader runs on every Teammate's batch,
             and each Teammate's peer target is the other Teammate run on its batch); ``"shared"`` / ``"views"``
             one set of images.
@@ -148,6 +148,7 @@ class CooperativeModel(nn.Module):
         sampled_depths: int | None = None,
         train_depths: str = "all",
         teammate_data: str = "shared",
+        smallest_share: float = 0.25,
     ) -> None:
         super().__init__()
         if leader not in LEADER_MODES:
@@ -170,6 +171,7 @@ class CooperativeModel(nn.Module):
         self.layer_drop = layer_drop
         self.sampled_depths = sampled_depths
         self.train_depths = train_depths
+        self.smallest_share = smallest_share
         self.teammate_data = teammate_data
         self.compute = ComputeMeter()
         example = self.teammates[0].example_input(1) if teammates else None
@@ -207,23 +209,24 @@ class CooperativeModel(nn.Module):
         return self._nested
 
     @staticmethod
-    def _draw(pool: Sequence[float], favoured: Sequence[float]) -> float:
-        """One depth of ``pool``: each ``favoured`` one with probability ``FAVOURED_SHARE``, the rest uniformly."""
-        rest = [s for s in pool if s not in favoured]
-        weights = [FAVOURED_SHARE] * len(favoured)
+    def _draw(pool: Sequence[float], favoured: Sequence[tuple[float, float]]) -> float:
+        """One depth of ``pool``: each favoured ``(depth, share)`` with its share, the rest uniformly."""
+        chosen = dict(favoured)
+        rest = [s for s in pool if s not in chosen]
+        weights = list(chosen.values())
         if rest:
-            weights += [(1.0 - FAVOURED_SHARE * len(favoured)) / len(rest)] * len(rest)
-        choices = [*favoured, *rest]
+            weights += [max(0.0, 1.0 - sum(weights)) / len(rest)] * len(rest)
+        choices = [*chosen, *rest]
         return choices[int(torch.multinomial(torch.tensor(weights), 1))]
 
     def depths_to_run(self) -> list[float]:
         """This step's depths, largest first (in eval mode: every trained depth).
 
         ``"all"``: every trained depth, or the sandwich sample (the smallest, the top, ``sampled_depths`` others);
-        ``"top"``: the top depth alone; ``"sampled"``: one nested depth, the smallest and the top drawn more often
-        (``FAVOURED_SHARE`` each); ``"top+sampled"``: the top depth and one nested depth below it (the smallest
-        drawn more often). Draws come from torch's random number generator: seeded, checkpointed, the same on
-        every process.
+        ``"top"``: the top depth alone; ``"sampled"``: one nested depth, the smallest drawn with probability
+        ``smallest_share``, the top with ``TOP_SHARE``, the others uniformly; ``"top+sampled"``: the top depth and
+        one nested depth below it (the smallest with probability ``smallest_share``). Draws come from torch's random
+        number generator: seeded, checkpointed, the same on every process.
         """
         depths = self.scaling_factors
         if not self.training:
@@ -232,11 +235,11 @@ class CooperativeModel(nn.Module):
         if self.train_depths == "top":
             return [top]
         if self.train_depths == "sampled":
-            favoured = [smallest, top] if smallest != top else [top]
+            favoured = [(smallest, self.smallest_share), (top, TOP_SHARE)] if smallest != top else [(top, 1.0)]
             return [self._draw(self.nested, favoured)]
         if self.train_depths == "top+sampled":
             below = [s for s in self.nested if s < top]
-            return [top, self._draw(below, [smallest])] if below else [top]
+            return [top, self._draw(below, [(smallest, self.smallest_share)])] if below else [top]
         k = self.sampled_depths
         if k is None or len(depths) <= k + 2:
             return list(depths)

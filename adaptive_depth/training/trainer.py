@@ -127,6 +127,7 @@ class CooperativeTrainer:
             sampled_depths=config.sampled_depths,
             train_depths=config.train_depths,
             teammate_data=config.teammate_data,
+            smallest_share=config.smallest_share,
         )
         self.num_classes = num_classes
         self.top5 = top5
