@@ -87,12 +87,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the depth policies to compare, in the order each trace visits them (the capacity is always measured "
         "at s = 1)",
     )  # fmt: skip
+    p.add_argument(
+        "--repeats", type=int, default=1,
+        help="run the traces this many times, the policies' order rotated by one each time (so each policy meets "
+        "the traces after a different one); the table shows the mean and range over repeats",
+    )  # fmt: skip
     p.add_argument("--tag", help="name of the outputs (default: from the model)")
     p.add_argument("--output-dir", type=Path, default=Path("out/serving-bench"), help="JSON results")
     p.add_argument("--plot-dir", type=Path, default=ROOT / "docs" / "img")
     args = p.parse_args(argv)
     if args.margin_ms is None:
         args.margin_ms = args.slo_ms / 10
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     return args
 
 
@@ -272,6 +279,12 @@ async def saturate(url: str, bodies: list[bytes], concurrency: int, seconds: flo
 
 
 # ---------------------------------------------------------------------------------------------------- the run
+def rotated(names: list[str], repeat: int) -> list[str]:
+    """The order in which the servers meet a trace in repeat ``repeat``: the policies' order rotated by it."""
+    k = repeat % len(names)
+    return names[k:] + names[:k]
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     tag = args.tag or Path(args.model).name
@@ -311,16 +324,19 @@ def main(argv: list[str] | None = None) -> dict:
             capacity = asyncio.run(saturate(*calibrate, args.calibration_s, args.max_requests))
             print(f"capacity at s = 1: {capacity:.1f} requests/s", flush=True)
             durations = {"light": args.duration / 2, "ramp": args.duration, "burst": args.duration / 2}
-            for i, trace in enumerate(TRACES):
-                rate = rate_of(trace, capacity, durations[trace])
-                due = arrivals(rate, 4 * capacity, durations[trace], args.seed + i, args.max_requests)
-                for name, url in urls.items():
-                    before = settle(url, quiet_s)
-                    sent = asyncio.run(run_trace(url, due, bodies, args.timeout_s))
-                    after = settle(url, quiet_s)
-                    row = summarise(name, trace, sent, durations[trace], args.slo_ms, accuracy, before, after)
-                    results.append(row)
-                    print(json.dumps(row["summary"]), flush=True)
+            for repeat in range(args.repeats):
+                for i, trace in enumerate(TRACES):
+                    rate = rate_of(trace, capacity, durations[trace])
+                    due = arrivals(rate, 4 * capacity, durations[trace], args.seed + i, args.max_requests)
+                    for position, name in enumerate(rotated(list(urls), repeat)):
+                        url = urls[name]
+                        before = settle(url, quiet_s)
+                        sent = asyncio.run(run_trace(url, due, bodies, args.timeout_s))
+                        after = settle(url, quiet_s)
+                        row = summarise(name, trace, sent, durations[trace], args.slo_ms, accuracy, before, after)
+                        row["summary"] |= {"repeat": repeat, "position": position}
+                        results.append(row)
+                        print(json.dumps(row["summary"]), flush=True)
         data = {
             "model": tag,
             "device": describe_device("cpu"),
@@ -333,6 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
             "accuracy": accuracy,
             "profile": profile.to_dict() if profile is not None else None,
             "durations": durations,
+            "repeats": args.repeats,
             "results": results,
         }
     finally:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["markdown", "plot", "summarise"]
+__all__ = ["combine", "markdown", "plot", "summarise"]
 
 # The serving targets, checked at the end of the table: the adaptive server keeps 99% of requests within the SLO
 # where s = 1 keeps under 80%, serves 95% of light-load batches at s = 1, and its controller costs under 1% a batch.
@@ -75,35 +75,64 @@ def summarise(
     return {"summary": summary, "timeline": timeline}
 
 
+def combine(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary per (trace, policy), in the order first met: the mean of each number over the repeats of a
+    ``--repeats`` run (``None`` where none had it), with ``runs`` and the range of SLO attainment beside it."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["summary"]["trace"], r["summary"]["policy"]), []).append(r["summary"])
+    combined = []
+    for rows in groups.values():
+        row = dict(rows[0])
+        for key, value in rows[0].items():
+            values = [r[key] for r in rows if r.get(key) is not None]
+            if isinstance(value, int | float) and not isinstance(value, bool) and key not in ("repeat", "position"):
+                row[key] = float(np.mean(values)) if values else None
+        attained = [r["slo_attainment"] for r in rows if r["slo_attainment"] is not None]
+        row |= {"runs": len(rows), "slo_attainment_range": (min(attained), max(attained)) if attained else None}
+        combined.append(row)
+    return combined
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _attainment(row: dict[str, Any]) -> str:
+    """SLO attainment, with its range over repeats when there were several."""
+    spread = row.get("slo_attainment_range")
+    if row.get("runs", 1) > 1 and spread is not None:
+        return f"{_pct(row['slo_attainment'])} ({100 * spread[0]:.1f}-{100 * spread[1]:.1f})"
+    return _pct(row["slo_attainment"])
+
+
 def markdown(data: dict[str, Any]) -> str:
-    """The table of every policy on every trace, and the targets, met or not."""
+    """The table of every policy on every trace (the mean over repeats), and the targets, met or not."""
     head = (
         "| trace | policy | SLO attainment | goodput (req/s) | p50 / p95 / p99 (ms) | late | dropped | "
         "effective accuracy | mean depth | batches at s = 1 | mean batch | controller / batch |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = []
-    for r in (r["summary"] for r in data["results"]):
+    for r in combine(data["results"]):
         accuracy = "n/a" if r["effective_accuracy"] is None else f"{r['effective_accuracy']:.2f}"
         depth = "-" if r["mean_depth"] is None else f"{r['mean_depth']:.2f}"
         batch = "-" if r["mean_batch_size"] is None else f"{r['mean_batch_size']:.1f}"
         overhead = "-" if r["controller_overhead"] is None else f"{100 * r['controller_overhead']:.2f}%"
         rows.append(
-            f"| {r['trace']} | {r['policy']} | {_pct(r['slo_attainment'])} | {r['goodput_rps']:.1f} | "
-            f"{r['p50_ms']:.0f} / {r['p95_ms']:.0f} / {r['p99_ms']:.0f} | {r['late']} | {r['dropped']} | "
+            f"| {r['trace']} | {r['policy']} | {_attainment(r)} | {r['goodput_rps']:.1f} | "
+            f"{r['p50_ms']:.0f} / {r['p95_ms']:.0f} / {r['p99_ms']:.0f} | {r['late']:.0f} | {r['dropped']:.0f} | "
             f"{accuracy} | {depth} | {_pct(r['batches_at_full_depth'])} | {batch} | {overhead} |"
         )
-    return "\n".join([head, *rows, "", *targets(data)])
+    runs = data.get("repeats", 1)
+    note = [f"(mean of {runs} repeats, the servers' order rotated each time; SLO attainment: mean (range))", ""]
+    return "\n".join([*(note if runs > 1 else []), head, *rows, "", *targets(data)])
 
 
 def targets(data: dict[str, Any]) -> list[str]:
     """The serving targets, each with the measured numbers and whether it was met (none where the run left out
-    the adaptive server, s = 1 or the smallest depth: ``--policies``)."""
-    by = {(r["summary"]["trace"], r["summary"]["policy"]): r["summary"] for r in data["results"]}
+    the adaptive server, s = 1 or the smallest depth: ``--policies``); over repeats, on their means."""
+    by = {(r["trace"], r["policy"]): r for r in combine(data["results"])}
     smallest = next((p for t, p in by if t == "ramp" and p not in ("s=1", "set_budget", "adaptive")), None)
     if smallest is None or not {("ramp", "adaptive"), ("ramp", "s=1")} <= set(by):
         return ["- targets: not judged (the run compared a subset of the policies)"]
@@ -138,7 +167,8 @@ def _met(ok: bool) -> str:
 
 
 def plot(data: dict[str, Any], path: Path) -> Path:
-    """Load, latency and depth against time, every policy, on the ramp and the burst; saved to ``path``."""
+    """Load, latency and depth against time, every policy, on the ramp and the burst (the first repeat); saved to
+    ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,7 +178,7 @@ def plot(data: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(3, len(traces), figsize=(12, 8), sharex="col", squeeze=False)
     colours = dict(zip(dict.fromkeys(r["summary"]["policy"] for r in data["results"]), plt.cm.tab10.colors))
     for col, trace in enumerate(traces):
-        results = [r for r in data["results"] if r["summary"]["trace"] == trace]
+        results = [r for r in data["results"] if r["summary"]["trace"] == trace and not r["summary"].get("repeat")]
         duration = data["durations"][trace]
         width = max(1.0, duration / 30)  # about 30 bins: enough requests in each to read a rate
         bins = np.arange(0.0, duration + width, width)

@@ -78,3 +78,28 @@ def test_the_traces_are_seeded_bounded_and_follow_their_rate() -> None:
     middle = sum(1 for t in due if 40 <= t < 60) / 20
     assert middle > 2.5 * sum(1 for t in due if t < 10) / 10  # about 18.5 against 6.5 requests/s
     assert len(bench.arrivals(ramp, 40.0, 100.0, seed=1, limit=100)) == 100
+
+
+def test_repeats_rotate_the_servers_order_and_the_table_shows_their_mean_and_range() -> None:
+    pytest.importorskip("aiohttp")  # the bench extra
+    bench = load_script("benchmarks/serving.py")
+    names = ["s=1", "s=0.25", "set_budget", "adaptive"]
+    orders = [bench.rotated(names, r) for r in range(4)]
+    assert all(sorted(order) == sorted(names) for order in orders)
+    assert sorted(order.index("adaptive") for order in orders) == [0, 1, 2, 3]  # every place once in four repeats
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--repeats", "0"])
+    report = load_script("benchmarks/serving_report.py")
+    results = []
+    for repeat, on_time in enumerate((10, 6)):  # the adaptive server met 100% of deadlines, then 60%
+        for trace in ("light", "ramp", "burst"):
+            sent = [_sent(i / 10, 20 if i < on_time else 500, 0.5) for i in range(10)]
+            row = report.summarise("adaptive", trace, sent, 1.0, SLO_MS, {0.5: 97.0}, {}, {})
+            row["summary"] |= {"repeat": repeat, "position": repeat}
+            results.append(row)
+    combined = report.combine(results)
+    assert [(r["trace"], r["runs"]) for r in combined] == [("light", 2), ("ramp", 2), ("burst", 2)]
+    assert combined[1]["slo_attainment"] == pytest.approx(0.8) and combined[1]["slo_attainment_range"] == (0.6, 1.0)
+    assert combined[1]["effective_accuracy"] == pytest.approx(0.8 * 97.0) and combined[1]["late"] == 2
+    table = report.markdown({"results": results, "repeats": 2})
+    assert "| ramp | adaptive | 80.0% (60.0-100.0) |" in table and "mean of 2 repeats" in table
