@@ -39,9 +39,9 @@ Methods (each a TrainingConfig of the same trainer; see docs/benchmarks.md):
     plain              the full network fine-tuned alone, then cut to depth s
     random-depth       LayerDrop-style: a random subset of blocks skipped at each step
     random-depth-kd    the same, also distilled from the frozen-leader teacher (labels and teacher, one pass a step)
-    random-depth-nested one nested depth a step (as deployed), the smallest and the full drawn a quarter of the time:
+    random-depth-nested one nested depth a step (as deployed), the smallest drawn half the time, the full a quarter:
                        TrainingConfig() as a user gets it
-    nested-smallest-half the same with the smallest depth drawn half the time (smallest_share=0.5)
+    nested-smallest-quarter the same with the smallest depth drawn a quarter of the time (the earlier default)
     cooperative-sampled the cooperative method with the full depth and one sampled sub-network a step
     distill            one nested depth a step, labels and a fixed teacher run without gradients on the same batch
     distill-cached     the same teacher's outputs made once for 4 augmentation draws per image (no teacher pass)
@@ -102,7 +102,7 @@ METHODS: dict[str, dict[str, Any]] = {
         name: RECIPES[name].overrides
         for name in ("random-depth-nested", "cooperative-sampled", "distill", "distill-cached", "distill-ema")
     },  # one pass a step (a teacher's forward without gradients at most), or cooperative with one sub-network
-    "nested-smallest-half": {**RECIPES["random-depth-nested"].overrides, "smallest_share": 0.5},
+    "nested-smallest-quarter": {**RECIPES["random-depth-nested"].overrides, "smallest_share": 0.25},  # earlier default
     "two-path": {"sub_ce_weight": 0.0, "distill_warmup_epochs": 0.0, **SINGLE},  # scaling factors: smallest and 1
     "alone": {"full_depth": False, **SINGLE},  # one run per depth
 }

@@ -7,11 +7,11 @@
     accelerate launch examples/finetune.py --recipe cooperative ...   # a named configuration (--help lists them)
 
 By default (``--recipe random-depth-nested``) one network trains at one nested depth a step, the depths it will be
-deployed at, the smallest and the full drawn more often: about one forward and backward pass a step, and the recipe
-on top of the budget curves at s <= 0.5 (docs/benchmarks.md). ``--recipe cooperative`` trains a Leader and a
-depth-switchable Teammate together (``--recipe paper``: two Teammates; docs/training.md). Then BatchNorm statistics
-are recalibrated for every trained depth, every network is evaluated at every depth, and the (better) Teammate is
-saved with a model card, the per-depth table and an accuracy-vs-FLOPs plot:
+deployed at, the smallest drawn half the time and the full a quarter: about one forward and backward pass a step,
+and the recipe on top of the budget curves at s <= 0.5 (docs/benchmarks.md). ``--recipe cooperative`` trains a
+Leader and a depth-switchable Teammate together (``--recipe paper``: two Teammates; docs/training.md). Then
+BatchNorm statistics are recalibrated for every trained depth, every network is evaluated at every depth, and the
+(better) Teammate is saved with a model card, the per-depth table and an accuracy-vs-FLOPs plot:
 ``AdaptiveDepth.from_pretrained(output_dir)`` loads it.
 """
 

@@ -65,15 +65,18 @@ def test_nested_depths_are_the_distinct_configurations_the_policy_deploys() -> N
     assert set(configs) == grid
 
 
-def test_sampled_steps_draw_nested_depths_the_smallest_and_top_a_quarter_of_the_time_each() -> None:
+def test_sampled_steps_draw_nested_depths_the_smallest_half_the_time_and_the_top_a_quarter() -> None:
     model = _model()
-    players = CooperativeModel([model], [0.25, 0.5, 0.75, 1.0], leader="none", train_depths="sampled").train()
+    share = TrainingConfig().smallest_share  # the default
+    players = CooperativeModel(
+        [model], [0.25, 0.5, 0.75, 1.0], leader="none", train_depths="sampled", smallest_share=share
+    ).train()
     torch.manual_seed(0)
     draws = Counter(d for _ in range(4000) for d in players.depths_to_run())
     assert set(draws) == set(nested_depths(model, 0.25, named=[0.5, 0.75]))
     assert {0.25, 0.5, 0.75, 1.0} <= set(draws)  # the trained depths go by their own names
     assert {tuple(model.depth_for(d)) for d in draws} == {tuple(model.depth_for(s)) for s in nested_depths(model, 0.25)}
-    assert draws[0.25] / 4000 == pytest.approx(0.25, abs=0.03)
+    assert share == 0.5 and draws[0.25] / 4000 == pytest.approx(0.5, abs=0.03)
     assert draws[1.0] / 4000 == pytest.approx(0.25, abs=0.03)
     top_and_one = CooperativeModel([model], [0.25, 1.0], leader="none", train_depths="top+sampled").train()
     runs = [top_and_one.depths_to_run() for _ in range(200)]

@@ -125,6 +125,10 @@ def test_a_fine_tuned_model_is_its_own_frozen_teacher(tmp_path: Path) -> None:
 def test_the_card_says_what_each_recipe_trained() -> None:
     said = {name: how_trained(recipe_config(name).to_dict()) for name in RECIPES}
     assert said[DEFAULT_RECIPE].startswith("One network trained at one nested depth a step")
+    assert "the smallest in 50% of the steps" in said[DEFAULT_RECIPE] and "25% of the steps" in said["distill"]
+    earlier = {k: v for k, v in TrainingConfig().to_dict().items() if k != "smallest_share"}  # saved before the field
+    assert "the smallest in 25% of the steps" in how_trained(earlier)
+    assert TrainingConfig.from_dict(earlier).smallest_share == 0.25  # what that version trained with
     assert "Leader" not in said[DEFAULT_RECIPE] and "teacher" not in said[DEFAULT_RECIPE]
     assert said["cooperative"] == "Cooperative training (one Teammate, every depth a step, a Leader trained alongside)"
     assert "the smallest, the full and 1 random depth(s) a step" in said["sandwich"]

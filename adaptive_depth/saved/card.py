@@ -174,7 +174,11 @@ def how_trained(config: dict) -> str:
     """One line of what a training configuration (``TrainingConfig.to_dict()``) ran, for the card."""
     depths, teacher = config.get("train_depths", "all"), TEACHERS.get(str(config.get("leader")))
     if depths == "sampled":
-        what = "One network trained at one nested depth a step (the depths it is deployed at)"
+        share = config.get("smallest_share", 0.25)  # a config saved before the field trained with a quarter
+        what = (
+            "One network trained at one nested depth a step (the depths it is deployed at; the smallest in "
+            f"{100 * share:.0f}% of the steps)"
+        )
     elif depths == "top":
         what = (
             "One network trained with random depth (each step skips random blocks)"

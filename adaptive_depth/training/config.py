@@ -19,7 +19,7 @@ TEAMMATE_DATA = ("shared", "views", "streams")
 TRAIN_DEPTHS = ("all", "top", "sampled", "top+sampled")
 TOP_SHARE = 0.25  # of the sampled steps, for the top depth (the smallest: ``smallest_share``; the rest: uniform)
 # what a saved config without these keys was trained with (the defaults before the budget curves changed them)
-EARLIER_DEFAULTS = {"leader": "joint", "train_depths": "all"}
+EARLIER_DEFAULTS = {"leader": "joint", "train_depths": "all", "smallest_share": 0.25}
 # transformers.get_scheduler names that need no extra arguments
 LR_SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
@@ -105,8 +105,9 @@ class TrainingConfig:
             Every ``scaling_factors`` depth gets its BatchNorm statistics, evaluation and a place in the card
             whatever ran.
         smallest_share: with ``train_depths="sampled"`` or ``"top+sampled"``, the share of the steps that train
-            the smallest depth, in [0, 0.75] (the top depth keeps a quarter). More steps for the smallest depth
-            lift it where the larger ones are trained already (a fine-tuned model made adaptive).
+            the smallest depth, in [0, 0.75] (the top depth keeps a quarter). Half (the default) put the smallest
+            depth 2 to 4 points above a quarter at small training budgets, the larger depths level
+            (docs/benchmarks.md).
         max_steps: optimizer steps to train, instead of ``epochs`` (the schedule ends there; the last epoch may be
             partial).
         compute_budget: training compute in epochs of plain fine-tuning (full depth, forward and backward, over
@@ -169,7 +170,7 @@ class TrainingConfig:
         metadata={"help": "depths run per step: all, top, sampled, top+sampled", "choices": TRAIN_DEPTHS},
     )
     smallest_share: float = field(
-        default=0.25, metadata={"help": "sampled depths: share of the steps that train the smallest depth"}
+        default=0.5, metadata={"help": "sampled depths: share of the steps that train the smallest depth"}
     )
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps instead of epochs"})
     compute_budget: float | None = field(
@@ -338,8 +339,9 @@ class TrainingConfig:
 
         A dict of the earlier spelling (``lr_warmup_epochs`` for the learning-rate warm-up, ``warmup_epochs`` for the
         distillation ramp, ``cache_leader_logits``) is read with today's names, so the meaning of a saved value never
-        changes; for the same reason a dict without ``leader`` or ``train_depths`` (written before the field
-        existed) gets the value those versions trained with (a joint Leader, every depth), not today's default.
+        changes; for the same reason a dict without ``leader``, ``train_depths`` or ``smallest_share`` (written
+        before the field existed) gets the value those versions trained with (a joint Leader, every depth, the
+        smallest depth a quarter of the sampled steps), not today's default.
         """
         data = {**EARLIER_DEFAULTS, **data}
         if "lr_warmup_epochs" in data:
