@@ -104,24 +104,37 @@ class LoadOptions:
             model.to(device=device, dtype=dtype if isinstance(dtype, torch.dtype) else None)
 
 
+def saved_num_classes(config: dict[str, Any] | None) -> int | None:
+    """The number of classes a saved adaptive model's ``config.json`` records for its head, if it records one."""
+    base = (config or {}).get("base_model") or {}
+    hf = base.get("hf_config") or {}
+    count = (base.get("model_args") or {}).get("num_classes") or hf.get("num_labels")
+    if count is None and isinstance(hf.get("id2label"), dict):
+        count = len(hf["id2label"])
+    return count if isinstance(count, int) else None
+
+
 def check_saved_model_arguments(
     where: str,
     *,
     saved_policy: str,
     policy: str | None,
     num_classes: int | None,
+    saved_classes: int | None,
     block_patterns: Any,
     model_kwargs: dict[str, Any],
 ) -> None:
     """Raise :class:`ConfigError` for an argument of ``from_pretrained`` that a saved model cannot honour.
 
     Its architecture, head, blocks and depth policy are what it was trained as; ``scaling_factors``, ``input_size``,
-    ``dtype`` and ``device_map`` are honoured.
+    ``dtype`` and ``device_map`` are honoured, and ``num_classes`` equal to the saved head's (``saved_classes``: a
+    script that fine-tunes it further on the same task passes its dataset's count).
     """
     rewrap = "wrap its base model again: AdaptiveDepth.wrap(adaptive_depth.gates.unwrap_gates(model.model), ...)"
-    if num_classes is not None:
+    if num_classes is not None and num_classes != saved_classes:
         raise ConfigError(
-            f"{where} is a saved adaptive-depth model whose classifier is part of its weights; "
+            f"{where} is a saved adaptive-depth model whose classifier ({saved_classes or 'its own'} classes) is part "
+            "of its weights; "
             f"num_classes={num_classes!r} cannot rebuild it. Load it, then replace the classifier (timm: "
             "model.model.reset_classifier(n)) and fine-tune it"
         )

@@ -23,7 +23,7 @@ from .config import AdaptiveDepthConfig, BaseModelRef
 from .discovery import discover
 from .errors import CheckpointError, ConfigError, WeightsUnavailableError
 from .gates import is_gated
-from .load_options import LoadOptions, check_saved_model_arguments
+from .load_options import LoadOptions, check_saved_model_arguments, saved_num_classes
 from .preprocessing import PreprocessingMixin, default_input_size, record_input_size
 from .report import TrainingReport
 from .saved import (
@@ -192,6 +192,7 @@ class AdaptiveDepth(
                 saved_policy=saved_policy,
                 policy=policy,
                 num_classes=num_classes,
+                saved_classes=saved_num_classes(resolved.config),
                 block_patterns=block_patterns,
                 model_kwargs=model_kwargs,
             )

@@ -46,6 +46,16 @@ def test_a_saved_model_honours_depths_input_size_dtype_and_device(saved) -> None
         torch.bfloat16
     }
     assert AdaptiveDepth.from_pretrained(folder, policy="last").config.policy == "last"  # its own policy
+    # its own number of classes (a script fine-tuning it further on the same task passes its dataset's): the same head
+    same = AdaptiveDepth.from_pretrained(folder, num_classes=3).eval()
+    torch.testing.assert_close(same(X), model(X))
+
+
+def test_a_saved_transformers_model_takes_its_own_number_of_classes(hf_folder: Path, tmp_path: Path) -> None:
+    AdaptiveDepth.from_pretrained(hf_folder, input_size=[3, 32, 32]).save_pretrained(tmp_path / "adaptive")
+    assert AdaptiveDepth.from_pretrained(tmp_path / "adaptive", num_classes=3) is not None
+    with pytest.raises(ConfigError, match=r"classifier \(3 classes\).*reset_classifier"):
+        AdaptiveDepth.from_pretrained(tmp_path / "adaptive", num_classes=5)
 
 
 @pytest.mark.parametrize(
