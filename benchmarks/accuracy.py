@@ -309,6 +309,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         baseline = method.removesuffix(WALL)
         if method.endswith(WALL) and ("cooperative" not in args.methods or baseline not in args.methods):
             p.error(f"{method} needs 'cooperative' and {baseline!r} in --methods (their times set its epochs)")
+        clash = {k: v for k, v in METHODS[baseline].items() if k in args.set and args.set[k] != v}
+        if clash:  # the method's own fields win over --set: say so instead of running something else
+            p.error(
+                f"--set {', '.join(f'{k}={args.set[k]!r}' for k in clash)} would be overridden by method {method!r}, "
+                f"which sets {clash}; leave that method out, or add a method row with the value (as "
+                "'nested-smallest-quarter' does)"
+            )
     return args
 
 

@@ -158,10 +158,16 @@ def test_inference_benchmark_reports_every_depth_and_the_targets(tmp_path: Path)
 
 def test_accuracy_benchmark_config_overrides_are_checked() -> None:
     bench = _script("accuracy")
-    args = bench.parse_args(["--set", "temperature=1", "leader=none", "sampled_depths=null"])
+    args = bench.parse_args(["--set", "temperature=1", "leader=none", "sampled_depths=null", "--methods", "plain"])
     assert args.set == {"temperature": 1, "leader": "none", "sampled_depths": None}
     with pytest.raises(SystemExit):
         bench.parse_args(["--set", "temprature=1"])  # a typo is an error, not a silently ignored value
+    # a value a method sets itself would be overridden by it: an error, not a run of something else
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--set", "smallest_share=0.75", "--methods", "plain", "random-depth-nested"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--set", "leader=none"])  # the default methods include the cooperative one (a Leader)
+    assert bench.parse_args(["--set", "smallest_share=0.5", "--methods", "random-depth-nested"]).set  # the same value
     assert not set(bench.CHEAPER) & set(bench.DEFAULT_METHODS) and set(bench.DEFAULT_METHODS) <= set(bench.CHOICES)
 
 

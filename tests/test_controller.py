@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 
 import pytest
@@ -115,8 +116,6 @@ def test_a_backlog_is_served_in_the_batches_that_serve_the_most_requests_a_secon
 
 def test_half_the_capacity_in_poisson_arrivals_keeps_the_full_depth() -> None:
     """The rate is counted over enough arrivals that a random half load does not look like an overload."""
-    import random
-
     # a slow network (resnet50 on a CPU): 40x the table's times, s = 1 serves 6.7 requests a second; a second's
     # window would count 0 to 8 of 3.3 a second and see an overload in every other one
     slow = {b: {s: 40 * ms for s, ms in row.items()} for b, row in TABLE.items()}
