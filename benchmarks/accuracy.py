@@ -307,17 +307,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.methods = BUDGET_METHODS if args.budgets else DEFAULT_METHODS
     if args.budgets and any(m.endswith(WALL) for m in args.methods):
         p.error("--budgets gives every method the same compute already: leave the @wall methods out")
+    try:  # a bad value fails here, before any data is read
+        probe = replace(TrainingConfig(scaling_factors=args.scaling_factors), **args.set)
+    except (TypeError, ValueError) as e:
+        p.error(f"--set: {e}")
     for method in args.methods:
         baseline = method.removesuffix(WALL)
         if method.endswith(WALL) and ("cooperative" not in args.methods or baseline not in args.methods):
             p.error(f"{method} needs 'cooperative' and {baseline!r} in --methods (their times set its epochs)")
-        clash = {k: v for k, v in METHODS[baseline].items() if k in args.set and args.set[k] != v}
-        if clash:  # the method's own fields win over --set: say so instead of running something else
-            p.error(
-                f"--set {', '.join(f'{k}={args.set[k]!r}' for k in clash)} would be overridden by method {method!r}, "
-                f"which sets {clash}; leave that method out, or add a method row with the value (as "
-                "'nested-smallest-quarter' does)"
-            )
+        for config, _ in configs(method, probe, args.scaling_factors):  # what the method trains, --set applied
+            clash = {k: getattr(config, k) for k in args.set if getattr(config, k) != getattr(probe, k)}
+            if clash:  # the method's own fields win over --set: say so instead of running something else
+                p.error(
+                    f"--set {', '.join(f'{k}={args.set[k]!r}' for k in clash)} would be overridden by method "
+                    f"{method!r}, which sets {clash}; leave that method out, or add a method row with the value "
+                    "(as 'nested-smallest-quarter' does)"
+                )
     return args
 
 

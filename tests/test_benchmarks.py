@@ -168,7 +168,20 @@ def test_accuracy_benchmark_config_overrides_are_checked() -> None:
     with pytest.raises(SystemExit):
         bench.parse_args(["--set", "leader=none"])  # the default methods include the cooperative one (a Leader)
     assert bench.parse_args(["--set", "smallest_share=0.5", "--methods", "random-depth-nested"]).set  # the same value
+    with pytest.raises(SystemExit):  # two-path trains the smallest depth and the full one, whatever --set says
+        bench.parse_args(["--set", "scaling_factors=[0.5, 1.0]", "--methods", "two-path"])
+    with pytest.raises(SystemExit):  # a value TrainingConfig refuses fails before any data is read
+        bench.parse_args(["--set", "smallest_share=0.9", "--methods", "plain"])
     assert not set(bench.CHEAPER) & set(bench.DEFAULT_METHODS) and set(bench.DEFAULT_METHODS) <= set(bench.CHOICES)
+
+
+def test_every_accuracy_benchmark_method_is_a_training_config_and_the_share_rows_say_their_share() -> None:
+    bench = _script("accuracy")
+    for method in bench.CHOICES:  # a row TrainingConfig refuses would fail only when a run reaches it
+        assert bench.configs(method, TrainingConfig(), [0.25, 0.5, 1.0]), method
+    expected = {"nested-smallest-quarter": 0.25, "random-depth-nested": 0.5, "nested-smallest-three-quarters": 0.75}
+    for method, share in expected.items():
+        assert bench.configs(method, TrainingConfig(), [0.25, 1.0])[0][0].smallest_share == share, method
 
 
 def test_accuracy_benchmark_reports_the_mean_of_the_teammates_not_the_picked_one() -> None:
