@@ -83,6 +83,8 @@ def render(rows: list[dict[str, Any]], header: list[str]) -> str:
     sources = [s for s in ("timm", "transformers") if any(r["source"] == s for r in rows)]
     wrapping = [r for r in rows if r["status"] == "wraps"]
     exported = [r for r in wrapping if r.get("exports")]
+    grouped = families(rows)
+    covered = sum(any(r.get("exports") for r in members) for members in grouped.values())
     out = [
         "# Supported models",
         "",
@@ -99,9 +101,10 @@ def render(rows: list[dict[str, Any]], header: list[str]) -> str:
         "timm or transformers rebuilt to the same outputs; *torch.export*: a `.pt2` program; *ONNX*: a file",
         "onnxruntime ran to the same outputs), with the reason a format was refused in brackets.",
         f"The exports column covers {len(exported)} of the {len(wrapping)} wrapping models (about a minute a model",
-        "on the CPU below): the four the tests re-check, then the smallest wrapping model of each family (every",
-        "transformers model type, then timm modules from the smallest) as far as the time budgets of its commands",
-        "reached (`--update-exports --only-missing` carries the column on); an empty cell was not checked.",
+        "on the CPU below): the four the tests re-check, then the smallest wrapping model of each family (a timm",
+        "module, the code of an architecture and its variants, or a transformers model type), transformers first",
+        f"and timm from the smallest module: {covered} of the {len(grouped)} families have a checked row",
+        "(`--update-exports --only-missing` carries the column on); an empty cell was not checked.",
         "tests/test_supported_models.py re-checks a sample of the rows against the code, so a page older than the",
         "discovery it describes fails the tests.",
         "",
@@ -128,17 +131,21 @@ def render(rows: list[dict[str, Any]], header: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def families(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """The wrapping rows by family: a timm module (the code of an architecture and its variants) or a transformers
+    model type; each family's rows from the smallest."""
+    module = {n: m for m in timm.list_modules() for n in timm.list_models(module=m)}
+    found: dict[tuple[str, str], list[dict[str, Any]]] = collections.defaultdict(list)
+    for r in sorted((r for r in rows if r["status"] == "wraps"), key=lambda r: float(r["params_m"])):
+        found[(r["source"], module.get(r["name"], r["name"]) if r["source"] == "timm" else r["name"])].append(r)
+    return dict(found)
+
+
 def export_targets(rows: list[dict[str, Any]], only_missing: bool = False) -> list[tuple[str, str]]:
     """The always-checked models, then the smallest wrapping model of each family (transformers first, then timm by
     size: the most families within a time budget); with ``only_missing``, those whose row has no exports cell yet."""
-    module = {n: m for m in timm.list_modules() for n in timm.list_models(module=m)}
-    smallest: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in rows:
-        if r["status"] == "wraps":
-            family = (r["source"], module.get(r["name"], r["name"]) if r["source"] == "timm" else r["name"])
-            if family not in smallest or float(r["params_m"]) < float(smallest[family]["params_m"]):
-                smallest[family] = r
-    ordered = sorted(smallest.values(), key=lambda r: (r["source"] != "transformers", float(r["params_m"])))
+    smallest = [members[0] for members in families(rows).values()]
+    ordered = sorted(smallest, key=lambda r: (r["source"] != "transformers", float(r["params_m"])))
     jobs = [tuple(key.split(":", 1)) for key in ALWAYS]
     jobs += [(r["source"], r["name"]) for r in ordered if (r["source"], r["name"]) not in jobs]
     done = {(r["source"], r["name"]) for r in rows if r.get("exports")} if only_missing else set()

@@ -37,6 +37,9 @@ def test_the_page_says_which_commit_and_command_made_it() -> None:
     header = PAGE_FORMAT.parse_page(PAGE)[0]  # what --update-exports --only-missing carries over to the new page
     assert [line for line in header if line.startswith("- exports column: command: ")], header
     assert all(_rows()[key].get("exports") for key in PAGE_FORMAT.ALWAYS)
+    unchecked = [f for f, members in PAGE_FORMAT.families(list(_rows().values())).items() if not any(
+        r.get("exports") for r in members)]  # fmt: skip
+    assert not unchecked, f"families without an exports cell: {unchecked}; run --update-exports --only-missing"
 
 
 def test_the_exports_column_is_what_save_export_does_today() -> None:
@@ -71,6 +74,9 @@ def test_only_missing_carries_on_where_the_exports_column_stopped() -> None:
         {"source": "timm", "name": n, "status": "wraps", "params_m": p, **({"exports": "ONNX"} if done else {})}
         for n, p, done in [("resnet18", "11.7", True), ("resnet50", "25.6", False), ("vit_small_patch16_224", "22", 0)]
     ]
+    grouped = PAGE_FORMAT.families(rows)  # resnet18 and resnet50 share timm's resnet module, smallest first
+    expected = {("timm", "resnet"): ["resnet18", "resnet50"], ("timm", "vision_transformer"): ["vit_small_patch16_224"]}
+    assert {f: [r["name"] for r in m] for f, m in grouped.items()} == expected
     everything = PAGE_FORMAT.export_targets(rows)
     missing = PAGE_FORMAT.export_targets(rows, only_missing=True)
     assert ("timm", "resnet18") in everything and ("timm", "resnet18") not in missing  # its family is done
