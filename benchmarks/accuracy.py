@@ -79,7 +79,7 @@ from adaptive_depth.training import (
 from adaptive_depth.training.recipes import COOPERATIVE, DEFAULT_RECIPE, RECIPES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module, also when imported by path in tests
-from accuracy_report import Run, load_runs, teammate_scores, write_report
+from accuracy_report import Run, load_runs, teammate_scores, weights_digest, write_report
 from budgets import BudgetRun, load_budget_runs, run_budgets, write_budget_report
 
 SINGLE = {"train_depths": "all", "leader": "none", "interactive": False}  # one network, no peers, every depth
@@ -162,6 +162,13 @@ class Benchmark:
             self.args.model, weights=self.args.weights, seed=seed, num_classes=self.data.num_classes,
             scaling_factors=config.scaling_factors, input_size=self.args.input_size, policy=self.args.policy,
         )  # fmt: skip
+
+    def start_digest(self) -> str:
+        """The identity of the weights every run starts from (seed 0's build of ``--model``, new head included):
+        reports with different digests refuse to merge."""
+        return weights_digest(
+            self.start(0, self.base_config(0, {}, epochs=1, lr=self.args.learning_rate), checkpoint=True)
+        )
 
     def train(
         self, config: TrainingConfig, seed: int, eval_depths: list[float], leader: Any = None, *, checkpoint: bool
@@ -349,7 +356,7 @@ def main(argv: list[str] | None = None) -> list[Run] | list[BudgetRun]:
     start = time.perf_counter()
     bench = Benchmark(args, data)
     settings = {k: v if not isinstance(v, Path) else str(v) for k, v in vars(args).items()}
-    settings |= {"dataset_source": data.source, "eval_images": len(data.eval)}
+    settings |= {"dataset_source": data.source, "eval_images": len(data.eval), "start_weights": bench.start_digest()}
     if args.budgets:
         budget_runs = run_budgets(bench, args.methods, args.budgets)
         write_budget_report(args.output_dir, budget_runs, settings)

@@ -6,11 +6,14 @@ can be read back and reported together (``accuracy.py --merge``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from adaptive_depth.report import pareto_plot
 from adaptive_depth.training import DepthResult
@@ -86,6 +89,19 @@ def markdown(runs: list[Run], depths: list[float], plain_seconds: float | None =
 PER_PART = ("seeds", "methods", "output_dir", "merge")  # settings that may differ between the files of a merge
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """A short SHA-256 of every tensor of ``model``'s state dict: the identity of the weights a run starts from.
+
+    Runs merge only when they started from the same weights: a checkpoint pretrained again from nothing is another
+    network even under the same name (the same recipe gave 77.95% and 78.79% on two machines).
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def read_reports(
     paths: list[Path], per_part: tuple[str, ...] = PER_PART
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -102,7 +118,11 @@ def read_reports(
         these = {k: v for k, v in report["settings"].items() if k not in per_part}
         if reports and these != settings:
             differ = sorted(k for k in these.keys() | settings.keys() if these.get(k) != settings.get(k))
-            raise SystemExit(f"{path} was run with other settings ({', '.join(differ)}): its numbers do not compare")
+            why = " (it started from other weights: a checkpoint made again is another network)" if (
+                "start_weights" in differ) else ""  # fmt: skip
+            raise SystemExit(
+                f"{path} was run with other settings ({', '.join(differ)}){why}: its numbers do not compare"
+            )
         reports.append(report)
         settings = these
     return reports, settings

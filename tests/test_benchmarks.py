@@ -5,6 +5,7 @@ No timing is asserted here: timings belong to the benchmarks' output (docs/bench
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -133,8 +134,28 @@ def test_budget_curves_give_every_method_the_same_compute_and_merge_runs_made_ap
     table = (tmp_path / "all" / "budgets.md").read_text()
     assert "**Budget 4**" in table and "random-depth-nested wins at s=0.5" in table
     assert (tmp_path / "all" / "budgets.png").is_file()
+    # a run from other weights under the same name (a checkpoint pretrained again) is refused, not averaged in
+    remade = json.loads((tmp_path / "s1" / "budgets.json").read_text())
+    assert remade["settings"]["start_weights"] == json.loads((tmp_path / "s0" / "budgets.json").read_text())[
+        "settings"]["start_weights"]  # fmt: skip
+    remade["settings"]["start_weights"] = "0" * 16
+    (tmp_path / "remade").mkdir()
+    (tmp_path / "remade" / "budgets.json").write_text(json.dumps(remade))
+    with pytest.raises(SystemExit, match="other weights"):
+        bench.main(["--merge", str(tmp_path / "s0" / "budgets.json"), str(tmp_path / "remade" / "budgets.json")])
     with pytest.raises(SystemExit):
         bench.parse_args(["--budgets", "1", "--methods", "cooperative", "random-depth", "random-depth@wall"])
+
+
+def test_the_start_weights_digest_changes_with_any_weight() -> None:
+    digest = _script("accuracy").weights_digest
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    same = copy.deepcopy(model)
+    assert digest(model) == digest(same) and len(digest(model)) == 16
+    with torch.no_grad():
+        same[1].running_mean[2] += 1e-6  # a buffer counts: per-depth statistics are part of what a run starts from
+    assert digest(model) != digest(same)
 
 
 def test_inference_benchmark_reports_every_depth_and_the_targets(tmp_path: Path) -> None:
