@@ -4,6 +4,7 @@
     python scripts/supported_models.py --only timm --filter 'resnet*' --limit 10 --out /tmp/x.md
     python scripts/supported_models.py --update-exports --budget-min 90  # the exports column of docs/, per family
     python scripts/supported_models.py --update-exports --only-missing   # carry on where the last one stopped
+    python scripts/supported_models.py --update-exports --only-missing --every-model --budget-min 60  # model by model
 
 Every architecture is built with random weights (nothing is downloaded) and probed once by ``discover`` at its
 declared input size, batch 1, on CPU. Parameters are first counted on the meta device; models above
@@ -307,6 +308,9 @@ def main() -> None:
     parser.add_argument(
         "--only-missing", action="store_true", help="with --update-exports: families with no exports cell yet"
     )
+    parser.add_argument(
+        "--every-model", action="store_true", help="with --update-exports: every wrapping model, after the families"
+    )
     parser.add_argument("--budget-min", type=float, default=0, help="start no model after this many minutes (0: no)")
     parser.add_argument("--out", type=Path, default=Path("docs/supported-models.md"))
     parser.add_argument("--json", type=Path, default=None, help="also dump the raw rows here")
@@ -319,7 +323,9 @@ def main() -> None:
         header, rows = parse_page(args.out)
         if not args.only_missing:  # a fresh column: the lines of earlier runs go with their cells
             header = [line for line in header if not line.startswith("- exports ")]
-        checked = {(r["source"], r["name"]): r for r in walk(export_targets(rows, args.only_missing), args)}
+        checked = {
+            (r["source"], r["name"]): r for r in walk(export_targets(rows, args.only_missing, args.every_model), args)
+        }
         rows = [_with_exports(r, checked.get((r["source"], r["name"])), args.only_missing) for r in rows]
         header += header_lines(command, time.monotonic() - start, "exports column: ")
     else:

@@ -104,7 +104,8 @@ def render(rows: list[dict[str, Any]], header: list[str]) -> str:
         "on the CPU below): the four the tests re-check, then the smallest wrapping model of each family (a timm",
         "module, the code of an architecture and its variants, or a transformers model type), transformers first",
         f"and timm from the smallest module: {covered} of the {len(grouped)} families have a checked row",
-        "(`--update-exports --only-missing` carries the column on); an empty cell was not checked.",
+        "(`--update-exports --only-missing` carries the column on, with `--every-model` beyond the smallest of each",
+        "family); an empty cell was not checked.",
         "tests/test_supported_models.py re-checks a sample of the rows against the code, so a page older than the",
         "discovery it describes fails the tests.",
         "",
@@ -141,11 +142,16 @@ def families(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str,
     return dict(found)
 
 
-def export_targets(rows: list[dict[str, Any]], only_missing: bool = False) -> list[tuple[str, str]]:
+def export_targets(
+    rows: list[dict[str, Any]], only_missing: bool = False, every_model: bool = False
+) -> list[tuple[str, str]]:
     """The always-checked models, then the smallest wrapping model of each family (transformers first, then timm by
-    size: the most families within a time budget); with ``only_missing``, those whose row has no exports cell yet."""
-    smallest = [members[0] for members in families(rows).values()]
-    ordered = sorted(smallest, key=lambda r: (r["source"] != "transformers", float(r["params_m"])))
+    size: the most families within a time budget), then with ``every_model`` every other wrapping model from the
+    smallest; with ``only_missing``, those whose row has no exports cell yet."""
+    grouped = families(rows).values()
+    ordered = sorted((m[0] for m in grouped), key=lambda r: (r["source"] != "transformers", float(r["params_m"])))
+    if every_model:
+        ordered += sorted((r for m in grouped for r in m[1:]), key=lambda r: float(r["params_m"]))
     jobs = [tuple(key.split(":", 1)) for key in ALWAYS]
     jobs += [(r["source"], r["name"]) for r in ordered if (r["source"], r["name"]) not in jobs]
     done = {(r["source"], r["name"]) for r in rows if r.get("exports")} if only_missing else set()

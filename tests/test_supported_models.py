@@ -82,5 +82,10 @@ def test_only_missing_carries_on_where_the_exports_column_stopped() -> None:
     assert ("timm", "resnet18") in everything and ("timm", "resnet18") not in missing  # its family is done
     assert ("timm", "vit_small_patch16_224") in missing
     assert ("timm", "resnet50") not in missing  # not its family's smallest
+    # --every-model: the families first, then the other models, and the carry-on skips what has a cell
+    assert PAGE_FORMAT.export_targets(rows, True, every_model=True)[-2:] == [
+        ("timm", "vit_small_patch16_224"),
+        ("timm", "resnet50"),
+    ]
     assert WALK._with_exports(rows[0], None, keep=True)["exports"] == "ONNX"
     assert "exports" not in WALK._with_exports(rows[0], None)  # a fresh column drops what it did not check
