@@ -241,3 +241,23 @@ def test_accuracy_runs_made_apart_merge_into_one_table(tmp_path: Path) -> None:
     _accuracy(tmp_path / "other", "--methods", "plain", "--seeds", "2", "--epochs", "2")
     with pytest.raises(SystemExit, match=r"other settings \(epochs\)"):
         bench.main(["--merge", str(parts[0]), str(tmp_path / "other" / "accuracy.json"), "--output-dir", str(tmp_path)])
+
+
+def test_the_committed_budget_results_merge_by_run(tmp_path: Path) -> None:
+    """benchmarks/results/budgets/ holds the runs the docs quote: each run's seeds merge (same settings, same start
+    weights), so a later session adds seeds to them instead of starting again."""
+    bench = _script("accuracy")
+    files = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "budgets").glob("*.json"))
+    groups: dict[str, list[Path]] = {}
+    for path in files:
+        groups.setdefault(path.stem.rsplit("-s", 1)[0], []).append(path)
+    assert groups, "no committed results"
+    for name, paths in groups.items():
+        parts = []
+        for i, path in enumerate(paths):  # --merge reads files named budgets.json, as runs write them
+            (tmp_path / name / str(i)).mkdir(parents=True)
+            parts.append(tmp_path / name / str(i) / "budgets.json")
+            parts[-1].write_text(path.read_text())
+            assert json.loads(path.read_text())["settings"]["start_weights"], path
+        runs = bench.main(["--merge", *map(str, parts), "--output-dir", str(tmp_path / name / "merged")])
+        assert len({r.seed for r in runs}) == len(paths), name
