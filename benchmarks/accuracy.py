@@ -77,9 +77,10 @@ from adaptive_depth.training import (
     make_loaders,
 )
 from adaptive_depth.training.recipes import COOPERATIVE, DEFAULT_RECIPE, RECIPES
+from adaptive_depth.training.teacher_cache import weights_digest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module, also when imported by path in tests
-from accuracy_report import Run, load_runs, teammate_scores, weights_digest, write_report
+from accuracy_report import Run, load_runs, teammate_scores, write_report
 from budgets import BudgetRun, load_budget_runs, run_budgets, write_budget_report
 
 SINGLE = {"train_depths": "all", "leader": "none", "interactive": False}  # one network, no peers, every depth

@@ -6,14 +6,11 @@ can be read back and reported together (``accuracy.py --merge``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from adaptive_depth.report import pareto_plot
 from adaptive_depth.training import DepthResult
@@ -87,19 +84,6 @@ def markdown(runs: list[Run], depths: list[float], plain_seconds: float | None =
 
 
 PER_PART = ("seeds", "methods", "output_dir", "merge")  # settings that may differ between the files of a merge
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """A short SHA-256 of every tensor of ``model``'s state dict: the identity of the weights a run starts from.
-
-    Runs merge only when they started from the same weights: a checkpoint pretrained again from nothing is another
-    network even under the same name (the same recipe gave 77.95% and 78.79% on two machines).
-    """
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def read_reports(

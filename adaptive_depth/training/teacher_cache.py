@@ -30,7 +30,9 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import ConfigError
 from .compute import ForwardCost
 
-__all__ = ["CACHE_SEED", "TeacherCache", "cache_fingerprint", "load_or_make_cache", "make_teacher_cache"]
+__all__ = [
+    "CACHE_SEED", "TeacherCache", "cache_fingerprint", "load_or_make_cache", "make_teacher_cache", "weights_digest",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +40,9 @@ CACHE_SEED = 8_191  # the seed of every cache's augmentation draws (not the trai
 FORMAT_VERSION = "1"
 
 
-def _digest(module: nn.Module) -> str:
-    """A digest of a module's weights and buffers (names, shapes, dtypes and values)."""
+def weights_digest(module: nn.Module) -> str:
+    """A digest of a module's weights and buffers (names, shapes, dtypes and values): the identity of a teacher
+    here, and of the weights a benchmark run starts from (benchmarks/accuracy.py)."""
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
@@ -60,7 +63,7 @@ def cache_fingerprint(teacher: nn.Module, dataset: Any, draws: int, top_k: int) 
         "format": FORMAT_VERSION,
         "dataset": f"{getattr(data, '_fingerprint', 'unknown')}:{len(data)}",
         "augmentation": hashlib.sha256(repr(dataset.transform).encode()).hexdigest()[:16],
-        "teacher": _digest(teacher),
+        "teacher": weights_digest(teacher),
         "draws": str(draws),
         "top_k": str(top_k),
         "draw_seed": str(CACHE_SEED),
