@@ -32,6 +32,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the page module besi
 from supported_models_page import EXPORTS, export_targets, header_lines, parse_page, render
 
 RECYCLE_EVERY = 25  # models per worker process before it is replaced (bounds leaked memory)
+SAVE_EVERY = 25  # rows between saves of the partial results, so that an interrupted walk loses at most these
 WIDTH_FIELDS = ("hidden_size", "intermediate_size", "embed_dim", "hidden_sizes", "embed_dims")
 # What the page says for the usual reasons a format is refused (others: the error, shortened).
 EXPORT_REASONS = {
@@ -228,8 +230,15 @@ def _worker(conn: Connection, max_params_m: float, exports: bool) -> None:
         conn.send({**check(*job, max_params_m, exports), "seconds": round(time.monotonic() - t0, 1)})
 
 
-def walk(jobs: list[tuple[str, str]], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Check every job in worker processes, killing one that runs past ``args.timeout``; rows in job order."""
+def walk(
+    jobs: list[tuple[str, str]],
+    args: argparse.Namespace,
+    save: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Check every job in worker processes, killing one that runs past ``args.timeout``; rows in job order.
+
+    Every ``SAVE_EVERY`` rows the rows so far go to ``args.json`` and to ``save`` (the page written as it grows), so
+    a walk of hours that is interrupted keeps what it checked."""
     ctx, pending, rows = mp.get_context("spawn"), collections.deque(jobs), {}
     idle: list[dict[str, Any]] = []
     busy: dict[Connection, dict[str, Any]] = {}
@@ -250,8 +259,11 @@ def walk(jobs: list[tuple[str, str]], args: argparse.Namespace) -> list[dict[str
         else:
             w["conn"].send(None) if alive else w["proc"].kill()
             w["proc"].join()
-        if args.json and len(rows) % 25 == 0:  # partial results survive an interrupted walk
-            args.json.write_text(json.dumps(list(rows.values()), indent=1))
+        if len(rows) % SAVE_EVERY == 0:
+            if args.json:
+                args.json.write_text(json.dumps(list(rows.values()), indent=1))
+            if save is not None:
+                save(list(rows.values()))
 
     def failed(w: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
         return {"source": w["job"][0], "name": w["job"][1], "status": status, "reason": reason}
@@ -323,10 +335,17 @@ def main() -> None:
         header, rows = parse_page(args.out)
         if not args.only_missing:  # a fresh column: the lines of earlier runs go with their cells
             header = [line for line in header if not line.startswith("- exports ")]
-        checked = {
-            (r["source"], r["name"]): r for r in walk(export_targets(rows, args.only_missing, args.every_model), args)
-        }
-        rows = [_with_exports(r, checked.get((r["source"], r["name"])), args.only_missing) for r in rows]
+        page_rows = rows
+
+        def merged(checked_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            checked = {(r["source"], r["name"]): r for r in checked_rows}
+            return [_with_exports(r, checked.get((r["source"], r["name"])), args.only_missing) for r in page_rows]
+
+        def save(checked_rows: list[dict[str, Any]]) -> None:  # the page so far: --only-missing carries on from it
+            lines = header_lines(command, time.monotonic() - start, "exports column: ")
+            args.out.write_text(render(merged(checked_rows), header + lines))
+
+        rows = merged(walk(export_targets(rows, args.only_missing, args.every_model), args, save))
         header += header_lines(command, time.monotonic() - start, "exports column: ")
     else:
         jobs: list[tuple[str, str]] = []
