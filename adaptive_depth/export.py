@@ -41,8 +41,9 @@ def export_depth(model: nn.Module, stages: Sequence[StageSpec], masks: Sequence[
     """Return a deep copy of ``model`` (gated or not) with the blocks switched off in ``masks`` removed.
 
     Blocks inside an ``nn.Sequential`` / ``nn.ModuleList`` are deleted (indices renumber, as in a natively
-    shallower model); a block held in a plain attribute becomes ``nn.Identity``, and a residual branch becomes a
-    :class:`ZeroBranch` (its block's forward still adds it, wherever it is held). A transformers config's
+    shallower model; named blocks of a Sequential built from an ``OrderedDict`` keep their names); a block held in
+    a plain attribute becomes ``nn.Identity``, and a residual branch becomes a :class:`ZeroBranch` (its block's
+    forward still adds it, wherever it is held). A transformers config's
     ``depths`` / ``num_hidden_layers`` are updated so that ``save_pretrained`` / ``from_pretrained`` of the
     result rebuild the shallower architecture.
     """
@@ -60,8 +61,12 @@ def export_depth(model: nn.Module, stages: Sequence[StageSpec], masks: Sequence[
     for parent_name, children in removals.items():
         parent = plain.get_submodule(parent_name) if parent_name else plain
         if isinstance(parent, (nn.Sequential, nn.ModuleList)):
-            for index in sorted((int(c) for c in children), reverse=True):
-                del parent[index]
+            if all(c.isdigit() for c in children):  # indices: delete from the end, the rest renumber
+                for index in sorted((int(c) for c in children), reverse=True):
+                    del parent[index]
+            else:  # a Sequential of named blocks (OrderedDict): the others keep their names
+                for child in children:
+                    delattr(parent, child)
             continue
         for child in children:
             spec = next(b for s in stages for b in s.blocks if b.name == f"{parent_name}.{child}".lstrip("."))

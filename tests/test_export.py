@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -37,6 +38,28 @@ def test_exported_depth_works_with_torch_export() -> None:
     program = torch.export.export(plain, (x,))
     with torch.no_grad():
         assert torch.allclose(program.module()(x), model.set_scaling_factor(0.5)(x), atol=1e-5)
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+def test_blocks_of_a_sequential_with_named_children_are_removed_by_name() -> None:
+    """EfficientViT and GCViT hold their blocks in ``nn.Sequential(OrderedDict(...))``: names, not indices."""
+    blocks = torch.nn.Sequential(OrderedDict((f"res{i}", _Residual(8)) for i in range(4)))
+    head = [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5)]
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), blocks, *head)
+    model = AdaptiveDepth.wrap(net).eval()
+    plain = model.export(0.5).eval()
+    assert list(plain[1]._modules) == ["res0", "res1"]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), model.set_scaling_factor(0.5)(x), atol=1e-6)
 
 
 def test_a_vit_config_that_names_backbone_stages_reloads_at_a_shallower_depth(tmp_path: Path) -> None:
