@@ -81,7 +81,7 @@ from adaptive_depth.training.teacher_cache import weights_digest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module, also when imported by path in tests
 from accuracy_report import Run, load_runs, teammate_scores, write_report
-from budgets import BudgetRun, load_budget_runs, run_budgets, write_budget_report
+from budgets import BudgetRun, is_budget_report, load_budget_runs, run_budgets, write_budget_report
 
 SINGLE = {"train_depths": "all", "leader": "none", "interactive": False}  # one network, no peers, every depth
 METHODS: dict[str, dict[str, Any]] = {
@@ -369,7 +369,10 @@ def main(argv: list[str] | None = None) -> list[Run] | list[BudgetRun]:
 
 def merge(args: argparse.Namespace) -> list[Run] | list[BudgetRun]:
     """``--merge``: one report from the JSON files of separate runs (same settings, other seeds)."""
-    if all(path.name == "budgets.json" for path in args.merge):
+    kinds = {is_budget_report(path) for path in args.merge}
+    if len(kinds) > 1:
+        raise SystemExit("--merge got budget-curve reports (--budgets) and epoch reports together: merge each apart")
+    if kinds == {True}:
         budget_runs, settings = load_budget_runs(args.merge)
         write_budget_report(args.output_dir, budget_runs, {**settings, "reference": args.reference})
         return budget_runs

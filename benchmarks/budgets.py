@@ -266,6 +266,14 @@ def write_budget_report(output_dir: Path, runs: list[BudgetRun], settings: dict[
     plot(runs, output_dir / "budgets.png", f"{model} on {settings['dataset_source']}, {settings['regime']}")
 
 
+def is_budget_report(path: Path) -> bool:
+    """Whether a JSON report was written by a budget-curve run (``--budgets``), whatever the file is called."""
+    try:
+        return bool(json.loads(path.read_text(encoding="utf-8"))["settings"].get("budgets"))
+    except (OSError, ValueError, KeyError) as error:
+        raise SystemExit(f"{path} is not a report of benchmarks/accuracy.py ({error}): pass its JSON output") from error
+
+
 def load_budget_runs(paths: list[Path]) -> tuple[list[BudgetRun], dict[str, Any]]:
     """The runs and settings of several ``budgets.json`` files (runs made apart: other seeds, methods, budgets)."""
     reports, settings = read_reports(paths, PER_PART)

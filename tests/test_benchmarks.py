@@ -241,6 +241,9 @@ def test_accuracy_runs_made_apart_merge_into_one_table(tmp_path: Path) -> None:
     _accuracy(tmp_path / "other", "--methods", "plain", "--seeds", "2", "--epochs", "2")
     with pytest.raises(SystemExit, match=r"other settings \(epochs\)"):
         bench.main(["--merge", str(parts[0]), str(tmp_path / "other" / "accuracy.json"), "--output-dir", str(tmp_path)])
+    budget_report = next((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "budgets").glob("*.json"))
+    with pytest.raises(SystemExit, match="merge each apart"):  # told by their content, not by the file names
+        bench.main(["--merge", str(parts[0]), str(budget_report), "--output-dir", str(tmp_path / "mixed")])
 
 
 def test_the_committed_budget_results_merge_by_run(tmp_path: Path) -> None:
@@ -252,12 +255,8 @@ def test_the_committed_budget_results_merge_by_run(tmp_path: Path) -> None:
     for path in files:
         groups.setdefault(path.stem.rsplit("-s", 1)[0], []).append(path)
     assert groups, "no committed results"
-    for name, paths in groups.items():
-        parts = []
-        for i, path in enumerate(paths):  # --merge reads files named budgets.json, as runs write them
-            (tmp_path / name / str(i)).mkdir(parents=True)
-            parts.append(tmp_path / name / str(i) / "budgets.json")
-            parts[-1].write_text(path.read_text())
+    for name, paths in groups.items():  # read as committed, under their own names (as benchmarks/results says)
+        for path in paths:
             assert json.loads(path.read_text())["settings"]["start_weights"], path
-        runs = bench.main(["--merge", *map(str, parts), "--output-dir", str(tmp_path / name / "merged")])
+        runs = bench.main(["--merge", *map(str, paths), "--output-dir", str(tmp_path / name / "merged")])
         assert len({r.seed for r in runs}) == len(paths), name
