@@ -6,13 +6,14 @@
     accelerate launch --multi_gpu --num_processes 8 examples/finetune.py ...   # the same script on many GPUs
     accelerate launch examples/finetune.py --recipe cooperative ...   # a named configuration (--help lists them)
 
-By default (``--recipe random-depth-nested``) one network trains at one nested depth a step, the depths it will be
-deployed at, the smallest drawn half the time and the full a quarter: about one forward and backward pass a step,
-and the recipe on top of the budget curves at s <= 0.5 (docs/benchmarks.md). ``--recipe cooperative`` trains a
-Leader and a depth-switchable Teammate together (``--recipe paper``: two Teammates; docs/training.md). Then
-BatchNorm statistics are recalibrated for every trained depth, every network is evaluated at every depth, and the
-(better) Teammate is saved with a model card, the per-depth table and an accuracy-vs-FLOPs plot:
-``AdaptiveDepth.from_pretrained(output_dir)`` loads it.
+By default (``--recipe auto``: the recipe on top of the budget curves at s <= 0.5 for the budget given, printed at
+the start) one network trains at one nested depth a step, the depths it will be deployed at, the smallest drawn half
+the time and the full a quarter: about one forward and backward pass a step (``--recipe random-depth-nested``); from
+48 epochs of compute on, random depth (``--recipe random-depth``), which overtakes it there (docs/benchmarks.md).
+``--recipe cooperative`` trains a Leader and a depth-switchable Teammate together (``--recipe paper``: two
+Teammates; docs/training.md). Then BatchNorm statistics are recalibrated for every trained depth, every network is
+evaluated at every depth, and the (better) Teammate is saved with a model card, the per-depth table and an
+accuracy-vs-FLOPs plot: ``AdaptiveDepth.from_pretrained(output_dir)`` loads it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from adaptive_depth.training import (
     make_loaders,
     published_dataset_name,
 )
-from adaptive_depth.training.recipes import DEFAULT_RECIPE, RECIPES
+from adaptive_depth.training.recipes import AUTO, RECIPES, pick_recipe
 
 DIGITS_IMAGE_SIZE = 32  # digits are 8x8: upsampling them to 224 px would only cost time
 DIGITS_LEARNING_RATE = 1e-2  # measured: regnetx_002 from random init reaches 98% in 10 epochs, 78% at 1e-3
@@ -74,11 +75,12 @@ class ScriptArguments:
 
     model: str = field(default=DIGITS_MODEL, metadata={"help": "timm name, Hub id or local folder"})
     recipe: str = field(
-        default=DEFAULT_RECIPE,
+        default=AUTO,
         metadata={
             "help": "training recipe, defaults for the training flags (a flag given too wins): "
-            + "; ".join(f"{name}: {r.summary}" for name, r in RECIPES.items()),
-            "choices": list(RECIPES),
+            + "; ".join(f"{name}: {r.summary}" for name, r in RECIPES.items())
+            + f"; {AUTO} (the default): the one on top of the budget curves at the --epochs or --compute-budget given",
+            "choices": [*RECIPES, AUTO],
         },
     )
     pretrained: bool = field(default=False, metadata={"help": "pretrained weights are required (missing: error)"})
@@ -139,7 +141,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, Training
         parser.add_argument(f"--{precision}", action="store_true", help=f"same as --mixed-precision {precision}")
     parser.set_defaults(learning_rate=None)  # unset: the dataset's default (1e-2 on the embedded data)
     chosen, _ = parser.parse_known_args(argv)  # the recipe first: its values are the other flags' defaults
-    parser.set_defaults(**RECIPES[chosen.recipe].overrides)
+    try:
+        recipe, _ = pick_recipe(
+            chosen.recipe, epochs=chosen.epochs, compute_budget=chosen.compute_budget, max_steps=chosen.max_steps
+        )
+    except ConfigError as e:
+        parser.error(str(e))
+    parser.set_defaults(**RECIPES[recipe].overrides)
     values = vars(parser.parse_args(argv))
     precisions = [p for p in ("bf16", "fp16") if values.pop(p)]
     script = ScriptArguments(**{f.name: values.pop(f.name) for f in fields(ScriptArguments)})
@@ -334,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     configure_logging(args.verbose, accelerator.is_main_process)
+    if args.recipe == AUTO and accelerator.is_main_process:  # which recipe the budget picked, and why
+        budget = {"epochs": config.epochs, "compute_budget": config.compute_budget, "max_steps": config.max_steps}
+        print(pick_recipe(AUTO, **budget)[1])
     settings = run_settings(args, data)
     checkpoint = output.checkpoint_to_resume(config, settings, accelerator)  # complete, and of these settings
     set_seed(config.seed)

@@ -15,7 +15,7 @@ from test_training import ROOT, _loader
 from adaptive_depth import AdaptiveDepth, ConfigError
 from adaptive_depth.saved.card import how_trained
 from adaptive_depth.training import CooperativeTrainer, TrainingConfig
-from adaptive_depth.training.recipes import DEFAULT_RECIPE, RECIPES, recipe_config
+from adaptive_depth.training.recipes import AUTO, AUTO_RULE, DEFAULT_RECIPE, RECIPES, pick_recipe, recipe_config
 from scripts import load_script
 
 
@@ -49,6 +49,31 @@ def test_a_config_saved_before_the_default_changed_keeps_what_it_trained_with() 
     assert (earlier.leader, earlier.train_depths) == ("joint", "all") != (TrainingConfig().leader, "sampled")
 
 
+def test_auto_picks_the_recipe_on_top_of_the_curves_at_the_budget_given_and_says_why() -> None:
+    ((edge, above),) = AUTO_RULE
+    assert above == "random-depth" and 32 < edge <= 64  # level at budget 32, random depth ahead at 64 (measured)
+    assert pick_recipe(AUTO, epochs=10)[0] == DEFAULT_RECIPE
+    assert pick_recipe(AUTO)[0] == DEFAULT_RECIPE  # no budget given: the default epochs
+    name, why = pick_recipe(AUTO, epochs=10, compute_budget=64)  # the compute budget sets the length: it decides
+    assert name == "random-depth" and "compute_budget = 64" in why and "budget curves" in why
+    assert pick_recipe(AUTO, epochs=edge)[0] == "random-depth" and pick_recipe(AUTO, epochs=edge - 1)[0] != name
+    assert recipe_config(AUTO, epochs=100) == recipe_config("random-depth", epochs=100)
+    assert recipe_config(AUTO, epochs=4) == recipe_config(DEFAULT_RECIPE, epochs=4)
+    assert pick_recipe("paper", epochs=100)[0] == "paper"  # a named recipe is never overridden
+    name, why = pick_recipe(AUTO, epochs=100, max_steps=500)  # steps: no compute before the data is read
+    assert name == DEFAULT_RECIPE and "max_steps = 500" in why and "--epochs or --compute-budget" in why
+    script = load_script(ROOT / "examples" / "finetune.py")
+    args, config = script.parse_args(["--epochs", "60"])  # the script's default is auto
+    assert args.recipe == AUTO
+    assert config == recipe_config("random-depth", epochs=60, learning_rate=config.learning_rate)
+    _, config = script.parse_args(["--num_train_epochs", "60", "--layer-drop", "0.3"])  # an alias; a flag still wins
+    assert (config.train_depths, config.layer_drop) == ("top", 0.3)
+    _, config = script.parse_args(["--recipe", "auto", "--compute-budget", "8"])
+    assert config == recipe_config(DEFAULT_RECIPE, compute_budget=8, learning_rate=config.learning_rate)
+    _, config = script.parse_args(["--max-steps", "100"])
+    assert config == recipe_config(DEFAULT_RECIPE, max_steps=100, learning_rate=config.learning_rate)
+
+
 def test_the_script_takes_a_recipe_as_defaults_for_its_flags() -> None:
     script = load_script(ROOT / "examples" / "finetune.py")
     _, config = script.parse_args(["--recipe", "random-depth"])
@@ -57,10 +82,9 @@ def test_the_script_takes_a_recipe_as_defaults_for_its_flags() -> None:
     assert (config.layer_drop, config.leader, config.train_depths) == (0.3, "joint", "top")
     _, config = script.parse_args(["--recipe", "paper"])
     assert config.interactive and config.leader == "joint"
-    args, config = script.parse_args([])
-    assert args.recipe == DEFAULT_RECIPE == "random-depth-nested" and config == TrainingConfig(
-        learning_rate=config.learning_rate
-    )
+    args, config = script.parse_args([])  # auto at the default 10 epochs: the nested default
+    assert args.recipe == AUTO and DEFAULT_RECIPE == "random-depth-nested"
+    assert config == TrainingConfig(learning_rate=config.learning_rate)
     assert (config.train_depths, config.leader, config.interactive) == ("sampled", "none", False)
     _, config = script.parse_args(["--recipe", "cooperative"])
     assert (config.train_depths, config.leader, config.interactive) == ("all", "joint", False)

@@ -192,7 +192,9 @@ def test_transformers_flag_names_are_aliases_and_a_missing_tracker_fails_before_
     assert script.trackers("all") == ["all"] and script.trackers("none") is None  # "all": those installed, maybe none
 
 
-def test_labels_and_splits_are_checked_end_to_end_and_the_card_keeps_local_paths_private(tmp_path: Path) -> None:
+def test_labels_and_splits_are_checked_end_to_end_and_the_card_keeps_local_paths_private(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A local dataset folder with labels {0, 2, 5} and a Hub-style test split without labels (-1)."""
     folder = tmp_path / "private" / "shop-photos"
     labels = [0, 2, 5] * 12
@@ -208,6 +210,7 @@ def test_labels_and_splits_are_checked_end_to_end_and_the_card_keeps_local_paths
             "--batch-size", "8", "--image-size", "32", "--no-latency", "--checkpointing-steps", "no",
             "--output-dir", str(out)]  # fmt: skip
     assert _script().main(argv) == 0
+    assert "--recipe auto picked random-depth-nested for epochs = 1" in capsys.readouterr().out  # and why
     config = json.loads((out / "config.json").read_text())
     assert list(config["id2label"].values()) == ["0", "2", "5"]  # the label values, as class names
     results = json.loads((out / "results.json").read_text())
