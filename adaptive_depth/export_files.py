@@ -42,7 +42,10 @@ ONNX_NAME = "model.onnx"
 ONNX_DATA_NAME = "model.onnx.data"  # the weights of a file over ONNX's 2 GB protobuf limit
 PROGRAM_NAME = "model.pt2"
 PROTOBUF_LIMIT = 2**31 - 2**26  # a file above 2 GB cannot hold its weights (with a margin for the graph)
-ATOL, RTOL = 1e-4, 1e-4  # float32 runtimes reorder sums and fuse BatchNorm into convolutions
+# float32 runtimes reorder sums and fuse BatchNorm into convolutions: the difference allowed is ATOL plus RTOL of the
+# largest output, not of each element (a network whose activations grow large, as random-weight MobileOne's do to
+# 2e5, leaves its small outputs with the rounding of its large ones; another function differs at the outputs' scale)
+ATOL, RTOL = 1e-4, 1e-4
 
 
 def require(module: str) -> ModuleType:
@@ -159,14 +162,15 @@ def run_onnx(session: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def check_outputs(actual: torch.Tensor, expected: torch.Tensor, what: str) -> float:
-    """Raise :class:`ConfigError` unless ``actual`` matches the adaptive model's ``expected``; returns the largest
-    difference."""
+    """Raise :class:`ConfigError` unless ``actual`` matches the adaptive model's ``expected`` (within ``ATOL`` plus
+    ``RTOL`` of its largest magnitude); returns the largest difference."""
     expected = expected.detach().float().cpu()
     actual = actual.detach().float().cpu()
     if actual.shape != expected.shape:
         raise ConfigError(f"{what} returns shape {tuple(actual.shape)}, the adaptive model {tuple(expected.shape)}")
     diff = float((actual - expected).abs().max()) if actual.numel() else 0.0
-    if not torch.allclose(actual, expected, atol=ATOL, rtol=RTOL):
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    if not diff <= ATOL + RTOL * scale:  # NaN fails too
         raise ConfigError(
             f"{what} computes another function than the adaptive model (largest difference {diff:.3g}); nothing was "
             "saved. Report this with the model's name; save_pretrained() keeps the adaptive model meanwhile"

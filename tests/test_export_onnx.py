@@ -153,3 +153,20 @@ def test_a_file_that_onnxruntime_disagrees_with_is_not_saved(tmp_path: Path, mon
     with pytest.raises(ConfigError, match=wrong):
         model.save_export(tmp_path / "out", 1.0, format="onnx")
     assert [p.name for p in (tmp_path / "out").iterdir()] == []  # nothing kept, the staging folder removed
+
+
+def test_the_check_allows_rounding_at_the_scale_of_the_outputs_and_nothing_more() -> None:
+    """Random-weight MobileOne's logits reach 2e5: onnxruntime's rounding of those leaves its small logits 0.1 off,
+    which is no other function; a difference at 1e-3 of the largest output, or a NaN, is."""
+    from adaptive_depth.export_files import check_outputs
+
+    expected = torch.tensor([[241045.5, -180000.0, 12.0, 0.5]])
+    rounded = expected + torch.tensor([[0.125, -0.0625, 0.1, -0.1]])
+    assert check_outputs(rounded, expected, "the file") == pytest.approx(0.125)
+    with pytest.raises(ConfigError, match="computes another function"):
+        check_outputs(expected + torch.tensor([[0.0, 0.0, 241.0, 0.0]]), expected, "the file")
+    with pytest.raises(ConfigError, match="computes another function"):
+        check_outputs(torch.full_like(expected, float("nan")), expected, "the file")
+    small = torch.tensor([[0.5, -0.25]])  # outputs of ordinary size: the absolute tolerance rules
+    with pytest.raises(ConfigError, match="computes another function"):
+        check_outputs(small + 1e-3, small, "the file")
