@@ -221,4 +221,9 @@ def _passes_through(x: torch.Tensor, y: torch.Tensor) -> bool:
     if not plausible or not torch.isfinite(y).all():
         return False
     x, y = x.float(), y.float()
-    return any(torch.allclose(y, act(x), rtol=_RTOL, atol=atol) for act in plausible)
+    # act(x) must be told apart from the zeros of a zeroed plain layer: where the input reaches 1e5 (random-weight
+    # HRNet, MobileOne), the tolerance exceeds 6 and relu6(x) is "close" to zeros, which made BatchNorms blocks
+    return any(
+        torch.allclose(y, a, rtol=_RTOL, atol=atol) and not torch.allclose(a, torch.zeros_like(a), rtol=0, atol=atol)
+        for a in map(lambda act: act(x), plausible)
+    )

@@ -129,6 +129,16 @@ def test_plain_conv_stack_is_refused() -> None:
         AdaptiveDepth.wrap(vgg_like, input_size=(3, 16, 16))
 
 
+def test_a_norm_layer_is_no_block_however_large_its_input() -> None:
+    """A zeroed BatchNorm outputs zeros; with inputs of 1e5 and more (random-weight HRNet's fuse layers, MobileOne)
+    relu6 of them fell within the tolerance of zeros, and BatchNorms were taken for residual blocks."""
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    nn.init.normal_(conv.weight, std=1e5)
+    stack = nn.Sequential(conv, nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+    with pytest.raises(NoGateableBlocksError, match="nothing to gate"):
+        AdaptiveDepth.wrap(nn.Sequential(stack, nn.AdaptiveAvgPool2d(1), nn.Flatten()), input_size=(3, 16, 16))
+
+
 def test_timm_vgg_is_refused() -> None:
     with pytest.raises(NoGateableBlocksError, match="VGG"):
         AdaptiveDepth.from_pretrained("vgg11", pretrained=False, input_size=(3, 32, 32))
