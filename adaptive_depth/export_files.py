@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import io
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -34,6 +35,7 @@ __all__ = [
     "require",
     "run_onnx",
     "write_onnx",
+    "write_onnx_traced",
 ]
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ PROTOBUF_LIMIT = 2**31 - 2**26  # a file above 2 GB cannot hold its weights (wit
 # largest output, not of each element (a network whose activations grow large, as random-weight MobileOne's do to
 # 2e5, leaves its small outputs with the rounding of its large ones; another function differs at the outputs' scale)
 ATOL, RTOL = 1e-4, 1e-4
+ONNX_OPSET = 18  # torch.onnx's own default for dynamo=True: both exporters write the same opset
 
 
 def require(module: str) -> ModuleType:
@@ -80,7 +83,9 @@ def write_onnx(program: torch.export.ExportedProgram, path: Path) -> None:
     """
     onnx = require("onnx")
     require("onnxscript")  # torch.onnx's exporter
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+    # Without gradients: in grad mode the converter's decompositions turn a reshape of a transposed tensor into a
+    # view that a symbolic batch cannot take (ViT-relpos, MaxViT, Hiera, Swin failed so)
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():  # the exporter prints its progress
         proto = torch.onnx.export(program, dynamo=True, output_names=["logits"], verbose=False).model_proto
     _weights_into_branches(proto)
     _drop_node_metadata(proto.graph)
@@ -89,6 +94,27 @@ def write_onnx(program: torch.export.ExportedProgram, path: Path) -> None:
     # Past protobuf's 2 GB, the weights go beside the graph, in ONNX_DATA_NAME.
     external = {"all_tensors_to_one_file": True, "location": ONNX_DATA_NAME} if size > PROTOBUF_LIMIT else {}
     onnx.save_model(proto, str(path), save_as_external_data=bool(external), **external)
+
+
+def write_onnx_traced(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Write ``module`` to ONNX at ``path`` with torch.onnx's TorchScript exporter (``dynamo=False``): the fallback
+    for a single depth that ``torch.export`` cannot trace (CoaT) or whose program the ONNX converter cannot take.
+    It traces one batch and marks the batch dimension dynamic; what the trace fixed (a shape that follows the
+    batch) is caught by the check the caller runs at another batch size.
+    """
+    require("onnx")
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated in favour of dynamo=True
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["pixel_values"],
+            output_names=["logits"],
+            dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=ONNX_OPSET,
+        )
 
 
 def _drop_node_metadata(graph: Any) -> None:

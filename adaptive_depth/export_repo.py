@@ -32,6 +32,7 @@ import copy
 import inspect
 import json
 import logging
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ from .export_files import (
     onnx_session,
     run_onnx,
     write_onnx,
+    write_onnx_traced,
 )
 from .export_graph import TensorOutputs, all_depths_module, first_tensor
 from .outputs import logits_of
@@ -336,22 +338,62 @@ def _write_graph(model: AdaptiveDepth, plan: ExportPlan, folder: Path) -> None:
     else:
         module = TensorOutputs(model.export(depth=plan.depths[0][1])).eval()
         feeds = [(example,), (check,)]
-    with torch.no_grad():
-        program = export_program(module, feeds[0])
     names = [f"s = {s}, blocks per stage {c}" for s, c in plan.depths]
     names = [f"depth_index {i} ({name})" for i, name in enumerate(names)] if plan.all_depths else names
     if plan.format == "onnx":
-        write_onnx(program, folder / ONNX_NAME)
+        exporter = _write_onnx(module, feeds[0], folder / ONNX_NAME, traced_fallback=not plan.all_depths)
         session = onnx_session(folder / ONNX_NAME)
         for feed, want, name in zip(feeds[1:], expected, names):
             got = run_onnx(session, dict(zip(plan.inputs, feed)))
-            check_outputs(got, want, f"the ONNX file at {name} in onnxruntime")
+            what = "the ONNX file" + ("" if exporter == "torch.export" else f" of the {exporter}")
+            check_outputs(got, want, f"{what} at {name} in onnxruntime")
     else:
+        with torch.no_grad():
+            program = export_program(module, feeds[0])
         with torch.no_grad():
             for feed, want, name in zip(feeds[1:], expected, names):
                 check_outputs(program.module()(*feed), want, f"the torch.export program at {name}")
         torch.export.save(program, folder / PROGRAM_NAME)
     _write_graph_config(model, plan, module, folder)
+
+
+def _write_onnx(module: nn.Module, feed: tuple[torch.Tensor, ...], path: Path, traced_fallback: bool) -> str:
+    """Write ``module`` to ONNX at ``path`` from its ``torch.export`` program; where that program cannot be made or
+    converted and ``traced_fallback`` allows (one depth: the all-depth graph needs ``torch.cond``), with the
+    TorchScript exporter instead. Returns which exporter wrote the file, for the check's message.
+
+    Raises:
+        ConfigError: neither exporter could write the file (both reasons given).
+    """
+    try:
+        with torch.no_grad():
+            program = export_program(module, feed)
+        write_onnx(program, path)
+        return "torch.export"
+    except ImportError:
+        raise
+    except Exception as e:  # the exporters raise many types for code they cannot convert
+        if not traced_fallback:
+            raise
+        reason = _first_line(e)
+    logger.info("the torch.export route to ONNX failed (%s); exporting with the TorchScript exporter", reason)
+    try:
+        with torch.no_grad():
+            write_onnx_traced(module, feed[0], path)
+    except ImportError:
+        raise
+    except Exception as e:
+        raise ConfigError(
+            f"neither ONNX exporter could convert this model: torch.export route: {reason}; TorchScript exporter: "
+            f"{_first_line(e)}. Save the adaptive model with save_pretrained()"
+        ) from e
+    return "TorchScript exporter"
+
+
+def _first_line(error: BaseException) -> str:
+    """An exporter's error in one line: its type and first line, without the terminal colours some print."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def _write_graph_config(model: AdaptiveDepth, plan: ExportPlan, module: nn.Module, folder: Path) -> None:

@@ -170,3 +170,37 @@ def test_the_check_allows_rounding_at_the_scale_of_the_outputs_and_nothing_more(
     small = torch.tensor([[0.5, -0.25]])  # outputs of ordinary size: the absolute tolerance rules
     with pytest.raises(ConfigError, match="computes another function"):
         check_outputs(small + 1e-3, small, "the file")
+
+
+def test_onnx_falls_back_to_the_torchscript_exporter_where_the_torch_export_route_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """timm's ViT-relpos reshapes a transposed tensor: converted in grad mode, its program failed in the ONNX
+    converter (a view a symbolic batch cannot take); it converts without gradients. Where the torch.export route
+    fails all the same (CoaT cannot be traced), the TorchScript exporter writes the file, checked like the other."""
+    from adaptive_depth import export_repo
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Unsupported: ONNX export of this operator")
+
+    model = AdaptiveDepth.from_pretrained("test_vit_relpos", pretrained=False, num_classes=3).eval()
+    with monkeypatch.context() as patch:
+        patch.setattr(export_repo, "write_onnx_traced", fails)  # the torch.export route alone
+        model.save_export(tmp_path / "relpos", 0.5, format="onnx")
+    x = torch.randn(5, *model.config.input_size)  # a batch of another size than the one traced
+    session = ort.InferenceSession(str(tmp_path / "relpos" / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"pixel_values": x.numpy()})[0], _logits(model, x, 0.5), atol=1e-4)
+
+    untraceable = ConfigError("torch.export cannot trace this model (SpecViolationError: ...)")
+    monkeypatch.setattr(export_repo, "export_program", lambda *a, **k: (_ for _ in ()).throw(untraceable))
+    model.save_export(tmp_path / "traced", 0.5, format="onnx")  # the TorchScript exporter, then the same check
+    session = ort.InferenceSession(str(tmp_path / "traced" / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"pixel_values": x.numpy()})[0], _logits(model, x, 0.5), atol=1e-4)
+
+    monkeypatch.setattr(export_repo, "write_onnx_traced", fails)
+    both = r"neither ONNX exporter.*torch.export route: ConfigError: torch.export cannot.*TorchScript exporter: Runtime"
+    with pytest.raises(ConfigError, match=both):
+        model.save_export(tmp_path / "none", 0.5, format="onnx")
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
+    with pytest.raises(ConfigError, match="torch.export cannot trace"):  # the all-depth graph needs torch.cond
+        _timm_vit().save_export(tmp_path / "all", "all", format="onnx")
