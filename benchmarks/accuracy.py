@@ -43,6 +43,8 @@ Methods (each a TrainingConfig of the same trainer; see docs/benchmarks.md):
                        TrainingConfig() as a user gets it
     nested-smallest-quarter the same with the smallest depth drawn a quarter of the time (the earlier default)
     nested-smallest-three-quarters  the same with the smallest depth drawn in three steps of four (the top in the rest)
+    nested-top-half    the same with the full depth drawn half the time and the smallest a quarter (the blocks only
+                       the full depth runs train in half the steps, as with random depth)
     cooperative-sampled the cooperative method with the full depth and one sampled sub-network a step
     distill            one nested depth a step, labels and a fixed teacher run without gradients on the same batch
     distill-cached     the same teacher's outputs made once for 4 augmentation draws per image (no teacher pass)
@@ -106,6 +108,7 @@ METHODS: dict[str, dict[str, Any]] = {
     },  # one pass a step (a teacher's forward without gradients at most), or cooperative with one sub-network
     "nested-smallest-quarter": {**RECIPES["random-depth-nested"].overrides, "smallest_share": 0.25},  # earlier default
     "nested-smallest-three-quarters": {**RECIPES["random-depth-nested"].overrides, "smallest_share": 0.75},
+    "nested-top-half": {**RECIPES["random-depth-nested"].overrides, "smallest_share": 0.25, "top_share": 0.5},
     "two-path": {"sub_ce_weight": 0.0, "distill_warmup_epochs": 0.0, **SINGLE},  # scaling factors: smallest and 1
     "alone": {"full_depth": False, **SINGLE},  # one run per depth
 }

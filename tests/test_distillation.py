@@ -97,6 +97,18 @@ def test_smallest_share_sets_how_often_the_smallest_depth_trains_and_the_steps_a
     below = CooperativeModel([model], [0.25, 1.0], leader="none", train_depths="top+sampled", smallest_share=0.75)
     runs = Counter(below.train().depths_to_run()[1] for _ in range(2000))
     assert runs[0.25] / 2000 == pytest.approx(0.75, abs=0.04)
+    # top_share moves steps to the top depth (the blocks only it runs train in those steps alone)
+    top_heavy = CooperativeModel(
+        [model], [0.25, 0.5, 0.75, 1.0], leader="none", train_depths="sampled", smallest_share=0.25, top_share=0.5
+    ).train()
+    draws = Counter(d for _ in range(4000) for d in top_heavy.depths_to_run())
+    assert draws[1.0] / 4000 == pytest.approx(0.5, abs=0.03)
+    assert draws[0.25] / 4000 == pytest.approx(0.25, abs=0.03)
+    assert TrainingConfig(smallest_share=0.25, top_share=0.5).top_share == 0.5
+    with pytest.raises(ConfigError, match="top_share"):
+        TrainingConfig(smallest_share=0.5, top_share=0.6)
+    with pytest.raises(ConfigError, match="give one of them a share"):  # two depths, both with no share
+        CooperativeModel._draw([0.25, 1.0], [(0.25, 0.0), (1.0, 0.0)])
     # a budget buys more steps when the cheap depth trains more often
     steps = {}
     for share in (0.0, 0.75):

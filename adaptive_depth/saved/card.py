@@ -175,9 +175,10 @@ def how_trained(config: dict) -> str:
     depths, teacher = config.get("train_depths", "all"), TEACHERS.get(str(config.get("leader")))
     if depths == "sampled":
         share = config.get("smallest_share", 0.25)  # a config saved before the field trained with a quarter
+        top = config.get("top_share", 0.25)
         what = (
             "One network trained at one nested depth a step (the depths it is deployed at; the smallest in "
-            f"{100 * share:.0f}% of the steps)"
+            f"{100 * share:.0f}% of the steps, the full depth in {100 * top:.0f}%)"
         )
     elif depths == "top":
         what = (

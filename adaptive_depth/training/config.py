@@ -17,7 +17,7 @@ __all__ = ["LEADER_MODES", "TEAMMATE_DATA", "TRAIN_DEPTHS", "TrainingConfig"]
 LEADER_MODES = ("joint", "frozen", "cached", "ema", "none")
 TEAMMATE_DATA = ("shared", "views", "streams")
 TRAIN_DEPTHS = ("all", "top", "sampled", "top+sampled")
-TOP_SHARE = 0.25  # of the sampled steps, for the top depth (the smallest: ``smallest_share``; the rest: uniform)
+TOP_SHARE = 0.25  # default share of the sampled steps for the top depth (the smallest: ``smallest_share``)
 # what a saved config without these keys was trained with (the defaults before the budget curves changed them)
 EARLIER_DEFAULTS = {"leader": "joint", "train_depths": "all", "smallest_share": 0.25}
 # transformers.get_scheduler names that need no extra arguments
@@ -100,14 +100,15 @@ class TrainingConfig:
         train_depths: which depths run at each training step: ``"all"`` (every trained depth, or the sandwich
             sample), ``"top"`` (the top depth alone: plain fine-tuning, or random depth with ``layer_drop``),
             ``"sampled"`` (one depth per step, drawn from every deployable depth between the smallest trained one
-            and the top: the smallest with probability ``smallest_share``, the top a quarter of the time, the others
+            and the top: the smallest with probability ``smallest_share``, the top with ``top_share``, the others
             uniformly: one pass a step; the default) or ``"top+sampled"`` (the top depth and one drawn below it).
             Every ``scaling_factors`` depth gets its BatchNorm statistics, evaluation and a place in the card
             whatever ran.
         smallest_share: with ``train_depths="sampled"`` or ``"top+sampled"``, the share of the steps that train
-            the smallest depth, in [0, 0.75] (the top depth keeps a quarter). Half (the default) put the smallest
-            depth 2 to 4 points above a quarter at small training budgets, the larger depths level
-            (docs/benchmarks.md).
+            the smallest depth, at most ``1 - top_share``. Half (the default) put the smallest depth 2 to 4 points
+            above a quarter at small training budgets, the larger depths level (docs/benchmarks.md).
+        top_share: with ``train_depths="sampled"``, the share of the steps that train the top depth (a quarter by
+            default; the blocks only the top depth runs train in these steps alone).
         max_steps: optimizer steps to train, instead of ``epochs`` (the schedule ends there; the last epoch may be
             partial).
         compute_budget: training compute in epochs of plain fine-tuning (full depth, forward and backward, over
@@ -172,6 +173,9 @@ class TrainingConfig:
     smallest_share: float = field(
         default=0.5, metadata={"help": "sampled depths: share of the steps that train the smallest depth"}
     )
+    top_share: float = field(
+        default=TOP_SHARE, metadata={"help": "sampled depths: share of the steps that train the top depth"}
+    )
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps instead of epochs"})
     compute_budget: float | None = field(
         default=None, metadata={"help": "training FLOPs, in plain fine-tuning epochs (instead of epochs)"}
@@ -201,10 +205,11 @@ class TrainingConfig:
         self._check_number("label_smoothing", minimum=0.0)
         self._check_number("layer_drop", minimum=0.0)
         self._check_number("smallest_share", minimum=0.0)
-        if not 0.0 <= self.smallest_share <= 1.0 - TOP_SHARE:
+        self._check_number("top_share", minimum=0.0)
+        if not self.smallest_share + self.top_share <= 1.0 or self.top_share > 1.0:
             raise ConfigError(
-                f"smallest_share must be in [0, {1.0 - TOP_SHARE:g}] (the top depth keeps {TOP_SHARE:g} of the "
-                f"sampled steps), got {self.smallest_share!r}"
+                f"smallest_share + top_share must be at most 1 (they are shares of the sampled steps), got "
+                f"smallest_share={self.smallest_share!r} and top_share={self.top_share!r}: lower one of them"
             )
         if self.lr_scheduler_type not in LR_SCHEDULERS:
             raise ConfigError(f"lr_scheduler_type must be one of {LR_SCHEDULERS}, got {self.lr_scheduler_type!r}")

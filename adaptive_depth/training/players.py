@@ -132,6 +132,7 @@ class CooperativeModel(nn.Module):
             (or the sandwich sample), ``"top"`` alone, one ``"sampled"`` depth, or ``"top+sampled"``.
         smallest_share: with ``"sampled"`` and ``"top+sampled"``, the share of the draws that go to the smallest
             trained depth (``TrainingConfig.smallest_share``).
+        top_share: with ``"sampled"``, the share of the draws that go to the top depth (``TrainingConfig.top_share``).
         teammate_data: ``"streams"`` gives each Teammate its own images (the Leader runs on every Teammate's batch,
             and each Teammate's peer target is the other Teammate run on its batch); ``"shared"`` / ``"views"``
             one set of images.
@@ -149,6 +150,7 @@ class CooperativeModel(nn.Module):
         train_depths: str = "all",
         teammate_data: str = "shared",
         smallest_share: float = 0.25,
+        top_share: float = TOP_SHARE,
     ) -> None:
         super().__init__()
         if leader not in LEADER_MODES:
@@ -172,6 +174,7 @@ class CooperativeModel(nn.Module):
         self.sampled_depths = sampled_depths
         self.train_depths = train_depths
         self.smallest_share = smallest_share
+        self.top_share = top_share
         self.teammate_data = teammate_data
         self.compute = ComputeMeter()
         example = self.teammates[0].example_input(1) if teammates else None
@@ -217,6 +220,11 @@ class CooperativeModel(nn.Module):
         if rest:
             weights += [max(0.0, 1.0 - sum(weights)) / len(rest)] * len(rest)
         choices = [*chosen, *rest]
+        if not sum(weights) > 0:
+            raise ConfigError(
+                f"no depth of {list(pool)} can be drawn: smallest_share and top_share are both 0 and there is no "
+                "depth between them; give one of them a share"
+            )
         return choices[int(torch.multinomial(torch.tensor(weights), 1))]
 
     def depths_to_run(self) -> list[float]:
@@ -224,7 +232,7 @@ class CooperativeModel(nn.Module):
 
         ``"all"``: every trained depth, or the sandwich sample (the smallest, the top, ``sampled_depths`` others);
         ``"top"``: the top depth alone; ``"sampled"``: one nested depth, the smallest drawn with probability
-        ``smallest_share``, the top with ``TOP_SHARE``, the others uniformly; ``"top+sampled"``: the top depth and
+        ``smallest_share``, the top with ``top_share``, the others uniformly; ``"top+sampled"``: the top depth and
         one nested depth below it (the smallest with probability ``smallest_share``). Draws come from torch's random
         number generator: seeded, checkpointed, the same on every process.
         """
@@ -235,7 +243,7 @@ class CooperativeModel(nn.Module):
         if self.train_depths == "top":
             return [top]
         if self.train_depths == "sampled":
-            favoured = [(smallest, self.smallest_share), (top, TOP_SHARE)] if smallest != top else [(top, 1.0)]
+            favoured = [(smallest, self.smallest_share), (top, self.top_share)] if smallest != top else [(top, 1.0)]
             return [self._draw(self.nested, favoured)]
         if self.train_depths == "top+sampled":
             below = [s for s in self.nested if s < top]

@@ -128,6 +128,7 @@ class CooperativeTrainer:
             train_depths=config.train_depths,
             teammate_data=config.teammate_data,
             smallest_share=config.smallest_share,
+            top_share=config.top_share,
         )
         self.num_classes = num_classes
         self.top5 = top5
