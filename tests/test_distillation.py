@@ -104,7 +104,6 @@ def test_smallest_share_sets_how_often_the_smallest_depth_trains_and_the_steps_a
     draws = Counter(d for _ in range(4000) for d in top_heavy.depths_to_run())
     assert draws[1.0] / 4000 == pytest.approx(0.5, abs=0.03)
     assert draws[0.25] / 4000 == pytest.approx(0.25, abs=0.03)
-    assert TrainingConfig(smallest_share=0.25, top_share=0.5).top_share == 0.5
     with pytest.raises(ConfigError, match="top_share"):
         TrainingConfig(smallest_share=0.5, top_share=0.6)
     with pytest.raises(ConfigError, match="give one of them a share"):  # two depths, both with no share
@@ -115,6 +114,10 @@ def test_smallest_share_sets_how_often_the_smallest_depth_trains_and_the_steps_a
         config = TrainingConfig(batch_size=8, scaling_factors=[0.25, 1.0], compute_budget=4.0, smallest_share=share)
         steps[share] = _trainer(data, config).run.total_steps
     assert steps[0.75] > steps[0.0]
+    # and fewer when the full depth does (the trainer hands top_share to the players that price a step)
+    config = TrainingConfig(batch_size=8, scaling_factors=[0.25, 1.0], compute_budget=4.0, smallest_share=0.0)
+    top_heavy = TrainingConfig(**{**config.to_dict(), "top_share": 0.75})
+    assert _trainer(data, top_heavy).run.total_steps < steps[0.0]
     for bad in (-0.1, 0.8, float("nan"), "half"):
         with pytest.raises(ConfigError, match="smallest_share"):
             TrainingConfig(smallest_share=bad)

@@ -206,7 +206,7 @@ class TrainingConfig:
         self._check_number("layer_drop", minimum=0.0)
         self._check_number("smallest_share", minimum=0.0)
         self._check_number("top_share", minimum=0.0)
-        if not self.smallest_share + self.top_share <= 1.0 or self.top_share > 1.0:
+        if self.smallest_share + self.top_share > 1.0:
             raise ConfigError(
                 f"smallest_share + top_share must be at most 1 (they are shares of the sampled steps), got "
                 f"smallest_share={self.smallest_share!r} and top_share={self.top_share!r}: lower one of them"
