@@ -246,6 +246,17 @@ def test_cached_teacher_outputs_are_reused_and_refused_for_other_data_or_teacher
         _trainer(data, config, leader=other_teacher).train()
 
 
+@pytest.mark.parametrize("leader", ["frozen", "cached", "ema"])
+def test_every_teacher_lives_on_the_accelerator_device(data, leader: str, monkeypatch) -> None:
+    # CI has no GPU: an accelerator whose device is "meta" stands in for one (a teacher left on the CPU stays there).
+    monkeypatch.setattr(Accelerator, "device", property(lambda self: torch.device("meta")))
+    config = TrainingConfig(train_depths="sampled", leader=leader, interactive=False, batch_size=8)
+    teacher = _model(1).export(1.0) if leader in ("frozen", "cached") else None
+    trainer = _trainer(data, config, leader=teacher)
+    assert {p.device.type for p in trainer.leader.parameters()} == {"meta"}
+    assert {p.device.type for p in trainer.teammates[0].parameters()} == {"meta"}
+
+
 def test_one_pass_recipes_are_validated() -> None:
     with pytest.raises(ConfigError, match="for two Teammates set train_depths='all'"):
         TrainingConfig(interactive=True)  # the default runs one depth a step: no full-depth peer

@@ -117,7 +117,10 @@ class CooperativeTrainer:
             leader = make_leader(self.teammates[0], config.seed + config.num_teammates + 1, fresh_head=fresh)
         if config.leader == "ema":
             leader = ModelEmaV3(self.teammates[0], decay=config.ema_decay, use_warmup=True)
-        self.cache_teacher = leader.eval() if config.leader == "cached" and leader is not None else None
+        # A cached teacher stays outside the prepared module (it only makes the table), so it is moved here: on a
+        # GPU the table is made from images on the accelerator's device.
+        cached = config.leader == "cached" and leader is not None
+        self.cache_teacher = leader.eval().to(acc.device) if cached else None
         module = CooperativeModel(
             self.teammates,
             config.scaling_factors,
