@@ -177,6 +177,28 @@ def test_inference_benchmark_reports_every_depth_and_the_targets(tmp_path: Path)
     assert "latency/FLOPs ratio at s=0.5" in bench.markdown(reports)
 
 
+def test_training_cost_benchmark_times_today_recipes_and_charges_the_flops_that_ran(tmp_path: Path) -> None:
+    bench = _script("training_cost")
+    out = tmp_path / "cost.json"
+    result = bench.main(
+        ["--model", "regnetx_002", "--batch-size", "4", "--recipes", "plain", "cooperative", "random-depth-nested",
+         "distill-cached", "--repeats", "1", "--warmup", "0", "--steps-per-round", "2", "--device", "cpu",
+         "--json", str(out)]
+    )  # fmt: skip
+    rows = result["recipes"]
+    model = AdaptiveDepth.wrap(timm.create_model("regnetx_002", num_classes=10), input_size=[3, 32, 32])
+    gflops = {s: model.flops(s) / 1e9 for s in (0.25, 0.5, 0.75, 1.0)}  # the benchmark's model: per image
+    # A plain step is a forward and a backward at full depth; a cooperative one adds the Leader to every depth.
+    assert rows["plain"]["gflops_per_image"] == pytest.approx(3 * gflops[1.0])
+    assert rows["cooperative"]["gflops_per_image"] == pytest.approx(3 * (gflops[1.0] + sum(gflops.values())))
+    # One nested depth a step: between the smallest and the full depth; a cached teacher's table is not a step.
+    assert 3 * gflops[0.25] <= rows["random-depth-nested"]["gflops_per_image"] <= 3 * gflops[1.0]
+    assert 3 * gflops[0.25] <= rows["distill-cached"]["gflops_per_image"] <= 3 * gflops[1.0]
+    assert set(result["parts_ms"]) == {"Leader", "optimizer"} | {f"Teammate A s={s:g}" for s in gflops}
+    assert all(row["ms_per_step"] > 0 for row in rows.values())
+    assert "cooperative step" in bench.markdown(result) and json.loads(out.read_text())["recipes"].keys() == rows.keys()
+
+
 def test_accuracy_benchmark_config_overrides_are_checked() -> None:
     bench = _script("accuracy")
     args = bench.parse_args(["--set", "temperature=1", "leader=none", "sampled_depths=null", "--methods", "plain"])
