@@ -79,15 +79,7 @@ class CondGate(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         keep = self._depth.keep[self.slot]  # type: ignore[index] # set by AllDepthsModule for the pass
         if self.inputs_len:
-            operands, rest = tuple(args[: self.inputs_len]), args[self.inputs_len :]
-            return tuple(
-                torch.cond(
-                    keep,
-                    lambda *xs: tuple(self.base_layer(*xs, *rest, **kwargs)),
-                    lambda *xs: tuple(x.clone() for x in xs),
-                    operands,
-                )
-            )
+            return self._inputs_cond(keep, args, kwargs)
         by_keyword = self.input_kwarg is not None and not args
         x = kwargs[self.input_kwarg] if by_keyword else args[0]
 
@@ -103,6 +95,24 @@ class CondGate(nn.Module):
 
         y = torch.cond(keep, run, skip, (x,))
         return (y,) + (None,) * (self.tuple_len - 1) if self.tuple_len else y
+
+    def _inputs_cond(self, keep: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """A block that returns what it takes: its tensors go through the condition; a plain value (MViTv2's
+        ``feat_size``) is handed on as it came, as discovery checked the block does."""
+        inputs, rest = list(args[: self.inputs_len]), args[self.inputs_len :]
+        slots = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
+
+        def run(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            full = list(inputs)
+            for i, x in zip(slots, xs):
+                full[i] = x
+            out = self.base_layer(*full, *rest, **kwargs)
+            return tuple(out[i] for i in slots)
+
+        ys = torch.cond(keep, run, lambda *xs: tuple(x.clone() for x in xs), tuple(inputs[i] for i in slots))
+        for i, y in zip(slots, ys):
+            inputs[i] = y
+        return tuple(inputs)
 
 
 class AllDepthsModule(nn.Module):

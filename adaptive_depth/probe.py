@@ -76,13 +76,25 @@ def _main_output(output: Any) -> tuple[torch.Tensor | None, str, int]:
 
 
 def _returns_its_inputs(args: tuple[Any, ...], output: Any) -> bool:
-    """True if ``output`` is a tuple of two or more tensors shaped like the first positional arguments, one for one."""
+    """True if ``output`` is a tuple of two or more values that stand for the first positional arguments, one for
+    one: the first a tensor, each tensor shaped like its argument, any other value equal to it (MViTv2's blocks take
+    and return ``(x, feat_size)``, the feature map's height and width as a list)."""
     if type(output) is not tuple or len(output) < 2 or len(args) < len(output):
         return False
-    return all(
-        isinstance(a, torch.Tensor) and isinstance(o, torch.Tensor) and (a.shape, a.dtype) == (o.shape, o.dtype)
-        for a, o in zip(args, output)
-    )
+    return isinstance(output[0], torch.Tensor) and all(_stands_for(a, o) for a, o in zip(args, output))
+
+
+def _stands_for(arg: Any, out: Any) -> bool:
+    """True if ``out`` can take ``arg``'s place: a tensor of its shape and dtype, or the same plain value."""
+    if isinstance(arg, torch.Tensor) or isinstance(out, torch.Tensor):
+        return isinstance(arg, torch.Tensor) and isinstance(out, torch.Tensor) and _meta(arg) == _meta(out)
+    if isinstance(arg, (list, tuple)) and isinstance(out, (list, tuple)):  # torch.Size in, a list out: both sizes
+        return list(arg) == list(out) and all(isinstance(v, int) for v in arg)
+    return type(arg) is type(out) and isinstance(arg, (int, float)) and arg == out
+
+
+def _meta(x: torch.Tensor) -> tuple[torch.Size, torch.dtype]:
+    return x.shape, x.dtype
 
 
 def keeps_shape(call: Call) -> bool:
@@ -198,8 +210,11 @@ def is_residual(module: nn.Module, call: Call) -> bool:
             output = functional_call(module, zeros, call.args, call.kwargs)
     except Exception:  # an exotic module that cannot run with zero weights is not a block we can reason about
         return False
-    if call.output == "inputs":  # every tensor it hands on must come through, or a skip would change one
-        return _returns_its_inputs(call.args, output) and all(_passes_through(a, o) for a, o in zip(call.args, output))
+    if call.output == "inputs":  # everything it hands on must come through, or a skip would change one
+        return _returns_its_inputs(call.args, output) and all(
+            _passes_through(a, o) if isinstance(a, torch.Tensor) else _stands_for(a, o)
+            for a, o in zip(call.args, output)
+        )
     y, _, _ = _main_output(output)
     return y is not None and _passes_through(x, y)
 

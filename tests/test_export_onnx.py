@@ -46,7 +46,16 @@ def _transformers_vit() -> AdaptiveDepth:
     return AdaptiveDepth.wrap(transformers.ViTForImageClassification(config)).eval()
 
 
-@pytest.mark.parametrize("make", [_resnet_with_depth_norms, _timm_vit, _transformers_vit])
+def _mvitv2() -> AdaptiveDepth:
+    """MViTv2: its blocks take and return the feature map's size beside the tokens; a skipped one hands both on."""
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    torch.manual_seed(0)
+    model = MultiScaleVit(MultiScaleVitCfg(depths=(1, 2, 2, 1), embed_dim=16, num_heads=1), img_size=(64, 64))
+    return AdaptiveDepth.wrap(model, input_size=(3, 64, 64)).eval()
+
+
+@pytest.mark.parametrize("make", [_resnet_with_depth_norms, _timm_vit, _transformers_vit, _mvitv2])
 def test_every_trained_depth_in_one_onnx_file(tmp_path: Path, make: Callable[[], AdaptiveDepth]) -> None:
     model = make()
     folder = model.save_export(tmp_path / "all", "all")
@@ -204,3 +213,13 @@ def test_onnx_falls_back_to_the_torchscript_exporter_where_the_torch_export_rout
     assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
     with pytest.raises(ConfigError, match="torch.export cannot trace"):  # the all-depth graph needs torch.cond
         _timm_vit().save_export(tmp_path / "all", "all", format="onnx")
+
+
+def test_a_skipped_block_hands_on_the_feature_size_it_was_given() -> None:
+    model = _mvitv2()
+    gated = [b for st in model.stages for b in st.blocks if b.gateable]
+    assert gated and all(b.output == "inputs" for b in gated)  # (tokens, [H, W]) in, the same out
+    x = torch.randn(2, 3, 64, 64)
+    for s in model.config.scaling_factors:
+        with torch.no_grad():
+            torch.testing.assert_close(model.export(s)(x), _logits(model, x, s))
