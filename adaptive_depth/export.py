@@ -58,8 +58,11 @@ def export_depth(model: nn.Module, stages: Sequence[StageSpec], masks: Sequence[
                 continue
             parent, _, child = block.name.rpartition(".")
             removals.setdefault(parent, []).append(child)
-    for parent_name, children in removals.items():
-        parent = plain.get_submodule(parent_name) if parent_name else plain
+    # Every parent is looked up before anything is deleted: deleting from a Sequential renumbers its children, and
+    # a removal further down that Sequential (CSATv2: a block inside block 3 of a stage whose block 2 goes) would
+    # otherwise find another module under its old index.
+    parents = [(name, plain.get_submodule(name) if name else plain, children) for name, children in removals.items()]
+    for parent_name, parent, children in parents:
         if isinstance(parent, (nn.Sequential, nn.ModuleList)):
             if all(c.isdigit() for c in children):  # indices: delete from the end, the rest renumber
                 for index in sorted((int(c) for c in children), reverse=True):

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 import transformers as tf
 
-from adaptive_depth import AdaptiveDepth
+from adaptive_depth import AdaptiveDepth, BlockSpec, StageSpec
+from adaptive_depth.export import export_depth
 
 
 def test_exported_transformers_model_round_trips_through_transformers(tmp_path: Path) -> None:
@@ -74,3 +75,31 @@ def test_a_vit_config_that_names_backbone_stages_reloads_at_a_shallower_depth(tm
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x).logits, model.set_scaling_factor(0.5)(x).logits)
+
+
+class _Outer(torch.nn.Module):
+    """A residual block holding another in a plain attribute, as CSATv2's blocks hold an attention block."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.inner = _Residual(channels)
+        self.conv = torch.nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(self.inner(x))
+
+
+def test_a_block_inside_a_later_block_of_a_thinned_sequential_is_removed_from_the_right_block() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Sequential(*[_Outer(8) for _ in range(3)]))
+    stages = [
+        StageSpec("0", [BlockSpec("0.0", gateable=False), BlockSpec("0.1"), BlockSpec("0.2")]),
+        StageSpec("0.2", [BlockSpec("0.2.inner")]),
+    ]
+    plain = export_depth(net, stages, [[True, False, True], [False]])  # block 1 goes, and block 2's inner block
+    assert len(plain[0]) == 2 and isinstance(plain[0][1].inner, torch.nn.Identity)
+    assert isinstance(plain[0][0].inner, _Residual)  # block 0 (first after the renumbering) keeps its own
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        y = net[0][0](x)
+        torch.testing.assert_close(plain(x), y + net[0][2].conv(y))
