@@ -5,6 +5,7 @@
     python scripts/supported_models.py --update-exports --budget-min 90  # the exports column of docs/, per family
     python scripts/supported_models.py --update-exports --only-missing   # carry on where the last one stopped
     python scripts/supported_models.py --update-exports --only-missing --every-model --budget-min 60  # model by model
+    python scripts/supported_models.py --update-exports --filter 'mvitv2*'  # these rows again; the others stay
 
 Every architecture is built with random weights (nothing is downloaded) and probed once by ``discover`` at its
 declared input size, batch 1, on CPU. Parameters are first counted on the meta device; models above
@@ -15,7 +16,8 @@ builds and runs; otherwise the default config is used. Each model runs in a work
 ``--exports`` also writes every wrapping model at s = 0.5 in each plain format, checked as ``save_export`` checks it
 (a timm / transformers repository rebuilt and compared, a torch.export program run, an ONNX file run in
 onnxruntime): tens of seconds a model on a CPU. ``--update-exports`` does that for the smallest wrapping model of each
-family (timm module, transformers model type) of the existing page within ``--budget-min``, and rewrites those rows.
+family (timm module, transformers model type) of the existing page within ``--budget-min``, and rewrites those rows;
+with ``--filter`` it checks every wrapping model whose name matches, and leaves the other rows as they are.
 """
 
 from __future__ import annotations
@@ -331,19 +333,22 @@ def main() -> None:
     start = time.monotonic()
     if args.update_exports:  # the page's rows stay; the families' rows are checked again, exports included
         header, rows = parse_page(args.out)
-        if not args.only_missing:  # a fresh column: the lines of earlier runs go with their cells
+        some = args.filter != "*"  # only the models it names are checked again; every other row stays as it is
+        keep = args.only_missing or some
+        if not keep:  # a fresh column: the lines of earlier runs go with their cells
             header = [line for line in header if not line.startswith("- exports ")]
         page_rows = rows
+        targets = export_targets(rows, args.only_missing, args.every_model, args.filter)
 
         def merged(checked_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             checked = {(r["source"], r["name"]): r for r in checked_rows}
-            return [_with_exports(r, checked.get((r["source"], r["name"])), args.only_missing) for r in page_rows]
+            return [_with_exports(r, checked.get((r["source"], r["name"])), keep) for r in page_rows]
 
         def save(checked_rows: list[dict[str, Any]]) -> None:  # the page so far: --only-missing carries on from it
             lines = header_lines(command, time.monotonic() - start, "exports column: ")
             args.out.write_text(render(merged(checked_rows), header + lines))
 
-        rows = merged(walk(export_targets(rows, args.only_missing, args.every_model), args, save))
+        rows = merged(walk(targets, args, save))
         header += header_lines(command, time.monotonic() - start, "exports column: ")
     else:
         jobs: list[tuple[str, str]] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import fnmatch
 import re
 import subprocess
 from pathlib import Path
@@ -143,11 +144,14 @@ def families(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str,
 
 
 def export_targets(
-    rows: list[dict[str, Any]], only_missing: bool = False, every_model: bool = False
+    rows: list[dict[str, Any]], only_missing: bool = False, every_model: bool = False, pattern: str = "*"
 ) -> list[tuple[str, str]]:
     """The always-checked models, then the smallest wrapping model of each family (transformers first, then timm by
     size: the most families within a time budget), then with ``every_model`` every other wrapping model from the
-    smallest; with ``only_missing``, those whose row has no exports cell yet."""
+    smallest; with ``only_missing``, those whose row has no exports cell yet. A ``pattern`` (fnmatch, on the name)
+    other than ``*`` picks every wrapping model it matches, and only those."""
+    if pattern != "*":
+        return [j for j in export_targets(rows, only_missing, True) if fnmatch.fnmatch(j[1], pattern)]
     grouped = families(rows).values()
     ordered = sorted((m[0] for m in grouped), key=lambda r: (r["source"] != "transformers", float(r["params_m"])))
     if every_model:

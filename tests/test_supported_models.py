@@ -87,5 +87,7 @@ def test_only_missing_carries_on_where_the_exports_column_stopped() -> None:
         ("timm", "vit_small_patch16_224"),
         ("timm", "resnet50"),
     ]
+    # --filter: every wrapping model it names, the smallest of its family or not, and no other
+    assert PAGE_FORMAT.export_targets(rows, pattern="resnet*") == [("timm", "resnet18"), ("timm", "resnet50")]
     assert WALK._with_exports(rows[0], None, keep=True)["exports"] == "ONNX"
     assert "exports" not in WALK._with_exports(rows[0], None)  # a fresh column drops what it did not check
