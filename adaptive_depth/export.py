@@ -11,10 +11,13 @@ import torch
 from torch import nn
 
 from .config import StageSpec
-from .errors import AdaptiveDepthError
-from .gates import unwrap_gates
+from .errors import AdaptiveDepthError, ConfigError
+from .export_files import check_outputs
+from .gates import SkippedBlock, unwrap_gates
+from .outputs import first_tensor
+from .state import preserved
 
-__all__ = ["ZeroBranch", "config_depth_field", "export_depth"]
+__all__ = ["ZeroBranch", "config_depth_field", "export_depth", "export_matching"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +40,9 @@ class ZeroBranch(nn.Module):
         return torch.zeros_like(x)
 
 
-def export_depth(model: nn.Module, stages: Sequence[StageSpec], masks: Sequence[Sequence[bool]]) -> nn.Module:
+def export_depth(
+    model: nn.Module, stages: Sequence[StageSpec], masks: Sequence[Sequence[bool]], *, keep_positions: bool = False
+) -> nn.Module:
     """Return a deep copy of ``model`` (gated or not) with the blocks switched off in ``masks`` removed.
 
     Blocks inside an ``nn.Sequential`` / ``nn.ModuleList`` are deleted (indices renumber, as in a natively
@@ -45,7 +50,8 @@ def export_depth(model: nn.Module, stages: Sequence[StageSpec], masks: Sequence[
     a plain attribute becomes ``nn.Identity``, and a residual branch becomes a :class:`ZeroBranch` (its block's
     forward still adds it, wherever it is held). A transformers config's
     ``depths`` / ``num_hidden_layers`` are updated so that ``save_pretrained`` / ``from_pretrained`` of the
-    result rebuild the shallower architecture.
+    result rebuild the shallower architecture. With ``keep_positions`` every removed block's place holds a
+    :class:`~adaptive_depth.gates.SkippedBlock` instead (nothing renumbers; the config is left as it is).
     """
     plain = unwrap_gates(copy.deepcopy(model))
     removals: dict[str, list[str]] = {}
@@ -55,6 +61,9 @@ def export_depth(model: nn.Module, stages: Sequence[StageSpec], masks: Sequence[
                 continue
             if block.kind == "branch":
                 plain.set_submodule(block.name, ZeroBranch(block.input_kwarg))
+                continue
+            if keep_positions:
+                plain.set_submodule(block.name, SkippedBlock(block))
                 continue
             parent, _, child = block.name.rpartition(".")
             removals.setdefault(parent, []).append(child)
@@ -81,6 +90,39 @@ def export_depth(model: nn.Module, stages: Sequence[StageSpec], masks: Sequence[
             parent._modules[child] = nn.Identity()
     _update_transformers_config(plain, stages, masks)
     return plain
+
+
+def export_matching(
+    model: nn.Module, stages: Sequence[StageSpec], masks: Sequence[Sequence[bool]], example: torch.Tensor
+) -> tuple[nn.Module, bool]:
+    """:func:`export_depth`, checked against ``model`` (gated, switched to ``masks`` already) on ``example``.
+
+    Where deleting the removed blocks changes what the network computes (a forward that counts its blocks: ConViT
+    adds its class token before block 10, whatever the list holds), the blocks' positions are kept instead.
+
+    Returns:
+        The plain module, and whether it kept the positions (a natively shallower network would compute another
+        function: no timm / transformers repository of that depth exists).
+
+    Raises:
+        ConfigError: neither copy computes what ``model`` computes at this depth.
+    """
+    with torch.no_grad(), preserved(model, train=False):
+        expected = first_tensor(model(example))
+        deleted = export_depth(model, stages, masks)
+        try:
+            with preserved(deleted, train=False):
+                check_outputs(first_tensor(deleted(example)), expected, "the copy with the blocks deleted")
+            return deleted, False
+        except ConfigError:
+            why = "it computes another function"
+        except (RuntimeError, TypeError, IndexError) as e:  # or it no longer runs
+            why = f"it fails: {type(e).__name__}: {e}"
+        kept = export_depth(model, stages, masks, keep_positions=True)
+        with preserved(kept, train=False):
+            check_outputs(first_tensor(kept(example)), expected, "the copy with the blocks' places kept")
+    logger.info("export: the removed blocks keep their places (with them deleted %s)", why)
+    return kept, True
 
 
 def config_depth_field(config: Any, stages: Sequence[StageSpec]) -> str | None:

@@ -31,14 +31,7 @@ from .state import preserved
 if TYPE_CHECKING:
     from .tuner import DepthTuner
 
-__all__ = ["AllDepthsModule", "CondGate", "TensorOutputs", "all_depths_module", "first_tensor"]
-
-
-def first_tensor(output: Any) -> torch.Tensor:
-    """The main output of any model: its logits, else the first tensor of a ``ModelOutput`` (a backbone's features)."""
-    if isinstance(output, torch.Tensor) or isinstance(getattr(output, "logits", None), torch.Tensor):
-        return logits_of(output)
-    return next(v for v in output.to_tuple() if isinstance(v, torch.Tensor))
+__all__ = ["AllDepthsModule", "CondGate", "TensorOutputs", "all_depths_module"]
 
 
 class TensorOutputs(nn.Module):

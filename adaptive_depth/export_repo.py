@@ -57,8 +57,8 @@ from .export_files import (
     write_onnx,
     write_onnx_traced,
 )
-from .export_graph import TensorOutputs, all_depths_module, first_tensor
-from .outputs import logits_of
+from .export_graph import TensorOutputs, all_depths_module
+from .outputs import first_tensor, logits_of
 from .preprocessing import match_channels, timm_preprocessing
 from .saved import CARD_NAME, CONFIG_NAME, PROCESSOR_NAME, WEIGHTS_NAME, replace_files_atomically
 from .state import preserved
@@ -253,7 +253,15 @@ def _check_repo_possible(model: AdaptiveDepth, counts: Sequence[int]) -> None:
 
 
 def _write_repo(model: AdaptiveDepth, counts: list[int], folder: Path) -> None:
-    plain = model.export(depth=counts).eval()
+    plain, kept_places = model.export_checked(depth=counts)
+    if kept_places:
+        raise ConfigError(
+            f"cannot save blocks per stage {counts} as a plain {model.config.base_model.source} repository: "
+            f"{type(model.model).__name__}'s forward counts its blocks, so a network built with fewer computes "
+            "another function than this depth; save_export(folder, s, format='onnx') (or 'torch.export') keeps the "
+            "removed blocks' places"
+        )
+    plain.eval()
     if model.config.base_model.source == "transformers":
         plain.save_pretrained(folder)  # type: ignore[operator]
         _processor(model).save_pretrained(folder)

@@ -25,12 +25,40 @@ from torch import nn
 from .config import AdaptiveDepthConfig, BlockSpec
 from .errors import CheckpointError, ConfigError
 
-__all__ = ["DepthGate", "check_structure", "gate_model", "is_gated", "unwrap_gates"]
+__all__ = ["DepthGate", "SkippedBlock", "check_structure", "gate_model", "is_gated", "unwrap_gates"]
 
 _INNER = "base_layer."
 
 
-class DepthGate(nn.Module):
+class SkippedBlock(nn.Module):
+    """What a switched-off gate returns, as a module: the input in the block's structure (zeros for a branch).
+
+    An export that keeps the blocks' positions puts one in each removed block's place, for networks whose forward
+    counts its blocks (ConViT adds its class token before a fixed block index).
+
+    Args:
+        spec: how the block is called and what it returns.
+    """
+
+    def __init__(self, spec: BlockSpec) -> None:
+        super().__init__()
+        self.input_kwarg = spec.input_kwarg
+        self.tuple_len = spec.output_len if spec.output == "tuple" else 0
+        self.inputs_len = spec.output_len if spec.output == "inputs" else 0
+        self.zeros_when_off = spec.kind == "branch"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        x = kwargs[self.input_kwarg] if self.input_kwarg is not None and not args else args[0]
+        if self.zeros_when_off:
+            return torch.zeros_like(x)  # discovery checked that the branch returns a tensor of its input's shape
+        if self.inputs_len:
+            return tuple(args[: self.inputs_len])
+        if self.tuple_len:
+            return (x,) + (None,) * (self.tuple_len - 1)
+        return x
+
+
+class DepthGate(SkippedBlock):
     """Runs ``base_layer`` when ``active``; otherwise returns its input unchanged, in the block's structure.
 
     A branch gate (``spec.kind == "branch"``) returns zeros of its input's shape, dtype and device instead.
@@ -41,13 +69,9 @@ class DepthGate(nn.Module):
     """
 
     def __init__(self, block: nn.Module, spec: BlockSpec) -> None:
-        super().__init__()
+        super().__init__(spec)
         self.base_layer = block
         self.active = True
-        self.input_kwarg = spec.input_kwarg
-        self.tuple_len = spec.output_len if spec.output == "tuple" else 0
-        self.inputs_len = spec.output_len if spec.output == "inputs" else 0
-        self.zeros_when_off = spec.kind == "branch"
         self.register_state_dict_post_hook(_drop_inner_prefix)
         self.register_load_state_dict_pre_hook(_add_inner_prefix)
 
@@ -59,14 +83,7 @@ class DepthGate(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.active:
             return self.base_layer(*args, **kwargs)
-        x = kwargs[self.input_kwarg] if self.input_kwarg is not None and not args else args[0]
-        if self.zeros_when_off:
-            return torch.zeros_like(x)  # discovery checked that the branch returns a tensor of its input's shape
-        if self.inputs_len:
-            return tuple(args[: self.inputs_len])
-        if self.tuple_len:
-            return (x,) + (None,) * (self.tuple_len - 1)
-        return x
+        return super().forward(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         # Parent code sometimes reads attributes of its children (``layer.attention``...): forward them.

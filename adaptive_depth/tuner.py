@@ -21,7 +21,7 @@ from torch import nn
 from .budget import LatencyProfile, choose_scaling_factor, profile_model
 from .config import AdaptiveDepthConfig, StageSpec
 from .errors import ConfigError, DepthSpecError
-from .export import export_depth
+from .export import export_matching
 from .flops import count_flops
 from .gates import DepthGate, check_structure, gate_model
 from .norms import (
@@ -406,13 +406,21 @@ class DepthTuner(nn.Module):
     def export(self, scaling_factor: float | None = None, *, depth: Sequence[int] | None = None) -> nn.Module:
         """A plain timm / transformers module of one depth, with the skipped blocks removed.
 
-        The copy holds that depth's BatchNorm statistics.
+        The copy holds that depth's BatchNorm statistics, and is checked to compute what this model computes at that
+        depth. Where deleting blocks would change that (a forward that counts its blocks, as ConViT's), each removed
+        block's place holds a pass-through instead.
 
         Args:
             scaling_factor: the depth to export (default: the current one).
             depth: explicit blocks per stage instead of a scaling factor.
         """
+        return self.export_checked(scaling_factor, depth=depth)[0]
+
+    def export_checked(
+        self, scaling_factor: float | None = None, *, depth: Sequence[int] | None = None
+    ) -> tuple[nn.Module, bool]:
+        """:meth:`export`, and whether the removed blocks kept their places (see :func:`export_matching`)."""
         counts, s = self.resolve_depth(scaling_factor, depth)
         with preserved(self):
             self._activate(counts, s)  # the BatchNorm statistics of that depth go into the copy
-            return export_depth(self.model, self.stages, self._masks_for(counts))
+            return export_matching(self.model, self.stages, self._masks_for(counts), self.example_input(2))

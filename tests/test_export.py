@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
+import pytest
 import torch
 import transformers as tf
 
-from adaptive_depth import AdaptiveDepth, BlockSpec, StageSpec
+from adaptive_depth import AdaptiveDepth, BlockSpec, ConfigError, StageSpec
 from adaptive_depth.export import export_depth
+from adaptive_depth.gates import SkippedBlock
 
 
 def test_exported_transformers_model_round_trips_through_transformers(tmp_path: Path) -> None:
@@ -56,8 +58,8 @@ def test_blocks_of_a_sequential_with_named_children_are_removed_by_name() -> Non
     head = [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5)]
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), blocks, *head)
     model = AdaptiveDepth.wrap(net).eval()
-    plain = model.export(0.5).eval()
-    assert list(plain[1]._modules) == ["res0", "res1"]
+    plain, kept_places = model.export_checked(0.5)
+    assert list(plain[1]._modules) == ["res0", "res1"] and not kept_places  # deleted, as a shallower network
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.allclose(plain(x), model.set_scaling_factor(0.5)(x), atol=1e-6)
@@ -103,3 +105,42 @@ def test_a_block_inside_a_later_block_of_a_thinned_sequential_is_removed_from_th
     with torch.no_grad():
         y = net[0][0](x)
         torch.testing.assert_close(plain(x), y + net[0][2].conv(y))
+
+
+class _CountsItsBlocks(torch.nn.Module):
+    """A forward that acts at a fixed block index, as ConViT adds its class token before block 10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = torch.nn.ModuleList(_Residual(8) for _ in range(4))
+        self.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            if i == 2:
+                x = x + 1.0
+            x = block(x)
+        return self.head(x)
+
+
+def test_an_export_keeps_the_places_of_removed_blocks_where_the_forward_counts_them() -> None:
+    torch.manual_seed(0)
+    model = AdaptiveDepth.wrap(_CountsItsBlocks(), input_size=(3, 8, 8)).eval()
+    plain, kept = model.export_checked(0.5)  # blocks 2 and 3 go: deleting them would skip the "+ 1" too
+    assert kept and len(plain.blocks) == 4 and isinstance(plain.blocks[3], SkippedBlock)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad(), model.scaled(0.5):
+        torch.testing.assert_close(plain(x), model(x))
+
+
+def test_a_repository_of_a_depth_whose_forward_counts_blocks_is_refused(tmp_path: Path) -> None:
+    model = AdaptiveDepth.from_pretrained(
+        "convit_tiny", pretrained=False, num_classes=3, img_size=32, patch_size=8, depth=4, local_up_to_layer=2
+    ).eval()
+    with pytest.raises(ConfigError, match="counts its blocks.*format='onnx'"):
+        model.save_export(tmp_path / "repo", 0.5, format="repo")
+    assert list((tmp_path / "repo").iterdir()) == []  # nothing written (the staging folder removed)
+    folder = model.save_export(tmp_path / "onnx", 0.5, format="onnx")  # checked in onnxruntime against the model
+    assert (folder / "model.onnx").exists()
