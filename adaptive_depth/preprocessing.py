@@ -94,7 +94,18 @@ def default_input_size(model: nn.Module) -> list[int]:
         import timm.data
 
         size = list(timm.data.resolve_model_data_config(model)["input_size"])
-        # the data config keeps the pretrained weights' channels; a model built with in_chans=1 takes one
+        # the data config keeps the pretrained weights' channels; a model built with in_chans=1 takes one. timm's
+        # record of the model's arguments knows (a space-to-depth stem, as TResNet's, makes its first conv's
+        # channels 16 times the image's); the first conv's input channels where it does not
+        try:
+            from timm.models._hub import get_model_args
+
+            in_chans = get_model_args(model).get("in_chans")
+        except (ImportError, AttributeError, TypeError, ValueError):  # an older timm, or a model it cannot describe
+            in_chans = None
+        if isinstance(in_chans, int):
+            size[0] = in_chans
+            return size
         first = cfg.get("first_conv")
         first = first[0] if isinstance(first, list | tuple) and first else first
         try:

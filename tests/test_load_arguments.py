@@ -132,6 +132,12 @@ def test_one_channel_models_are_probed_with_one_channel(tmp_path: Path) -> None:
     assert AdaptiveDepth.from_pretrained(tmp_path).config.input_size[0] == 1
 
 
+def test_a_space_to_depth_stem_is_probed_with_the_image_channels_not_its_first_convs() -> None:
+    # TResNet's first conv takes 48 channels (3 x 4 x 4 after its space-to-depth stem); the image has 3
+    model = AdaptiveDepth.from_pretrained("tresnet_m", pretrained=False, num_classes=3)
+    assert model.config.input_size == [3, 224, 224] and model.get_submodule("model.body.conv1").in_channels == 48
+
+
 def test_a_dynamically_quantized_model_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     model = AdaptiveDepth.wrap(timm.create_model("resnet18", num_classes=3), input_size=[3, 32, 32]).eval()
     quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
