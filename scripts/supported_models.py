@@ -67,6 +67,7 @@ EXPORT_REASONS = {
     "transformers cannot rebuild": "transformers cannot rebuild it",
     "cannot find logits": "returns no logits",
     "neither ONNX exporter": "neither ONNX exporter converts it",
+    "forward counts its blocks": "its forward counts its blocks",
 }
 
 
