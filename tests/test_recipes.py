@@ -49,22 +49,32 @@ def test_a_config_saved_before_the_default_changed_keeps_what_it_trained_with() 
     assert (earlier.leader, earlier.train_depths) == ("joint", "all") != (TrainingConfig().leader, "sampled")
 
 
-def test_auto_picks_the_recipe_on_top_of_the_curves_at_the_budget_given_and_says_why() -> None:
-    ((edge, above),) = AUTO_RULE
-    assert above == "random-depth" and 32 < edge <= 64  # level at budget 32, random depth ahead at 64 (measured)
+def test_auto_picks_the_recipe_on_top_of_the_curves_at_the_budget_given_and_says_why(monkeypatch) -> None:
+    # Today's curves: the nested default on top or level at every budget measured (1 to 64), so auto keeps it
+    assert AUTO_RULE == ()
+    for budget in (1, 10, 64, 200):
+        name, why = pick_recipe(AUTO, epochs=budget)
+        assert name == DEFAULT_RECIPE and "every budget of the budget curves" in why
+    script = load_script(ROOT / "examples" / "finetune.py")
+    args, config = script.parse_args(["--epochs", "60"])  # the script's default is auto
+    assert args.recipe == AUTO
+    assert config == recipe_config(DEFAULT_RECIPE, epochs=60, learning_rate=config.learning_rate)
+    # Where curves cross, the rule switches at the budget given (the rule of the three-seed curves, as an example)
+    from adaptive_depth.training import recipes
+
+    monkeypatch.setattr(recipes, "AUTO_RULE", ((48.0, "random-depth"),))
     assert pick_recipe(AUTO, epochs=10)[0] == DEFAULT_RECIPE
     assert pick_recipe(AUTO)[0] == DEFAULT_RECIPE  # no budget given: the default epochs
     name, why = pick_recipe(AUTO, epochs=10, compute_budget=64)  # the compute budget sets the length: it decides
     assert name == "random-depth" and "compute_budget = 64" in why and "budget curves" in why
-    assert pick_recipe(AUTO, epochs=edge)[0] == "random-depth" and pick_recipe(AUTO, epochs=edge - 1)[0] != name
+    assert pick_recipe(AUTO, epochs=48)[0] == "random-depth" and pick_recipe(AUTO, epochs=47)[0] != name
+    assert "below 48 epochs" in pick_recipe(AUTO, epochs=47)[1]
     assert recipe_config(AUTO, epochs=100) == recipe_config("random-depth", epochs=100)
     assert recipe_config(AUTO, epochs=4) == recipe_config(DEFAULT_RECIPE, epochs=4)
     assert pick_recipe("paper", epochs=100)[0] == "paper"  # a named recipe is never overridden
     name, why = pick_recipe(AUTO, epochs=100, max_steps=500)  # steps: no compute before the data is read
     assert name == DEFAULT_RECIPE and "max_steps = 500" in why and "--epochs or --compute-budget" in why
-    script = load_script(ROOT / "examples" / "finetune.py")
-    args, config = script.parse_args(["--epochs", "60"])  # the script's default is auto
-    assert args.recipe == AUTO
+    args, config = script.parse_args(["--epochs", "60"])
     assert config == recipe_config("random-depth", epochs=60, learning_rate=config.learning_rate)
     _, config = script.parse_args(["--num_train_epochs", "60", "--layer-drop", "0.3"])  # an alias; a flag still wins
     assert (config.train_depths, config.layer_drop) == ("top", 0.3)
