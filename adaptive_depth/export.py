@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import StageSpec
+from .config import BlockSpec, StageSpec
 from .errors import AdaptiveDepthError, ConfigError
 from .export_files import check_outputs
 from .gates import SkippedBlock, unwrap_gates
@@ -22,8 +22,9 @@ __all__ = ["ZeroBranch", "config_depth_field", "export_depth", "export_matching"
 logger = logging.getLogger(__name__)
 
 
-class ZeroBranch(nn.Module):
-    """What a removed residual branch becomes: no parameters, returns zeros of its input's shape.
+class ZeroBranch(SkippedBlock):
+    """What a removed residual branch becomes: no parameters, returns zeros of its input's shape (a switched-off
+    branch gate's output, as a module of its own).
 
     The block's own add (``shortcut + branch(x)``) then gives the shortcut, as the gated model does.
 
@@ -32,12 +33,7 @@ class ZeroBranch(nn.Module):
     """
 
     def __init__(self, input_kwarg: str | None = None) -> None:
-        super().__init__()
-        self.input_kwarg = input_kwarg
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        x = kwargs[self.input_kwarg] if self.input_kwarg is not None and not args else args[0]
-        return torch.zeros_like(x)
+        super().__init__(BlockSpec(name="branch", input_kwarg=input_kwarg, kind="branch"))
 
 
 def export_depth(
