@@ -62,7 +62,9 @@ def export_card(base: BaseModelRef, format: str, description: dict[str, Any]) ->
     elif format == "onnx":
         feeds = '"pixel_values": pixel_values' + (', "depth_index": np.array(0)' if all_depths else "")
         library, code = "onnx", _ONNX.format(feeds=feeds)
-        how = "An ONNX file (`model.onnx`, dynamic batch) with its preprocessing and class names beside it."
+        fixed = description.get("batch_size")
+        batch = "dynamic batch" if fixed is None else f"a batch of {fixed} only: the architecture has no dynamic batch"
+        how = f"An ONNX file (`model.onnx`, {batch}) with its preprocessing and class names beside it."
     else:
         args = "pixel_values, torch.tensor(0)" if all_depths else "pixel_values"
         library, code = "pytorch", _PROGRAM.format(args=args)
@@ -76,7 +78,9 @@ tags: [adaptive-depth, image-classification, {base.source}]
 
 # {title}
 
-{what} {how}
+{what}
+
+{how}
 
 ```python
 {code}

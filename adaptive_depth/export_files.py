@@ -61,12 +61,15 @@ def require(module: str) -> ModuleType:
         ) from e
 
 
-def export_program(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> torch.export.ExportedProgram:
-    """``torch.export`` of ``module`` with a dynamic first (batch) dimension on its first input.
+def export_program(
+    module: nn.Module, example_inputs: Sequence[torch.Tensor], dynamic_batch: bool = True
+) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``module`` with a dynamic first (batch) dimension on its first input, or with every shape
+    fixed to the example's (``dynamic_batch=False``).
 
-    ``example_inputs[0]`` should have a batch of at least 2 (a batch of 1 would be specialised).
+    With a dynamic batch, ``example_inputs[0]`` should have a batch of at least 2 (a batch of 1 is specialised).
     """
-    dynamic = ({0: torch.export.Dim("batch")},) + (None,) * (len(example_inputs) - 1)
+    dynamic = ({0: torch.export.Dim("batch")},) + (None,) * (len(example_inputs) - 1) if dynamic_batch else None
     try:
         return torch.export.export(module, tuple(example_inputs), dynamic_shapes=dynamic, strict=False)
     except Exception as e:  # torch.export raises many types for code it cannot trace

@@ -72,6 +72,7 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("repo", "onnx", "torch.export")
 ALL_DEPTHS = "all"  # the scaling factor that asks for every trained depth in one graph
+FIXED_BATCH = 1  # the batch an ONNX graph is fixed to where no exporter can make the batch dimension dynamic
 DEPTH_ARGUMENTS = ("layers", "depths", "depth")  # how timm architectures take their per-stage block counts
 # Files one export writes and another does not: removed from the folder when this export has no such file.
 EXPORT_FILES = (WEIGHTS_NAME, ONNX_NAME, ONNX_DATA_NAME, PROGRAM_NAME, PROCESSOR_NAME)
@@ -85,11 +86,14 @@ class ExportPlan:
         format: one of :data:`FORMATS`.
         depths: ``(scaling factor or None, blocks per stage)`` of each depth the export holds, in input order.
         all_depths: one graph with every trained depth, selected by ``depth_index``.
+        batch_size: the batch size an ONNX graph is fixed to, where the architecture allows no dynamic batch
+            (set while the file is written); None: any batch.
     """
 
     format: str
     depths: list[tuple[float | None, list[int]]]
     all_depths: bool = False
+    batch_size: int | None = None
 
     @property
     def inputs(self) -> list[str]:
@@ -101,7 +105,8 @@ class ExportPlan:
         depths = [{"scaling_factor": s, "blocks_per_stage": list(c)} for s, c in self.depths]
         if self.all_depths:
             depths = [{"depth_index": i, **d} for i, d in enumerate(depths)]
-        return {"format": self.format, "inputs": self.inputs, "depths": depths}
+        fixed = {} if self.batch_size is None else {"batch_size": self.batch_size}
+        return {"format": self.format, "inputs": self.inputs, **fixed, "depths": depths}
 
 
 def plan_export(
@@ -334,68 +339,95 @@ def _processor(model: AdaptiveDepth) -> Any:
 # ---------------------------------------------------------------------- ONNX and torch.export
 def _write_graph(model: AdaptiveDepth, plan: ExportPlan, folder: Path) -> None:
     """Trace, write and check the graph of ``plan``, then its config (and processor) beside it."""
-    example, check = model.example_input(2), model.example_input(3)  # another batch size than the traced one
-    expected = []
-    with torch.no_grad(), preserved(model, train=False):
-        for _, counts in plan.depths:
-            expected.append(logits_of(model.set_depth(counts)(check)))
     if plan.all_depths:
         module: nn.Module = all_depths_module(model)
-        index = [torch.tensor(i, device=example.device) for i in range(len(plan.depths))]
-        feeds = [(example, index[0])] + [(check, i) for i in index]
     else:
         module = TensorOutputs(model.export(depth=plan.depths[0][1])).eval()
-        feeds = [(example,), (check,)]
-    names = [f"s = {s}, blocks per stage {c}" for s, c in plan.depths]
-    names = [f"depth_index {i} ({name})" for i, name in enumerate(names)] if plan.all_depths else names
     if plan.format == "onnx":
-        exporter = _write_onnx(module, feeds[0], folder / ONNX_NAME, traced_fallback=not plan.all_depths)
+        exporter = _write_onnx(model, plan, module, folder / ONNX_NAME)
         session = onnx_session(folder / ONNX_NAME)
-        for feed, want, name in zip(feeds[1:], expected, names):
-            got = run_onnx(session, dict(zip(plan.inputs, feed)))
-            what = "the ONNX file" + ("" if exporter == "torch.export" else f" of the {exporter}")
-            check_outputs(got, want, f"{what} at {name} in onnxruntime")
+        what = "the ONNX file" + ("" if exporter == "torch.export" else f" of the {exporter}")
+        for feed, want, name in _checks(model, plan):
+            check_outputs(run_onnx(session, dict(zip(plan.inputs, feed))), want, f"{what} at {name} in onnxruntime")
     else:
         with torch.no_grad():
-            program = export_program(module, feeds[0])
-        with torch.no_grad():
-            for feed, want, name in zip(feeds[1:], expected, names):
+            program = export_program(module, _example(model, plan))
+            for feed, want, name in _checks(model, plan):
                 check_outputs(program.module()(*feed), want, f"the torch.export program at {name}")
         torch.export.save(program, folder / PROGRAM_NAME)
     _write_graph_config(model, plan, module, folder)
 
 
-def _write_onnx(module: nn.Module, feed: tuple[torch.Tensor, ...], path: Path, traced_fallback: bool) -> str:
-    """Write ``module`` to ONNX at ``path`` from its ``torch.export`` program; where that program cannot be made or
-    converted and ``traced_fallback`` allows (one depth: the all-depth graph needs ``torch.cond``), with the
-    TorchScript exporter instead. Returns which exporter wrote the file, for the check's message.
+def _example(model: AdaptiveDepth, plan: ExportPlan) -> tuple[torch.Tensor, ...]:
+    """What the graph is traced with: a batch of 2 (a batch of 1 would be fixed in the graph) or the fixed batch,
+    and for the all-depth graph the first depth index."""
+    x = model.example_input(plan.batch_size or 2)
+    return (x, torch.tensor(0, device=x.device)) if plan.all_depths else (x,)
+
+
+def _checks(model: AdaptiveDepth, plan: ExportPlan) -> list[tuple[tuple[torch.Tensor, ...], torch.Tensor, str]]:
+    """``(inputs, the adaptive model's logits, name)`` at every depth of ``plan``, on other images than the traced
+    ones: a batch of another size, or where the batch is fixed, the same size of other images."""
+    x = model.example_input(3) if plan.batch_size is None else model.example_input(2 * plan.batch_size)
+    x = x if plan.batch_size is None else x[plan.batch_size :]
+    checks = []
+    with torch.no_grad(), preserved(model, train=False):
+        for i, (s, counts) in enumerate(plan.depths):
+            want = logits_of(model.set_depth(counts)(x))
+            name = f"s = {s}, blocks per stage {counts}"
+            if plan.all_depths:
+                checks.append(((x, torch.tensor(i, device=x.device)), want, f"depth_index {i} ({name})"))
+            else:
+                checks.append(((x,), want, name))
+    return checks
+
+
+def _write_onnx(model: AdaptiveDepth, plan: ExportPlan, module: nn.Module, path: Path) -> str:
+    """Write ``module`` to ONNX at ``path`` from its ``torch.export`` program, with a dynamic batch; where that
+    program cannot be made or converted, for one depth with the TorchScript exporter instead (the all-depth graph
+    needs ``torch.cond``); where neither can make the batch dynamic (CondConv mixes each image's kernels into a
+    convolution grouped by the batch, whose group count ONNX holds constant), from a program of a fixed batch of
+    :data:`FIXED_BATCH`, which ``plan.batch_size`` then records. Returns which route wrote the file, for the
+    check's message.
 
     Raises:
-        ConfigError: neither exporter could write the file (both reasons given).
+        ConfigError: no route could write the file (each route's reason given).
     """
+    reasons = []
     try:
         with torch.no_grad():
-            program = export_program(module, feed)
-        write_onnx(program, path)
+            write_onnx(export_program(module, _example(model, plan)), path)
         return "torch.export"
     except ImportError:
         raise
     except Exception as e:  # the exporters raise many types for code they cannot convert
-        if not traced_fallback:
+        reasons.append(f"torch.export route: {_first_line(e)}")
+    if not plan.all_depths:
+        logger.info("the torch.export route to ONNX failed (%s); trying the TorchScript exporter", reasons[-1])
+        try:
+            with torch.no_grad():
+                write_onnx_traced(module, _example(model, plan)[0], path)
+            return "TorchScript exporter"
+        except ImportError:
             raise
-        reason = _first_line(e)
-    logger.info("the torch.export route to ONNX failed (%s); exporting with the TorchScript exporter", reason)
+        except Exception as e:
+            reasons.append(f"TorchScript exporter: {_first_line(e)}")
+    logger.info("no exporter made the batch dimension dynamic (%s); exporting a batch of %d", reasons, FIXED_BATCH)
+    plan.batch_size = FIXED_BATCH
     try:
         with torch.no_grad():
-            write_onnx_traced(module, feed[0], path)
+            write_onnx(export_program(module, _example(model, plan), dynamic_batch=False), path)
+        return f"torch.export route at a fixed batch of {FIXED_BATCH}"
     except ImportError:
         raise
     except Exception as e:
-        raise ConfigError(
-            f"neither ONNX exporter could convert this model: torch.export route: {reason}; TorchScript exporter: "
-            f"{_first_line(e)}. Save the adaptive model with save_pretrained()"
-        ) from e
-    return "TorchScript exporter"
+        plan.batch_size = None
+        reasons.append(f"at a fixed batch of {FIXED_BATCH}: {_first_line(e)}")
+    raise ConfigError(
+        f"no ONNX exporter could convert this model: {'; '.join(reasons)}. Export another format "
+        f"(format='torch.export'{'' if plan.all_depths else ', or one depth'}) or save the adaptive model with "
+        "save_pretrained()"
+    )
 
 
 def _first_line(error: BaseException) -> str:

@@ -66,7 +66,7 @@ EXPORT_REASONS = {
     "timm cannot rebuild": "timm cannot rebuild it",
     "transformers cannot rebuild": "transformers cannot rebuild it",
     "cannot find logits": "returns no logits",
-    "neither ONNX exporter": "neither ONNX exporter converts it",
+    "no ONNX exporter": "no ONNX exporter converts it",
     "forward counts its blocks": "its forward counts its blocks",
 }
 
@@ -155,8 +155,9 @@ def _exports(model: torch.nn.Module, found: Discovery, size: tuple[int, ...]) ->
     with tempfile.TemporaryDirectory() as tmp:
         for fmt, label in EXPORTS.items():  # ONNX too where torch.export fails: the TorchScript exporter may take it
             try:
-                adaptive.save_export(f"{tmp}/{len(works) + len(fails)}", 0.5, format=fmt)
-                works.append(label)
+                folder = adaptive.save_export(f"{tmp}/{len(works) + len(fails)}", 0.5, format=fmt)
+                fixed = json.loads((folder / "config.json").read_text()).get("adaptive_depth", {}).get("batch_size")
+                works.append(label + (f" [batch {fixed}]" if fixed else ""))  # no dynamic batch (CondConv)
             except Exception as e:  # any failure is a result to record
                 # the error's first line, without the terminal colours some exporters print
                 reason = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(e).__name__}: {e}").splitlines()[0]

@@ -100,7 +100,8 @@ def render(rows: list[dict[str, Any]], header: list[str]) -> str:
         "batch 1): near 1 means the gates hold little of the compute. *exports at s=0.5*: the plain formats",
         "`model.save_export(folder, 0.5, format=...)` wrote and checked (*repo*: a timm / transformers repository that",
         "timm or transformers rebuilt to the same outputs; *torch.export*: a `.pt2` program; *ONNX*: a file",
-        "onnxruntime ran to the same outputs), with the reason a format was refused in brackets.",
+        "onnxruntime ran to the same outputs; *[batch 1]*: at that batch size only, the architecture allowing no",
+        "dynamic batch in ONNX), with the reason a format was refused in brackets.",
         f"The exports column covers {len(exported)} of the {len(wrapping)} wrapping models (about a minute a model",
         "on the CPU below): the four the tests re-check, then the smallest wrapping model of each family (a timm",
         "module, the code of an architecture and its variants, or a transformers model type), transformers first",
@@ -125,7 +126,8 @@ def render(rows: list[dict[str, Any]], header: list[str]) -> str:
             groups[(r["status"], re.sub(r"\d+", "N", r["reason"]))].append(f"{r['source']}:{r['name']}")
     for (status, reason), names in sorted(groups.items(), key=lambda kv: (STATUSES.index(kv[0][0]), -len(kv[1]))):
         out.append(f"- **{status}** ({len(names)}) {reason}: " + ", ".join(f"`{n}`" for n in sorted(names)))
-    formats = collections.Counter(f for r in exported for f in r["exports"].split(" (")[0].split(", ") if f)
+    cells = [f for r in exported for f in r["exports"].split(" (")[0].split(", ") if f]  # "ONNX [batch 1]" is ONNX
+    formats = collections.Counter(f.split(" [")[0] for f in cells)
     out += ["", f"Of the {len(exported)} models whose exports were checked: "
             + ", ".join(f"{label} {formats[label]}" for label in EXPORTS.values()) + "."]  # fmt: skip
     for source in sources:

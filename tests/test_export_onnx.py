@@ -207,12 +207,48 @@ def test_onnx_falls_back_to_the_torchscript_exporter_where_the_torch_export_rout
     np.testing.assert_allclose(session.run(None, {"pixel_values": x.numpy()})[0], _logits(model, x, 0.5), atol=1e-4)
 
     monkeypatch.setattr(export_repo, "write_onnx_traced", fails)
-    both = r"neither ONNX exporter.*torch.export route: ConfigError: torch.export cannot.*TorchScript exporter: Runtime"
+    both = r"no ONNX exporter.*torch.export route: ConfigError: torch.export cannot.*TorchScript exporter: Runtime"
     with pytest.raises(ConfigError, match=both):
         model.save_export(tmp_path / "none", 0.5, format="onnx")
     assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
     with pytest.raises(ConfigError, match="torch.export cannot trace"):  # the all-depth graph needs torch.cond
         _timm_vit().save_export(tmp_path / "all", "all", format="onnx")
+
+
+class _CondConvBlock(torch.nn.Module):
+    """A residual block with timm's CondConv2d (EfficientNet-CondConv): each image mixes its own kernel, and the
+    convolution runs grouped by the batch, so ONNX (whose group count is constant) cannot take a dynamic batch."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        from timm.layers import CondConv2d
+
+        self.route = torch.nn.Linear(channels, 2)
+        self.conv = CondConv2d(channels, channels, 3, padding=1, num_experts=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.conv(x, torch.sigmoid(self.route(x.mean((2, 3))))))
+
+
+def test_onnx_of_an_architecture_without_a_dynamic_batch_is_fixed_to_batch_one(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), *[_CondConvBlock(8) for _ in range(3)])
+    net.append(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3)))
+    model = AdaptiveDepth.wrap(net, input_size=(3, 16, 16)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    for s in (0.5, "all"):
+        folder = model.save_export(tmp_path / str(s), s, format="onnx")
+        described = json.loads((folder / "config.json").read_text())["adaptive_depth"]
+        assert described["batch_size"] == 1
+        assert "a batch of 1 only" in (folder / "README.md").read_text()
+        session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        for i, factor in enumerate([s] if s == 0.5 else model.config.scaling_factors):
+            feed = {"pixel_values": x.numpy()} | ({} if s == 0.5 else {"depth_index": np.array(i, dtype=np.int64)})
+            np.testing.assert_allclose(session.run(None, feed)[0], _logits(model, x, factor), atol=1e-4)
+        with pytest.raises(Exception, match="pixel_values"):  # the file says what it holds: one image a call
+            session.run(None, feed | {"pixel_values": np.repeat(x.numpy(), 2, axis=0)})
+    program = model.save_export(tmp_path / "pt2", 0.5, format="torch.export")  # torch.export takes any batch
+    assert "batch_size" not in json.loads((program / "config.json").read_text())["adaptive_depth"]
 
 
 def test_a_skipped_block_hands_on_the_feature_size_it_was_given() -> None:
