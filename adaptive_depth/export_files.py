@@ -88,6 +88,7 @@ def write_onnx(program: torch.export.ExportedProgram, path: Path) -> None:
     require("onnxscript")  # torch.onnx's exporter
     # Without gradients: in grad mode the converter's decompositions turn a reshape of a transposed tensor into a
     # view that a symbolic batch cannot take (ViT-relpos, MaxViT, Hiera, Swin failed so)
+    program = _attention_of_four_dimensions(program)
     with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():  # the exporter prints its progress
         proto = torch.onnx.export(program, dynamo=True, output_names=["logits"], verbose=False).model_proto
     _weights_into_branches(proto)
@@ -97,6 +98,43 @@ def write_onnx(program: torch.export.ExportedProgram, path: Path) -> None:
     # Past protobuf's 2 GB, the weights go beside the graph, in ONNX_DATA_NAME.
     external = {"all_tensors_to_one_file": True, "location": ONNX_DATA_NAME} if size > PROTOBUF_LIMIT else {}
     onnx.save_model(proto, str(path), save_as_external_data=bool(external), **external)
+
+
+def _attention_of_four_dimensions(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``program`` with its attention written out as matmul and softmax where any attention takes other than 4-D
+    tensors, which torch.onnx's converter cannot translate (Hiera attends within mask units, on 5-D tensors);
+    ``program`` itself otherwise, so that other models keep the attention the converter writes for them."""
+    attention = torch.ops.aten.scaled_dot_product_attention.default
+    graphs = [m.graph for m in program.graph_module.modules() if isinstance(m, torch.fx.GraphModule)]  # torch.cond's
+    calls = [n for graph in graphs for n in graph.nodes if n.target == attention]
+    if all(getattr(n.args[0].meta.get("val"), "ndim", 4) == 4 for n in calls):
+        return program
+    return program.run_decompositions({attention: _attention_math})
+
+
+def _attention_math(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``scaled_dot_product_attention`` of inference (no dropout: the graphs are exported in eval mode) on tensors
+    of any rank, as the operator's documentation writes it."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if enable_gqa:  # grouped-query attention: each key / value head serves several query heads
+        repeats = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(repeats, dim=-3), value.repeat_interleave(repeats, dim=-3)
+    scores = torch.matmul(query * scale, key.transpose(-2, -1))
+    if is_causal:
+        keep = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return torch.matmul(torch.softmax(scores, dim=-1), value)
 
 
 def write_onnx_traced(module: nn.Module, example: torch.Tensor, path: Path) -> None:

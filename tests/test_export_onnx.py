@@ -251,6 +251,53 @@ def test_onnx_of_an_architecture_without_a_dynamic_batch_is_fixed_to_batch_one(t
     assert "batch_size" not in json.loads((program / "config.json").read_text())["adaptive_depth"]
 
 
+class _WindowAttention(torch.nn.Module):
+    """A residual block attending within windows on 5-D tensors (batch, heads, windows, tokens, channels), as Hiera
+    does with its mask units."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(channels, 3 * channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, windows, tokens, channels)
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)
+        return x + torch.nn.functional.scaled_dot_product_attention(q, k, v).squeeze(1)
+
+
+def test_attention_on_five_dimensions_exports_to_onnx_with_every_depth(tmp_path: Path) -> None:
+    """torch.onnx's converter translates attention on 4-D tensors only; the all-depth graph has no other route."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Unflatten(1, (4, 3)), torch.nn.Flatten(3), *[_WindowAttention(64) for _ in range(3)],
+        torch.nn.Flatten(1), torch.nn.Linear(4 * 3 * 64, 3),
+    )  # fmt: skip
+    model = AdaptiveDepth.wrap(net, input_size=(12, 8, 8)).eval()
+    folder = model.save_export(tmp_path / "all", "all", format="onnx")
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 12, 8, 8)
+    for i, s in enumerate(model.config.scaling_factors):
+        feed = {"pixel_values": x.numpy(), "depth_index": np.array(i, dtype=np.int64)}
+        np.testing.assert_allclose(session.run(None, feed)[0], _logits(model, x, s), atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["plain", "scale", "bool mask", "float mask", "causal", "grouped heads"])
+def test_attention_written_out_is_the_operator(case: str) -> None:
+    from adaptive_depth.export_files import _attention_math
+
+    torch.manual_seed(0)
+    heads = 1 if case == "grouped heads" else 3  # (batch, windows, heads, tokens, channels): heads third from last
+    q, k, v = torch.randn(2, 4, 3, 5, 8), torch.randn(2, 4, heads, 7, 8), torch.randn(2, 4, heads, 7, 8)
+    kwargs: dict[str, object] = {
+        "plain": {}, "scale": {"scale": 0.3}, "bool mask": {"attn_mask": torch.rand(5, 7) > 0.3},
+        "float mask": {"attn_mask": torch.randn(2, 1, 3, 5, 7)}, "causal": {"is_causal": True},
+        "grouped heads": {"enable_gqa": True},
+    }[case]  # fmt: skip
+    if case == "causal":
+        k, v = k[..., :5, :], v[..., :5, :]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+    torch.testing.assert_close(_attention_math(q, k, v, **kwargs), want, atol=1e-5, rtol=1e-5)
+
+
 def test_a_skipped_block_hands_on_the_feature_size_it_was_given() -> None:
     model = _mvitv2()
     gated = [b for st in model.stages for b in st.blocks if b.gateable]
