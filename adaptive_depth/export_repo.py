@@ -412,7 +412,7 @@ def _write_onnx(model: AdaptiveDepth, plan: ExportPlan, module: nn.Module, path:
             raise
         except Exception as e:
             reasons.append(f"TorchScript exporter: {_first_line(e)}")
-    logger.info("no exporter made the batch dimension dynamic (%s); exporting a batch of %d", reasons, FIXED_BATCH)
+    logger.info("no route with a dynamic batch worked (%s); trying a fixed batch of %d", reasons, FIXED_BATCH)
     plan.batch_size = FIXED_BATCH
     try:
         with torch.no_grad():
@@ -425,8 +425,8 @@ def _write_onnx(model: AdaptiveDepth, plan: ExportPlan, module: nn.Module, path:
         reasons.append(f"at a fixed batch of {FIXED_BATCH}: {_first_line(e)}")
     raise ConfigError(
         f"no ONNX exporter could convert this model: {'; '.join(reasons)}. Export another format "
-        f"(format='torch.export'{'' if plan.all_depths else ', or one depth'}) or save the adaptive model with "
-        "save_pretrained()"
+        f"(format='torch.export'{', or one depth at a time' if plan.all_depths else ''}) or save the adaptive model "
+        "with save_pretrained()"
     )
 
 
