@@ -431,8 +431,14 @@ def _write_onnx(model: AdaptiveDepth, plan: ExportPlan, module: nn.Module, path:
 
 
 def _first_line(error: BaseException) -> str:
-    """An exporter's error in one line: its type and first line, without the terminal colours some print."""
+    """An exporter's error in one line: its type and first line, without the terminal colours some print. Where
+    torch.onnx's converter failed on one operator (its first line says only "Failed to convert"), the operator and
+    the innermost error of its exception summary instead."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    causes = re.findall(r"^<class '(?:[\w.]+\.)?(\w+)'>: (.*)$", text.partition("## Exception summary")[2], re.M)
+    target = re.search(r"target=(torch\.ops\.[\w.]+)", text)
+    if causes and target:
+        return f"{type(error).__name__}: cannot translate {target.group(1)} ({causes[0][0]}: {causes[0][1][:150]})"
     return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 

@@ -251,6 +251,18 @@ def test_onnx_of_an_architecture_without_a_dynamic_batch_is_fixed_to_batch_one(t
     assert "batch_size" not in json.loads((program / "config.json").read_text())["adaptive_depth"]
 
 
+def test_a_conversion_failure_names_the_operator_and_its_cause(tmp_path: Path) -> None:
+    """torch.onnx's first line says only that converting failed; the refusal names what could not be translated."""
+    from adaptive_depth.export_files import export_program, write_onnx
+    from adaptive_depth.export_repo import _first_line
+
+    block = _CondConvBlock(4).eval()
+    with pytest.raises(Exception) as failed:  # a dynamic batch: ONNX cannot hold the group count constant
+        write_onnx(export_program(block, (torch.randn(2, 4, 8, 8),)), tmp_path / "model.onnx")
+    assert "Failed to convert" in str(failed.value).splitlines()[0]
+    assert _first_line(failed.value).startswith("ConversionError: cannot translate torch.ops.aten.conv2d.default (")
+
+
 class _WindowAttention(torch.nn.Module):
     """A residual block attending within windows on 5-D tensors (batch, heads, windows, tokens, channels), as Hiera
     does with its mask units."""
