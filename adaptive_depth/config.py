@@ -18,6 +18,7 @@ from typing import Any
 
 from .budget import LatencyProfile
 from .errors import ConfigError, ScalingFactorError
+from .flops import COUNTING_REVISION
 from .policy import POLICIES, check_scaling_factor, depth_key
 
 __all__ = ["LIBRARY_NAME", "AdaptiveDepthConfig", "BaseModelRef", "BlockSpec", "StageSpec"]
@@ -221,6 +222,8 @@ class AdaptiveDepthConfig:
         flops: FLOPs of one forward pass (batch 1, ``flops_input_size``) at each scaling factor, keyed by
             ``depth_key(s)``: a cache, counted again when asked for at another input size.
         flops_input_size: the ``input_size`` the cached ``flops`` were counted at.
+        flops_revision: how the cached ``flops`` were counted (``adaptive_depth.flops.COUNTING_REVISION``); a cache
+            counted otherwise (or before this was recorded) is counted again.
         norm_stats: scaling factors with their own BatchNorm statistics (saved in ``depth_norms.safetensors``).
         latency_profile: latency per trained depth measured by ``AdaptiveDepth.profile`` on a device
             (a :class:`~adaptive_depth.budget.LatencyProfile` as a dict), used by ``set_budget``.
@@ -243,6 +246,7 @@ class AdaptiveDepthConfig:
     discovery: str = "metadata"
     flops: dict[str, float] = field(default_factory=dict)
     flops_input_size: list[int] | None = None
+    flops_revision: int | None = None
     norm_stats: list[float] = field(default_factory=list)
     latency_profile: dict[str, Any] | None = None
     id2label: dict[str, str] = field(default_factory=dict)
@@ -294,10 +298,11 @@ class AdaptiveDepthConfig:
             self.library_version = __version__
 
     def current_flops(self) -> dict[str, float]:
-        """The FLOPs cache (``flops``), emptied first if it was counted at another ``input_size`` than today's."""
-        if self.flops_input_size != self.input_size:
+        """The FLOPs cache (``flops``), emptied first if it was counted at another ``input_size`` than today's or by
+        another revision of the counting."""
+        if self.flops_input_size != self.input_size or self.flops_revision != COUNTING_REVISION:
             self.flops = {}
-            self.flops_input_size = list(self.input_size)
+            self.flops_input_size, self.flops_revision = list(self.input_size), COUNTING_REVISION
         return self.flops
 
     def structure_digest(self) -> str:

@@ -18,6 +18,8 @@ builds and runs; otherwise the default config is used. Each model runs in a work
 onnxruntime): tens of seconds a model on a CPU. ``--update-exports`` does that for the smallest wrapping model of each
 family (timm module, transformers model type) of the existing page within ``--budget-min``, and rewrites those rows;
 with ``--filter`` it checks every wrapping model whose name matches, and leaves the other rows as they are.
+``--keep-exports`` walks afresh (discovery, FLOPs) and keeps the exports cells the page's rows had: for a change
+that moves the other columns and not the exports (the FLOPs of attention on the CPU, counted from revision 2).
 """
 
 from __future__ import annotations
@@ -308,6 +310,17 @@ def _with_exports(row: dict[str, Any], checked: dict[str, Any] | None, keep: boo
     return checked
 
 
+def _keep_exports(rows: list[dict[str, Any]], old_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` of a fresh walk, each wrapping model with the exports cell its row of ``old_rows`` had."""
+    cells = {(r["source"], r["name"]): r["exports"] for r in old_rows if r.get("exports")}
+    return [
+        r | {"exports": cells[(r["source"], r["name"])]}
+        if r["status"] == "wraps" and (r["source"], r["name"]) in cells
+        else r
+        for r in rows
+    ]
+
+
 def main() -> None:
     """Parse the command line, walk the selected model lists and write the page (and optionally the JSON)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -324,6 +337,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--every-model", action="store_true", help="with --update-exports: every wrapping model, after the families"
+    )
+    parser.add_argument(
+        "--keep-exports", action="store_true", help="a fresh walk that keeps the exports cells of --out's rows"
     )
     parser.add_argument("--budget-min", type=float, default=0, help="start no model after this many minutes (0: no)")
     parser.add_argument("--out", type=Path, default=Path("docs/supported-models.md"))
@@ -361,6 +377,10 @@ def main() -> None:
             jobs += [("transformers", n) for n in names][: args.limit or None]
         rows = walk(jobs, args)
         header = header_lines(command, time.monotonic() - start)
+        if args.keep_exports:  # discovery and FLOPs counted again; the exports checked before stay with their rows
+            old_header, old_rows = parse_page(args.out)
+            rows = _keep_exports(rows, old_rows)
+            header += [line for line in old_header if line.startswith("- exports column: ")]
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     args.out.write_text(render(rows, header))

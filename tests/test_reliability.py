@@ -304,6 +304,29 @@ def test_flops_follow_an_edited_input_size_and_labels_may_be_a_list(tmp_path: Pa
     assert again.set_budget(max_flops=at_64[1.0] - 1) < 1.0  # the 32 px counts would all fit: s = 1
 
 
+def test_a_flops_cache_counted_without_attention_is_counted_again(tmp_path: Path) -> None:
+    """FLOPs counted before the CPU's attention kernel was counted (no ``flops_revision``) would mix with new
+    counts: a model loaded with such a cache counts every depth again."""
+    model = AdaptiveDepth.from_pretrained("test_vit", pretrained=False, num_classes=3, depth=2)
+    counted = model.flops_table()
+    model.save_pretrained(tmp_path)
+    _edit(tmp_path, lambda c: (c.pop("flops_revision"), c["flops"].update({k: 1.0 for k in c["flops"]})))
+    assert AdaptiveDepth.from_pretrained(tmp_path).flops_table() == counted
+
+
+def test_attention_counts_its_flops_on_the_cpu() -> None:
+    """PyTorch's counter has no formula for the CPU's fused attention kernel and would count it as 0 FLOPs."""
+    from adaptive_depth.flops import count_flops
+
+    class Attention(torch.nn.Module):
+        def forward(self, q: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+    batch, heads, tokens, channels = 2, 3, 10, 8
+    scores_and_mix = 2 * (2 * batch * heads * tokens * tokens * channels)  # two matmuls, a multiply-add is 2
+    assert count_flops(Attention(), torch.randn(batch, heads, tokens, channels)) == scores_and_mix
+
+
 # ---------------------------------------------------------------------- errors
 
 

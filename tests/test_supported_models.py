@@ -91,3 +91,18 @@ def test_only_missing_carries_on_where_the_exports_column_stopped() -> None:
     assert PAGE_FORMAT.export_targets(rows, pattern="resnet*") == [("timm", "resnet18"), ("timm", "resnet50")]
     assert WALK._with_exports(rows[0], None, keep=True)["exports"] == "ONNX"
     assert "exports" not in WALK._with_exports(rows[0], None)  # a fresh column drops what it did not check
+
+
+def test_a_fresh_walk_keeps_the_exports_cells_of_models_that_still_wrap() -> None:
+    old = [
+        {"source": "timm", "name": "resnet18", "status": "wraps", "flops_at_half": "0.6", "exports": "repo, ONNX"},
+        {"source": "timm", "name": "vit_tiny", "status": "wraps", "flops_at_half": "0.5", "exports": "ONNX"},
+    ]
+    fresh = [
+        {"source": "timm", "name": "resnet18", "status": "wraps", "flops_at_half": "0.61"},
+        {"source": "timm", "name": "vit_tiny", "status": "error", "reason": "ImportError"},
+        {"source": "timm", "name": "new_net", "status": "wraps", "flops_at_half": "0.4"},
+    ]
+    kept = WALK._keep_exports(fresh, old)
+    assert kept[0] == fresh[0] | {"exports": "repo, ONNX"}  # counted again, its exports cell kept
+    assert "exports" not in kept[1] and "exports" not in kept[2]  # no longer wraps; never checked
