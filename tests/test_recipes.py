@@ -50,7 +50,7 @@ def test_a_config_saved_before_the_default_changed_keeps_what_it_trained_with() 
 
 
 def test_auto_picks_the_recipe_on_top_of_the_curves_at_the_budget_given_and_says_why(monkeypatch) -> None:
-    # Today's curves: the nested default on top or level at every budget measured (1 to 64), so auto keeps it
+    # Today's curves: the nested default on top or level at every budget measured (1 to 128), so auto keeps it
     assert AUTO_RULE == ()
     for budget in (1, 10, 64, 200):
         name, why = pick_recipe(AUTO, epochs=budget)

@@ -99,7 +99,8 @@ AUTO_RULE: tuple[tuple[float, str], ...] = ()
 none, at every budget), :data:`DEFAULT_RECIPE`. Measured in docs/benchmarks.md (*Budget curves*, R1): one nested
 depth a step is on top at s <= 0.5 up to budget 16 and level with random depth at 32 and 64 (digits-cluttered, five
 seeds: 97.9% against 97.7% at s = 0.5 at 32, 98.4% against 98.4% at 64; digit-pairs at 64, five seeds: 98.2%
-against 98.3%, inside the seed intervals), so no budget measured calls for another recipe. With three seeds random
+against 98.3%, inside the seed intervals) and above it at 128 (two seeds: 98.9% against 98.4%; plain fine-tuning
+stops improving at 64), so no budget measured calls for another recipe. With three seeds random
 depth had looked ahead at 64, and this rule switched to it from 48 until the fourth and fifth seeds."""
 
 
@@ -135,7 +136,7 @@ def pick_recipe(
         edge = AUTO_RULE[0][0]
         why = f"below {edge:g} epochs of compute it was on top or level at s <= 0.5 in the budget curves"
     elif picked == DEFAULT_RECIPE:
-        why = "it was on top or level at s <= 0.5 at every budget of the budget curves (1 to 64 epochs of compute)"
+        why = "it was on top or level at s <= 0.5 at every budget of the budget curves (1 to 128 epochs of compute)"
     else:
         why = f"from {since:g} epochs of compute it was on top at s <= 0.5 in the budget curves"
     return picked, f"--recipe auto picked {picked} for {unit} = {budget:g}: {why} (docs/benchmarks.md)"
