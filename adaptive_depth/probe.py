@@ -216,7 +216,23 @@ def is_residual(module: nn.Module, call: Call) -> bool:
             for a, o in zip(call.args, output)
         )
     y, _, _ = _main_output(output)
-    return y is not None and _passes_through(x, y)
+    if y is None or not _passes_through(x, y):
+        return False
+    # Near zero SiLU and GELU are x / 2, which a gate such as squeeze-excitation returns with zero weights: a fresh
+    # model's tiny activations (|x| < 1e-3 in random-weight EfficientNet-B3's last stage) cannot tell the two apart,
+    # so a small input is given again at unit spread, where those activations are far from linear.
+    spread = float(x.float().std())
+    if spread >= 1.0:
+        return True
+    scaled = x / spread  # and wherever else the block was handed x itself (DLA passes it again as the shortcut)
+    args = tuple(scaled if a is x else a for a in call.args)
+    kwargs = {k: scaled if v is x else v for k, v in call.kwargs.items()}
+    try:
+        with torch.no_grad():
+            y, _, _ = _main_output(functional_call(module, zeros, args, kwargs))
+    except Exception:
+        return False
+    return y is not None and _passes_through(scaled, y)
 
 
 def _telling(x: torch.Tensor) -> bool:

@@ -304,3 +304,25 @@ def test_invalid_branch_specs_are_config_errors() -> None:
         BlockSpec("a", kind="branch", gateable=False)
     with pytest.raises(ConfigError, match="mixes blocks and branches"):
         StageSpec("s", [BlockSpec("s.0"), BlockSpec("s.1.f", kind="branch")])
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1.0])
+def test_a_gate_is_no_residual_block_however_small_its_input(scale: float) -> None:
+    """With zero weights squeeze-excitation returns x / 2, which is SiLU and GELU near zero: random-weight
+    EfficientNet-B3 (activations below 1e-3 in its last stage) had its SE modules gated as blocks, in some draws."""
+    from timm.models._efficientnet_blocks import SqueezeExcite
+
+    from adaptive_depth.probe import is_residual, probe
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.silu(x + self.conv(x))
+
+    net = nn.Sequential(SqueezeExcite(16), Residual()).eval()
+    calls = probe(net, torch.randn(1, 16, 8, 8) * scale)
+    assert not is_residual(net[0], calls["0"])
+    assert is_residual(net[1], calls["1"])  # a residual block with a trailing SiLU still passes at any scale
