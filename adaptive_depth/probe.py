@@ -205,18 +205,15 @@ def is_residual(module: nn.Module, call: Call) -> bool:
     if not params or x is None or not _telling(x):
         return False
     zeros = {name: torch.zeros_like(p) for name, p in params.items()}
-    try:
-        with torch.no_grad():
-            output = functional_call(module, zeros, call.args, call.kwargs)
-    except Exception:  # an exotic module that cannot run with zero weights is not a block we can reason about
+    ran, output = _run_with_zeros(module, zeros, call.args, call.kwargs)
+    if not ran:
         return False
     if call.output == "inputs":  # everything it hands on must come through, or a skip would change one
         return _returns_its_inputs(call.args, output) and all(
             _passes_through(a, o) if isinstance(a, torch.Tensor) else _stands_for(a, o)
             for a, o in zip(call.args, output)
         )
-    y, _, _ = _main_output(output)
-    if y is None or not _passes_through(x, y):
+    if not _main_output_passes_through(x, output):
         return False
     # Near zero SiLU and GELU are x / 2, which a gate such as squeeze-excitation returns with zero weights: a fresh
     # model's tiny activations (|x| < 1e-3 in random-weight EfficientNet-B3's last stage) cannot tell the two apart,
@@ -227,12 +224,26 @@ def is_residual(module: nn.Module, call: Call) -> bool:
     scaled = x / spread  # and wherever else the block was handed x itself (DLA passes it again as the shortcut)
     args = tuple(scaled if a is x else a for a in call.args)
     kwargs = {k: scaled if v is x else v for k, v in call.kwargs.items()}
+    ran, output = _run_with_zeros(module, zeros, args, kwargs)
+    return ran and _main_output_passes_through(scaled, output)
+
+
+def _run_with_zeros(
+    module: nn.Module, zeros: dict[str, torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[bool, Any]:
+    """``(True, output)`` of the module run without gradients with its parameters replaced by ``zeros``;
+    ``(False, None)`` when it cannot run so (an exotic module that is no block we can reason about)."""
     try:
         with torch.no_grad():
-            y, _, _ = _main_output(functional_call(module, zeros, args, kwargs))
+            return True, functional_call(module, zeros, args, kwargs)
     except Exception:
-        return False
-    return y is not None and _passes_through(scaled, y)
+        return False, None
+
+
+def _main_output_passes_through(x: torch.Tensor, output: Any) -> bool:
+    """True if the main tensor of ``output`` passes ``x`` through (see :func:`_passes_through`)."""
+    y, _, _ = _main_output(output)
+    return y is not None and _passes_through(x, y)
 
 
 def _telling(x: torch.Tensor) -> bool:
