@@ -44,7 +44,8 @@ Methods (each a TrainingConfig of the same trainer; see docs/benchmarks.md):
     nested-smallest-quarter the same with the smallest depth drawn a quarter of the time (the earlier default)
     nested-smallest-three-quarters  the same with the smallest depth drawn in three steps of four (the top in the rest)
     nested-top-half    the same with the full depth drawn half the time and the smallest a quarter (the blocks only
-                       the full depth runs train in half the steps, as with random depth)
+                       the full depth runs train in half the steps, as with random depth): --recipe auto's pick from
+                       64 up to 128 epochs of compute
     cooperative-sampled the cooperative method with the full depth and one sampled sub-network a step
     distill            one nested depth a step, labels and a fixed teacher run without gradients on the same batch
     distill-cached     the same teacher's outputs made once for 4 augmentation draws per image (no teacher pass)
@@ -104,11 +105,17 @@ METHODS: dict[str, dict[str, Any]] = {
     "random-depth-kd": {**RECIPES["random-depth"].overrides, "leader": "frozen"},  # and a fixed teacher's logits
     **{
         name: RECIPES[name].overrides
-        for name in ("random-depth-nested", "cooperative-sampled", "distill", "distill-cached", "distill-ema")
+        for name in (
+            "random-depth-nested",
+            "nested-top-half",
+            "cooperative-sampled",
+            "distill",
+            "distill-cached",
+            "distill-ema",
+        )
     },  # one pass a step (a teacher's forward without gradients at most), or cooperative with one sub-network
     "nested-smallest-quarter": {**RECIPES["random-depth-nested"].overrides, "smallest_share": 0.25},  # earlier default
     "nested-smallest-three-quarters": {**RECIPES["random-depth-nested"].overrides, "smallest_share": 0.75},
-    "nested-top-half": {**RECIPES["random-depth-nested"].overrides, "smallest_share": 0.25, "top_share": 0.5},
     "two-path": {"sub_ce_weight": 0.0, "distill_warmup_epochs": 0.0, **SINGLE},  # scaling factors: smallest and 1
     "alone": {"full_depth": False, **SINGLE},  # one run per depth
 }
@@ -163,9 +170,14 @@ class Benchmark:
             model.config.scaling_factors = list(config.scaling_factors)
             return model
         return pretrained_or_random(
-            self.args.model, weights=self.args.weights, seed=seed, num_classes=self.data.num_classes,
-            scaling_factors=config.scaling_factors, input_size=self.args.input_size, policy=self.args.policy,
-        )  # fmt: skip
+            self.args.model,
+            weights=self.args.weights,
+            seed=seed,
+            num_classes=self.data.num_classes,
+            scaling_factors=config.scaling_factors,
+            input_size=self.args.input_size,
+            policy=self.args.policy,
+        )
 
     def start_digest(self) -> str:
         """The identity of the weights every run starts from (seed 0's build of ``--model``, new head included):
@@ -185,10 +197,17 @@ class Benchmark:
         model = self.start(seed, config, checkpoint=checkpoint)
         loaders = make_loaders(self.data, model, **config.loader_options, input_size=model.config.input_size)
         trainer = CooperativeTrainer(
-            model, config, loaders.train, loaders.eval, accelerator=Accelerator(**accelerator_kwargs(config)),
-            leader=leader, num_classes=self.data.num_classes, top5=False, recalibration_loader=loaders.recalibration,
+            model,
+            config,
+            loaders.train,
+            loaders.eval,
+            accelerator=Accelerator(**accelerator_kwargs(config)),
+            leader=leader,
+            num_classes=self.data.num_classes,
+            top5=False,
+            recalibration_loader=loaders.recalibration,
             norm_check_loader=loaders.norm_check,
-        )  # fmt: skip
+        )
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
@@ -204,9 +223,16 @@ class Benchmark:
 
     def base_config(self, seed: int, overrides: dict[str, Any], *, epochs: int, lr: float) -> TrainingConfig:
         return TrainingConfig(
-            **{"scaling_factors": self.args.scaling_factors, "epochs": epochs, "learning_rate": lr,
-               "batch_size": self.args.batch_size, "seed": seed, **self.args.set, **overrides}
-        )  # fmt: skip
+            **{
+                "scaling_factors": self.args.scaling_factors,
+                "epochs": epochs,
+                "learning_rate": lr,
+                "batch_size": self.args.batch_size,
+                "seed": seed,
+                **self.args.set,
+                **overrides,
+            }
+        )
 
     def run_method(self, method: str, seed: int, done: dict[str, Run]) -> list[Run]:
         """Train and evaluate one method with one seed (cooperative also reports its accuracy without per-depth BN)."""

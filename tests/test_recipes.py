@@ -50,38 +50,46 @@ def test_a_config_saved_before_the_default_changed_keeps_what_it_trained_with() 
 
 
 def test_auto_picks_the_recipe_on_top_of_the_curves_at_the_budget_given_and_says_why(monkeypatch) -> None:
-    # Today's curves: the nested default on top or level at every budget measured (1 to 128), so auto keeps it
-    assert AUTO_RULE == ()
-    for budget in (1, 10, 64, 200):
+    # Today's curves cross at 64 epochs of compute and back at 128: the full depth in half the steps in between
+    assert [(start, recipe) for start, recipe, _ in AUTO_RULE] == [(64.0, "nested-top-half"), (128.0, DEFAULT_RECIPE)]
+    for budget in (1, 10, 63.9):
         name, why = pick_recipe(AUTO, epochs=budget)
-        assert name == DEFAULT_RECIPE and "every budget of the budget curves" in why
-    script = load_script(ROOT / "examples" / "finetune.py")
-    args, config = script.parse_args(["--epochs", "60"])  # the script's default is auto
-    assert args.recipe == AUTO
-    assert config == recipe_config(DEFAULT_RECIPE, epochs=60, learning_rate=config.learning_rate)
-    # Where curves cross, the rule switches at the budget given (the rule of the three-seed curves, as an example)
-    from adaptive_depth.training import recipes
-
-    monkeypatch.setattr(recipes, "AUTO_RULE", ((48.0, "random-depth"),))
-    assert pick_recipe(AUTO, epochs=10)[0] == DEFAULT_RECIPE
+        assert name == DEFAULT_RECIPE and "below 64 epochs of compute" in why and f"epochs = {budget:g}" in why
+    for budget in (64, 127.9):
+        name, why = pick_recipe(AUTO, epochs=budget)
+        assert name == "nested-top-half" and "from 64 epochs of compute" in why and "Fashion-MNIST" in why
+    for budget in (128, 500):
+        name, why = pick_recipe(AUTO, epochs=budget)
+        assert name == DEFAULT_RECIPE and "from 128 epochs of compute" in why and "two seeds" in why
     assert pick_recipe(AUTO)[0] == DEFAULT_RECIPE  # no budget given: the default epochs
     name, why = pick_recipe(AUTO, epochs=10, compute_budget=64)  # the compute budget sets the length: it decides
-    assert name == "random-depth" and "compute_budget = 64" in why and "budget curves" in why
-    assert pick_recipe(AUTO, epochs=48)[0] == "random-depth" and pick_recipe(AUTO, epochs=47)[0] != name
-    assert "below 48 epochs" in pick_recipe(AUTO, epochs=47)[1]
-    assert recipe_config(AUTO, epochs=100) == recipe_config("random-depth", epochs=100)
+    assert name == "nested-top-half" and "compute_budget = 64" in why
+    assert pick_recipe(AUTO, epochs=100, compute_budget=8)[0] == DEFAULT_RECIPE
+    assert recipe_config(AUTO, epochs=100) == recipe_config("nested-top-half", epochs=100)
+    assert (recipe_config(AUTO, epochs=100).smallest_share, recipe_config(AUTO, epochs=100).top_share) == (0.25, 0.5)
     assert recipe_config(AUTO, epochs=4) == recipe_config(DEFAULT_RECIPE, epochs=4)
     assert pick_recipe("paper", epochs=100)[0] == "paper"  # a named recipe is never overridden
     name, why = pick_recipe(AUTO, epochs=100, max_steps=500)  # steps: no compute before the data is read
     assert name == DEFAULT_RECIPE and "max_steps = 500" in why and "--epochs or --compute-budget" in why
-    args, config = script.parse_args(["--epochs", "60"])
-    assert config == recipe_config("random-depth", epochs=60, learning_rate=config.learning_rate)
-    _, config = script.parse_args(["--num_train_epochs", "60", "--layer-drop", "0.3"])  # an alias; a flag still wins
-    assert (config.train_depths, config.layer_drop) == ("top", 0.3)
+    script = load_script(ROOT / "examples" / "finetune.py")
+    args, config = script.parse_args(["--epochs", "60"])  # the script's default is auto
+    assert args.recipe == AUTO
+    assert config == recipe_config(DEFAULT_RECIPE, epochs=60, learning_rate=config.learning_rate)
+    args, config = script.parse_args(["--epochs", "100"])
+    assert config == recipe_config("nested-top-half", epochs=100, learning_rate=config.learning_rate)
+    _, config = script.parse_args(["--num_train_epochs", "100", "--top-share", "0.3"])  # an alias; a flag still wins
+    assert (config.smallest_share, config.top_share) == (0.25, 0.3)
     _, config = script.parse_args(["--recipe", "auto", "--compute-budget", "8"])
     assert config == recipe_config(DEFAULT_RECIPE, compute_budget=8, learning_rate=config.learning_rate)
     _, config = script.parse_args(["--max-steps", "100"])
     assert config == recipe_config(DEFAULT_RECIPE, max_steps=100, learning_rate=config.learning_rate)
+    # With no switch in the rule, the default at every budget
+    from adaptive_depth.training import recipes
+
+    monkeypatch.setattr(recipes, "AUTO_RULE", ())
+    for budget in (1, 64, 200):
+        name, why = pick_recipe(AUTO, epochs=budget)
+        assert name == DEFAULT_RECIPE and "every budget of the budget curves" in why
 
 
 def test_the_script_takes_a_recipe_as_defaults_for_its_flags() -> None:
@@ -160,6 +168,7 @@ def test_the_card_says_what_each_recipe_trained() -> None:
     said = {name: how_trained(recipe_config(name).to_dict()) for name in RECIPES}
     assert said[DEFAULT_RECIPE].startswith("One network trained at one nested depth a step")
     assert "the smallest in 50% of the steps" in said[DEFAULT_RECIPE] and "25% of the steps" in said["distill"]
+    assert "the smallest in 25% of the steps, the full depth in 50%" in said["nested-top-half"]
     earlier = {k: v for k, v in TrainingConfig().to_dict().items() if k != "smallest_share"}  # saved before the field
     assert "the smallest in 25% of the steps" in how_trained(earlier)
     assert TrainingConfig.from_dict(earlier).smallest_share == 0.25  # what that version trained with
