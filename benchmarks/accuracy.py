@@ -170,14 +170,9 @@ class Benchmark:
             model.config.scaling_factors = list(config.scaling_factors)
             return model
         return pretrained_or_random(
-            self.args.model,
-            weights=self.args.weights,
-            seed=seed,
-            num_classes=self.data.num_classes,
-            scaling_factors=config.scaling_factors,
-            input_size=self.args.input_size,
-            policy=self.args.policy,
-        )
+            self.args.model, weights=self.args.weights, seed=seed, num_classes=self.data.num_classes,
+            scaling_factors=config.scaling_factors, input_size=self.args.input_size, policy=self.args.policy,
+        )  # fmt: skip
 
     def start_digest(self) -> str:
         """The identity of the weights every run starts from (seed 0's build of ``--model``, new head included):
@@ -197,17 +192,10 @@ class Benchmark:
         model = self.start(seed, config, checkpoint=checkpoint)
         loaders = make_loaders(self.data, model, **config.loader_options, input_size=model.config.input_size)
         trainer = CooperativeTrainer(
-            model,
-            config,
-            loaders.train,
-            loaders.eval,
-            accelerator=Accelerator(**accelerator_kwargs(config)),
-            leader=leader,
-            num_classes=self.data.num_classes,
-            top5=False,
-            recalibration_loader=loaders.recalibration,
+            model, config, loaders.train, loaders.eval, accelerator=Accelerator(**accelerator_kwargs(config)),
+            leader=leader, num_classes=self.data.num_classes, top5=False, recalibration_loader=loaders.recalibration,
             norm_check_loader=loaders.norm_check,
-        )
+        )  # fmt: skip
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
@@ -223,16 +211,9 @@ class Benchmark:
 
     def base_config(self, seed: int, overrides: dict[str, Any], *, epochs: int, lr: float) -> TrainingConfig:
         return TrainingConfig(
-            **{
-                "scaling_factors": self.args.scaling_factors,
-                "epochs": epochs,
-                "learning_rate": lr,
-                "batch_size": self.args.batch_size,
-                "seed": seed,
-                **self.args.set,
-                **overrides,
-            }
-        )
+            **{"scaling_factors": self.args.scaling_factors, "epochs": epochs, "learning_rate": lr,
+               "batch_size": self.args.batch_size, "seed": seed, **self.args.set, **overrides}
+        )  # fmt: skip
 
     def run_method(self, method: str, seed: int, done: dict[str, Run]) -> list[Run]:
         """Train and evaluate one method with one seed (cooperative also reports its accuracy without per-depth BN)."""
