@@ -27,6 +27,9 @@ class Recipe:
 COOPERATIVE: dict[str, Any] = {"train_depths": "all", "leader": "joint", "interactive": False}
 """The cooperative method's fields: a joint Leader, one Teammate, every trained depth at every step."""
 
+NESTED: dict[str, Any] = {"train_depths": "sampled", "leader": "none", "interactive": False}
+"""The one-pass nested recipes' fields: one network, one nested depth a step (the recipes add shares or a teacher)."""
+
 MEASURED_SHARE = 0.25
 """The smallest depth's share of the sampled steps the one-pass teacher recipes were measured with (the earlier
 default): they keep it, since the budget curves that moved the default to a half did not measure them there."""
@@ -38,12 +41,12 @@ RECIPES: dict[str, Recipe] = {
     "random-depth-nested": Recipe(
         "one network, one nested depth a step, as deployed (the smallest drawn half the time, the full a quarter): "
         "the default",
-        {"train_depths": "sampled", "smallest_share": 0.5, "leader": "none", "interactive": False},
+        {**NESTED, "smallest_share": 0.5},
     ),
     "nested-top-half": Recipe(
         "the default's one nested depth a step with the full depth in half the steps and the smallest in a quarter: "
         "for long runs (--recipe auto picks it from 64 up to 128 epochs of compute)",
-        {"train_depths": "sampled", "smallest_share": 0.25, "top_share": 0.5, "leader": "none", "interactive": False},
+        {**NESTED, "smallest_share": 0.25, "top_share": 0.5},
     ),
     "cooperative": Recipe(
         "the cooperative method: a joint Leader and one Teammate trained at every depth each step (3-4x a step)",
@@ -73,21 +76,15 @@ RECIPES: dict[str, Recipe] = {
     "distill": Recipe(
         "one nested depth a step, taught by a fixed teacher run without gradients on the same batch: the model "
         "itself when it is already fine-tuned on the task, or --leader-model",
-        {"train_depths": "sampled", "smallest_share": MEASURED_SHARE, "leader": "frozen", "interactive": False},
+        {**NESTED, "smallest_share": MEASURED_SHARE, "leader": "frozen"},
     ),
     "distill-cached": Recipe(
         "as distill, the teacher's outputs made once for 4 augmentations of each image: no teacher pass in training",
-        {"train_depths": "sampled", "smallest_share": MEASURED_SHARE, "leader": "cached", "interactive": False},
+        {**NESTED, "smallest_share": MEASURED_SHARE, "leader": "cached"},
     ),
     "distill-ema": Recipe(
         "one nested depth a step, taught from a quarter of training on by the moving average of itself at full depth",
-        {
-            "train_depths": "sampled",
-            "smallest_share": MEASURED_SHARE,
-            "leader": "ema",
-            "interactive": False,
-            "distill_start": 0.25,
-        },
+        {**NESTED, "smallest_share": MEASURED_SHARE, "leader": "ema", "distill_start": 0.25},
     ),
     "cooperative-sampled": Recipe(
         "the cooperative method with the full depth and one sampled sub-network a step instead of every depth",
@@ -152,14 +149,9 @@ def pick_recipe(
     budget, unit = (compute_budget, "compute_budget") if compute_budget is not None else (epochs, "epochs")
     if budget is None:
         budget, unit = TrainingConfig.epochs, "epochs (the default)"
-    picked, why = (
-        DEFAULT_RECIPE,
-        (
-            f"below {AUTO_RULE[0][0]:g} epochs of compute it was on top or level at s <= 0.5 in the budget curves"
-            if AUTO_RULE
-            else "among the depth recipes it was on top or level at s <= 0.5 at every budget of the budget curves"
-        ),
-    )
+    picked, why = DEFAULT_RECIPE, "among the depth recipes it was on top or level at s <= 0.5 at every budget measured"
+    if AUTO_RULE:
+        why = f"below {AUTO_RULE[0][0]:g} epochs of compute it was on top or level at s <= 0.5 in the budget curves"
     for start, recipe, reason in AUTO_RULE:
         if budget >= start:
             picked, why = recipe, f"from {start:g} epochs of compute {reason}"
