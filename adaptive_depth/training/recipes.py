@@ -111,19 +111,11 @@ AUTO_RULE: tuple[tuple[float, str, str], ...] = (
     ),
 )
 """``(from_budget, recipe, why)``, by rising budget in epochs of plain fine-tuning compute; below the first (with none,
-at every budget), :data:`DEFAULT_RECIPE`. Measured in docs/benchmarks.md (*Budget curves*, R1). One nested depth a
-step with the smallest in half the steps (the default) is on top at s <= 0.5 up to budget 16 and level with random
-depth at 32 and 64 (digits-cluttered, five seeds: 97.9% against 97.7% at s = 0.5 at 32, 98.4% against 98.4% at 64;
-digit-pairs at 64, five seeds: 98.2% against 98.3%) and above it at 128 (digits-cluttered, two seeds). The same
-recipe with the full depth in half the steps and the smallest in a quarter (``nested-top-half``) trails it at 16 and
-32 (Fashion-MNIST, three seeds: 86.9% against 87.1% at s = 0.5 at 32; digit-pairs at 1 to 8: by 3 to 11 points) and
-at 64 is above it at s <= 0.5 on digit-pairs (98.4% against 98.2% at s = 0.5, five seeds) and Fashion-MNIST (87.9%
-against 87.3%, three seeds), level on digits-cluttered (98.4% against 98.4%, five seeds), and above it at s = 1 on
-all three: the blocks only the full depth runs are what the default undertrains at long budgets. At 128 the default
-is above it again at s <= 0.5 on digits-cluttered (three seeds: 98.7% / 98.7% against 98.2% / 98.3% at s = 0.25 /
-0.5) and level on digit-pairs (three seeds: 98.5% / 98.5% against 98.4% / 98.6%), level at s = 1 on both: with twice
-the steps its quarter at the full depth is enough, so ``auto`` picks ``nested-top-half`` from 64 up to 128 epochs of
-compute only."""
+at every budget), :data:`DEFAULT_RECIPE`. ``why`` is what :func:`pick_recipe` prints: the measurement behind the
+switch, whose tables, seeds and intervals are in docs/benchmarks.md (*Budget curves*, R1, *The full depth's share,
+measured*). The curves cross twice: where steps are few the default's half of the steps at the smallest depth pays
+most; at 64 the blocks only the full depth runs are what it undertrains, so ``nested-top-half`` gives them half the
+steps; at 128 there are steps enough for both and the default is on top or level again."""
 
 
 def pick_recipe(
