@@ -61,7 +61,12 @@ def test_auto_picks_the_recipe_on_top_of_the_curves_at_the_budget_given_and_says
         assert name == "nested-top-half" and "from 64 epochs of compute" in why and "Fashion-MNIST" in why
     for budget in (128, 500):
         name, why = pick_recipe(AUTO, epochs=budget)
-        assert name == DEFAULT_RECIPE and "from 128 epochs of compute" in why and "digit-pairs" in why
+        assert (
+            name == DEFAULT_RECIPE
+            and "from 128 epochs of compute" in why
+            and "digit-pairs" in why
+            and "Fashion-MNIST" in why
+        )
     assert pick_recipe(AUTO)[0] == DEFAULT_RECIPE  # no budget given: the default epochs
     name, why = pick_recipe(AUTO, epochs=10, compute_budget=64)  # the compute budget sets the length: it decides
     assert name == "nested-top-half" and "compute_budget = 64" in why
