@@ -64,6 +64,7 @@ def test_auto_picks_the_recipe_on_top_of_the_curves_at_the_budget_given_and_says
         assert (
             name == DEFAULT_RECIPE
             and "from 128 epochs of compute" in why
+            and "digits-cluttered" in why
             and "digit-pairs" in why
             and "Fashion-MNIST" in why
         )
