@@ -107,8 +107,8 @@ AUTO_RULE: tuple[tuple[float, str, str], ...] = (
         128.0,
         DEFAULT_RECIPE,
         "it was level with nested-top-half at s <= 0.5 (whose lead at 64 was gone) on digits-cluttered (98.7% against "
-        "98.5% at s = 0.5, five seeds), digit-pairs (98.5% against 98.6%) and Fashion-MNIST photographs "
-        "(87.5% against 87.5%; three seeds each), and where the two are level the default is kept",
+        "98.5% at s = 0.5, five seeds), digit-pairs (98.6% against 98.5%, four) and Fashion-MNIST photographs "
+        "(87.5% against 87.5%, three), and where the two are level the default is kept",
     ),
 )
 """``(from_budget, recipe, why)``, by rising budget in epochs of plain fine-tuning compute; below the first (with none,
