@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 TEACHER_SHARE = 0.5  # r1: of a teacher-based method's budget, what its fixed teacher's plain fine-tune gets
 SCHEDULE = {"warmup_ratio": 0.05, "distill_warmup_ratio": 0.1}  # every phase scales with the run's budget
 PLOT_DEPTHS = (0.25, 0.5, 1.0)
+BASE_POINT = "fine-tuned (cut)"  # r2's budget 0: the model every method of a seed starts from
 PER_PART = ("seeds", "methods", "budgets", "output_dir", "merge")  # settings that may differ between merged files
 
 
@@ -83,7 +84,7 @@ def _base_point(bench: Any, seed: int) -> BudgetRun:
     """r2: the fine-tuned model every method starts from, cut to each depth (budget 0)."""
     bench._base(seed)
     result = bench.base_results[seed]
-    return BudgetRun("fine-tuned (cut)", seed, 0.0, _top1(bench, result), 0.0, 0.0, 0)
+    return BudgetRun(BASE_POINT, seed, 0.0, _top1(bench, result), 0.0, 0.0, 0)
 
 
 def _top1(bench: Any, result: Any) -> dict[float, float]:
@@ -282,5 +283,29 @@ def load_budget_runs(paths: list[Path]) -> tuple[list[BudgetRun], dict[str, Any]
         for report in reports
         for raw in report["runs"]
     ]
+    runs = _one_base_point_per_seed(runs)
     refuse_twice([(r.method, r.seed, r.budget) for r in runs], "method, seed and budget")
     return runs, settings
+
+
+def _one_base_point_per_seed(runs: list[BudgetRun]) -> list[BudgetRun]:
+    """r2: each file of a seed's runs (other methods, other budgets) carries that seed's starting model; keep it once.
+
+    Every process fine-tunes a seed's starting model the same way, so its rows agree to the digit. Rows that differ
+    mean the runs did not start from one model: they are not paired, and merging them is refused.
+    """
+    kept: list[BudgetRun] = []
+    first: dict[int, BudgetRun] = {}
+    for run in runs:
+        if run.method != BASE_POINT:
+            kept.append(run)
+        elif run.seed not in first:
+            first[run.seed] = run
+            kept.append(run)
+        elif run.top1 != first[run.seed].top1:
+            raise SystemExit(
+                f"seed {run.seed}'s starting model scores {first[run.seed].top1} in one file and {run.top1} in "
+                "another: those runs did not start from the same fine-tuned model, so they are not paired; merge "
+                "runs made with the same --base-epochs, --base-lr and code"
+            )
+    return kept

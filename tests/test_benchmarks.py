@@ -147,6 +147,26 @@ def test_budget_curves_give_every_method_the_same_compute_and_merge_runs_made_ap
         bench.parse_args(["--budgets", "1", "--methods", "cooperative", "random-depth", "random-depth@wall"])
 
 
+def test_r2_runs_of_one_seed_made_apart_merge_with_their_starting_model_once(tmp_path: Path) -> None:
+    """Each r2 process fine-tunes the seed's starting model again; merged, it is one budget-0 point, and a file whose
+    starting model scored otherwise (not the same model: the runs are not paired) is refused."""
+    bench = _script("accuracy")
+    common = ["--regime", "r2", "--base-epochs", "1", "--budgets", "1"]
+    _accuracy(tmp_path / "a", *common, "--methods", "plain")
+    _accuracy(tmp_path / "b", *common, "--methods", "random-depth-nested")
+    parts = [str(tmp_path / part / "budgets.json") for part in ("a", "b")]
+    merged = bench.main(["--merge", *parts, "--output-dir", str(tmp_path / "all")])
+    assert sorted((r.method, r.budget) for r in merged) == [
+        ("fine-tuned (cut)", 0.0), ("plain", 1.0), ("random-depth-nested", 1.0)
+    ]  # fmt: skip
+    other = json.loads(Path(parts[1]).read_text())
+    base = next(run for run in other["runs"] if run["method"] == "fine-tuned (cut)")
+    base["top1"]["0.5"] += 1.0
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="not paired"):
+        bench.main(["--merge", parts[0], str(tmp_path / "other.json"), "--output-dir", str(tmp_path / "refused")])
+
+
 def test_the_start_weights_digest_changes_with_any_weight() -> None:
     digest = _script("accuracy").weights_digest
     torch.manual_seed(0)
