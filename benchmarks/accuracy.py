@@ -45,7 +45,7 @@ Methods (each a TrainingConfig of the same trainer; see docs/benchmarks.md):
     nested-smallest-three-quarters  the same with the smallest depth drawn in three steps of four (the top in the rest)
     nested-top-half    the same with the full depth drawn half the time and the smallest a quarter (the blocks only
                        the full depth runs train in half the steps, as with random depth): --recipe auto's pick from
-                       64 up to 128 epochs of compute
+                       64 epochs of compute
     cooperative-sampled the cooperative method with the full depth and one sampled sub-network a step
     distill            one nested depth a step, labels and a fixed teacher run without gradients on the same batch
     distill-cached     the same teacher's outputs made once for 4 augmentation draws per image (no teacher pass)

@@ -9,8 +9,8 @@
 By default (``--recipe auto``: the recipe on top of the budget curves at s <= 0.5 for the budget given, printed at
 the start) one network trains at one nested depth a step, the depths it will be deployed at, the smallest drawn half
 the time and the full a quarter: about one forward and backward pass a step (``--recipe random-depth-nested``), on
-top or level below 64 epochs of compute and at 128; from 64 up to 128, the same with the full depth in half the steps
-and the smallest in a quarter (``--recipe nested-top-half``), level or above there (docs/benchmarks.md).
+top or level below 64 epochs of compute; from 64, the same with the full depth in half the steps and the smallest in
+a quarter (``--recipe nested-top-half``), level or above there (docs/benchmarks.md).
 ``--recipe cooperative`` trains a Leader and a depth-switchable Teammate together (``--recipe paper``: two
 Teammates; docs/training.md). Then BatchNorm statistics are recalibrated for every trained depth, every network is
 evaluated at every depth, and the (better) Teammate is saved with a model card, the per-depth table and an
