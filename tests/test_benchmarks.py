@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -302,3 +304,27 @@ def test_the_committed_budget_results_merge_by_run(tmp_path: Path) -> None:
             assert json.loads(path.read_text())["settings"]["start_weights"], path
         runs = bench.main(["--merge", *map(str, paths), "--output-dir", str(tmp_path / name / "merged")])
         assert len({r.seed for r in runs}) == len(paths), name
+
+
+def test_the_merge_commands_the_docs_print_merge_the_committed_results() -> None:
+    """Each ``--merge benchmarks/results/...`` of the docs, expanded by bash as a reader's shell expands it, names files
+    that exist and merge: a pattern that also sweeps in runs from another checkpoint copy (once refused) fails here."""
+    bench = _script("accuracy")
+    root = Path(__file__).resolve().parents[1]
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md")), root / "benchmarks" / "results" / "README.md"]
+    commands = [
+        re.findall(r"benchmarks/results/[^\s`]+", match.group(1))
+        for page in pages
+        for match in re.finditer(r"--merge\s+((?:benchmarks/results/[^\s`]+\s*(?:\\\s*)?)+)", page.read_text())
+    ]
+    assert len(commands) >= 5, commands  # the docs' Fashion-MNIST, R2 and digits-cluttered merges at least
+    for patterns in commands:
+        for pattern in patterns:
+            assert re.fullmatch(r"[\w./{},*-]+", pattern), pattern  # only braces and globs reach the shell
+        expanded = subprocess.run(
+            ["bash", "-c", 'printf "%s\\n" ' + " ".join(patterns)], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.split()
+        missing = [path for path in expanded if not (root / path).is_file()]  # bash leaves a glob that matched nothing
+        assert not missing, f"{patterns}: {missing}"
+        runs, _ = bench.load_budget_runs([root / path for path in expanded])
+        assert len({r.seed for r in runs}) >= 2, patterns
