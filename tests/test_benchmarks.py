@@ -326,5 +326,8 @@ def test_the_merge_commands_the_docs_print_merge_the_committed_results() -> None
         ).stdout.split()
         missing = [path for path in expanded if not (root / path).is_file()]  # bash leaves a glob that matched nothing
         assert not missing, f"{patterns}: {missing}"
-        runs, _ = bench.load_budget_runs([root / path for path in expanded])
+        try:
+            runs, _ = bench.load_budget_runs([root / path for path in expanded])
+        except SystemExit as refused:  # --merge's refusal (other settings or weights, a run twice)
+            pytest.fail(f"{patterns}: --merge refuses them: {refused}")
         assert len({r.seed for r in runs}) >= 2, patterns
