@@ -18,9 +18,7 @@ import torch
 
 from adaptive_depth import AdaptiveDepth, ConfigError
 from adaptive_depth.training import CooperativeLogits, DepthResult, TrainingConfig, cooperative_loss
-from scripts import load_script
-
-ROOT = Path(__file__).resolve().parents[1]
+from scripts import ROOT, load_script
 
 
 def _script(name: str):
@@ -285,7 +283,7 @@ def test_accuracy_runs_made_apart_merge_into_one_table(tmp_path: Path) -> None:
     _accuracy(tmp_path / "other", "--methods", "plain", "--seeds", "2", "--epochs", "2")
     with pytest.raises(SystemExit, match=r"other settings \(epochs\)"):
         bench.main(["--merge", str(parts[0]), str(tmp_path / "other" / "accuracy.json"), "--output-dir", str(tmp_path)])
-    budget_report = next((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "budgets").glob("*.json"))
+    budget_report = next((ROOT / "benchmarks" / "results" / "budgets").glob("*.json"))
     with pytest.raises(SystemExit, match="merge each apart"):  # told by their content, not by the file names
         bench.main(["--merge", str(parts[0]), str(budget_report), "--output-dir", str(tmp_path / "mixed")])
 
@@ -294,7 +292,7 @@ def test_the_committed_budget_results_merge_by_run(tmp_path: Path) -> None:
     """benchmarks/results/budgets/ holds the runs the docs quote: each run's seeds merge (same settings, same start
     weights), so a later session adds seeds to them instead of starting again."""
     bench = _script("accuracy")
-    files = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "budgets").glob("*.json"))
+    files = sorted((ROOT / "benchmarks" / "results" / "budgets").glob("*.json"))
     groups: dict[str, list[Path]] = {}
     for path in files:
         groups.setdefault(path.stem.rsplit("-s", 1)[0], []).append(path)
@@ -310,8 +308,7 @@ def test_the_merge_commands_the_docs_print_merge_the_committed_results() -> None
     """Each ``--merge benchmarks/results/...`` of the docs, expanded by bash as a reader's shell expands it, names files
     that exist and merge: a pattern that also sweeps in runs from another checkpoint copy (once refused) fails here."""
     bench = _script("accuracy")
-    root = Path(__file__).resolve().parents[1]
-    pages = [root / "README.md", *sorted((root / "docs").glob("*.md")), root / "benchmarks" / "results" / "README.md"]
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "results" / "README.md"]
     commands = [
         re.findall(r"benchmarks/results/[^\s`]+", match.group(1))
         for page in pages
@@ -322,12 +319,12 @@ def test_the_merge_commands_the_docs_print_merge_the_committed_results() -> None
         for pattern in patterns:
             assert re.fullmatch(r"[\w./{},*-]+", pattern), pattern  # only braces and globs reach the shell
         expanded = subprocess.run(
-            ["bash", "-c", 'printf "%s\\n" ' + " ".join(patterns)], cwd=root, capture_output=True, text=True, check=True
+            ["bash", "-c", 'printf "%s\\n" ' + " ".join(patterns)], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.split()
-        missing = [path for path in expanded if not (root / path).is_file()]  # bash leaves a glob that matched nothing
+        missing = [path for path in expanded if not (ROOT / path).is_file()]  # bash leaves a glob that matched nothing
         assert not missing, f"{patterns}: {missing}"
         try:
-            runs, _ = bench.load_budget_runs([root / path for path in expanded])
+            runs, _ = bench.load_budget_runs([ROOT / path for path in expanded])
         except SystemExit as refused:  # --merge's refusal (other settings or weights, a run twice)
             pytest.fail(f"{patterns}: --merge refuses them: {refused}")
         assert len({r.seed for r in runs}) >= 2, patterns
